@@ -1,0 +1,363 @@
+//! The async driver of the v1 handshake (Hello, Welcome, Proof, Ready / Reject) over
+//! any byte stream. The message formats and key schedule live in [`crate::proto`].
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::codec::Decoder;
+
+use crate::handle::Handle;
+use crate::ids::{ReceiverId, SenderId};
+use crate::proto::codec::{put_frame, CodecV1};
+use crate::proto::crypto::{proofs_equal, Sealer, SessionKeys};
+use crate::proto::frame::{
+    parse_proof, DecodeError, Flags, Hello, HelloParse, Kind, Mode, RawFrame, Reject, RejectReason,
+    Welcome, VERSION,
+};
+use crate::security::Resolved;
+
+/// Why a handshake failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    /// The socket failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer closed the connection before the handshake finished.
+    #[error("connection closed during the handshake")]
+    Closed,
+    /// The handshake did not finish in time.
+    #[error("handshake timed out")]
+    Timeout,
+    /// The peer sent bytes that are not a valid handshake message.
+    #[error("protocol error: {0}")]
+    Decode(#[from] DecodeError),
+    /// The peer refused the connection.
+    #[error("rejected by peer: {reason}{}", if text.is_empty() { String::new() } else { format!(" ({text})") })]
+    Rejected {
+        /// The peer's reason.
+        reason: RejectReason,
+        /// The peer's text.
+        text: String,
+    },
+    /// The key proof did not verify: the two sides use different keys.
+    #[error(
+        "authentication failed: the peer does not have the same key (password, salt or secret)"
+    )]
+    AuthenticationFailed,
+    /// One side uses a key or encryption and the other does not.
+    #[error("authentication failed: security settings differ (one side uses a key or encryption, the other does not)")]
+    SecurityMismatch,
+    /// The connecting side asked for another handle.
+    #[error("wrong handle: the peer asked for {0:?}")]
+    WrongHandle(String),
+    /// The connecting side speaks another protocol version.
+    #[error("unsupported protocol version {0}")]
+    UnsupportedVersion(u16),
+    /// The receiver at this address is not the one registered (its port was reused).
+    #[error("a different receiver answers at this address (expected {expected}, got {got})")]
+    WrongReceiver {
+        /// The registered id.
+        expected: ReceiverId,
+        /// The id that answered.
+        got: ReceiverId,
+    },
+}
+
+impl HandshakeError {
+    /// Whether this failure means the keys differ.
+    pub fn is_auth_failure(&self) -> bool {
+        matches!(
+            self,
+            HandshakeError::AuthenticationFailed
+                | HandshakeError::SecurityMismatch
+                | HandshakeError::Rejected {
+                    reason: RejectReason::AuthenticationFailed | RejectReason::SecurityMismatch,
+                    ..
+                }
+        )
+    }
+}
+
+/// A connection after a successful handshake.
+pub(crate) struct Established<S> {
+    pub(crate) io: S,
+    /// Bytes already read past the handshake.
+    pub(crate) read_buf: BytesMut,
+    /// Seals frames we send (mode `Sealed` only).
+    pub(crate) tx: Option<Sealer>,
+    /// Opens frames we receive (mode `Sealed` only).
+    pub(crate) rx: Option<Sealer>,
+}
+
+struct Conv<S> {
+    io: S,
+    buf: BytesMut,
+    codec: CodecV1,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conv<S> {
+    async fn read_frame(&mut self) -> Result<RawFrame, HandshakeError> {
+        loop {
+            if let Some(f) = self.codec.decode(&mut self.buf)? {
+                if f.flags != Flags(0) || f.seq != 0 {
+                    return Err(DecodeError::Malformed("handshake frame header").into());
+                }
+                return Ok(f);
+            }
+            if self.io.read_buf(&mut self.buf).await? == 0 {
+                return Err(HandshakeError::Closed);
+            }
+        }
+    }
+
+    async fn send(&mut self, kind: Kind, body: &[u8]) -> Result<(), HandshakeError> {
+        let mut out = BytesMut::new();
+        put_frame(&mut out, kind, Flags(0), 0, body);
+        self.io.write_all(&out).await?;
+        Ok(())
+    }
+
+    async fn reject(&mut self, reason: RejectReason, text: &str) {
+        let mut body = BytesMut::new();
+        Reject {
+            reason,
+            text: text.to_owned(),
+        }
+        .encode(&mut body);
+        let _ = self.send(Kind::Reject, &body).await;
+        let _ = self.io.flush().await;
+    }
+
+    fn done(self, keys: Option<SessionKeys>, we_connected: bool) -> Established<S> {
+        let (tx, rx) = match keys {
+            Some(k) if we_connected => (Some(Sealer::new(&k.c2s)), Some(Sealer::new(&k.s2c))),
+            Some(k) => (Some(Sealer::new(&k.s2c)), Some(Sealer::new(&k.c2s))),
+            None => (None, None),
+        };
+        Established {
+            io: self.io,
+            read_buf: self.buf,
+            tx,
+            rx,
+        }
+    }
+}
+
+fn rejected(body: &[u8]) -> HandshakeError {
+    match Reject::parse(body) {
+        Ok(r) if r.reason == RejectReason::AuthenticationFailed => {
+            HandshakeError::AuthenticationFailed
+        }
+        Ok(r) if r.reason == RejectReason::SecurityMismatch => HandshakeError::SecurityMismatch,
+        Ok(r) => HandshakeError::Rejected {
+            reason: r.reason,
+            text: r.text,
+        },
+        Err(e) => e.into(),
+    }
+}
+
+/// Runs the connecting side of the handshake.
+pub(crate) async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
+    io: S,
+    handle: &Handle,
+    sender: SenderId,
+    sec: &Resolved,
+    expect: Option<ReceiverId>,
+    max_frame: usize,
+) -> Result<Established<S>, HandshakeError> {
+    let mut c = Conv {
+        io,
+        buf: BytesMut::with_capacity(4096),
+        codec: CodecV1::new(max_frame),
+    };
+    let hello = Hello {
+        version: VERSION,
+        mode: sec.mode,
+        handle: handle.clone(),
+        sender,
+        nonce: rand::random(),
+    };
+    let mut hello_body = BytesMut::new();
+    hello.encode(&mut hello_body);
+    c.send(Kind::Hello, &hello_body).await?;
+
+    let f = c.read_frame().await?;
+    let welcome = match f.kind {
+        Kind::Welcome => Welcome::parse(&f.body)?,
+        Kind::Reject => return Err(rejected(&f.body)),
+        got => {
+            return Err(DecodeError::Unexpected {
+                got,
+                expected: "Welcome or Reject",
+            }
+            .into())
+        }
+    };
+    if let Some(expected) = expect {
+        if welcome.receiver != expected {
+            c.reject(RejectReason::Other(0), "not the registered receiver")
+                .await;
+            return Err(HandshakeError::WrongReceiver {
+                expected,
+                got: welcome.receiver,
+            });
+        }
+    }
+    let keys = match (&sec.key, sec.mode) {
+        (Some(key), Mode::Authenticated | Mode::Sealed) => {
+            let keys = SessionKeys::derive(
+                key,
+                &hello_body,
+                &hello.nonce,
+                &welcome.receiver,
+                &welcome.nonce,
+            );
+            let Some(proof) = welcome.proof else {
+                c.reject(RejectReason::SecurityMismatch, "no proof in welcome")
+                    .await;
+                return Err(HandshakeError::SecurityMismatch);
+            };
+            if !proofs_equal(&proof, &keys.proof_s) {
+                c.reject(
+                    RejectReason::AuthenticationFailed,
+                    "receiver's key proof did not verify",
+                )
+                .await;
+                return Err(HandshakeError::AuthenticationFailed);
+            }
+            c.send(Kind::Proof, &keys.proof_c).await?;
+            Some(keys)
+        }
+        _ => {
+            if welcome.proof.is_some() {
+                c.reject(RejectReason::SecurityMismatch, "unexpected proof")
+                    .await;
+                return Err(HandshakeError::SecurityMismatch);
+            }
+            c.send(Kind::Proof, &[]).await?;
+            None
+        }
+    };
+    let f = c.read_frame().await?;
+    match f.kind {
+        Kind::Ready if f.body.is_empty() => {}
+        Kind::Ready => return Err(DecodeError::Malformed("ready").into()),
+        Kind::Reject => return Err(rejected(&f.body)),
+        got => {
+            return Err(DecodeError::Unexpected {
+                got,
+                expected: "Ready or Reject",
+            }
+            .into())
+        }
+    }
+    let sealed = sec.mode == Mode::Sealed;
+    Ok(c.done(keys.filter(|_| sealed), true))
+}
+
+/// Runs the accepting side of the handshake; returns the connection and the peer's
+/// sender id.
+pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+    io: S,
+    handle: &Handle,
+    receiver: ReceiverId,
+    sec: &Resolved,
+    max_frame: usize,
+) -> Result<(Established<S>, SenderId), HandshakeError> {
+    let mut c = Conv {
+        io,
+        buf: BytesMut::with_capacity(4096),
+        // A hello is small; do not let an unauthenticated peer make us buffer 16 MiB.
+        codec: CodecV1::new(max_frame.min(4096)),
+    };
+    let f = c.read_frame().await?;
+    if f.kind != Kind::Hello {
+        return Err(DecodeError::Unexpected {
+            got: f.kind,
+            expected: "Hello",
+        }
+        .into());
+    }
+    let hello_body = f.body;
+    let hello = match Hello::parse(&hello_body) {
+        Ok(HelloParse::Hello(h)) => h,
+        Ok(HelloParse::UnsupportedVersion(v)) => {
+            c.reject(
+                RejectReason::UnsupportedVersion,
+                &format!("this receiver speaks version {VERSION}, not {v}"),
+            )
+            .await;
+            return Err(HandshakeError::UnsupportedVersion(v));
+        }
+        Err(e) => {
+            c.reject(RejectReason::Malformed, &e.to_string()).await;
+            return Err(e.into());
+        }
+    };
+    if hello.handle != *handle {
+        c.reject(
+            RejectReason::WrongHandle,
+            &format!("this receiver serves {:?}", handle.as_str()),
+        )
+        .await;
+        return Err(HandshakeError::WrongHandle(hello.handle.to_string()));
+    }
+    if hello.mode != sec.mode {
+        c.reject(
+            RejectReason::SecurityMismatch,
+            &format!("receiver uses {:?}, sender {:?}", sec.mode, hello.mode),
+        )
+        .await;
+        return Err(HandshakeError::SecurityMismatch);
+    }
+    let nonce_s: [u8; 32] = rand::random();
+    let keys = match (&sec.key, sec.mode) {
+        (Some(key), Mode::Authenticated | Mode::Sealed) => Some(SessionKeys::derive(
+            key,
+            &hello_body,
+            &hello.nonce,
+            &receiver,
+            &nonce_s,
+        )),
+        _ => None,
+    };
+    let mut body = BytesMut::new();
+    Welcome {
+        receiver,
+        nonce: nonce_s,
+        proof: keys.as_ref().map(|k| k.proof_s),
+    }
+    .encode(&mut body);
+    c.send(Kind::Welcome, &body).await?;
+
+    let f = c.read_frame().await?;
+    let proof = match f.kind {
+        Kind::Proof => parse_proof(&f.body)?,
+        Kind::Reject => return Err(rejected(&f.body)),
+        got => {
+            return Err(DecodeError::Unexpected {
+                got,
+                expected: "Proof or Reject",
+            }
+            .into())
+        }
+    };
+    match (&keys, proof) {
+        (Some(k), Some(p)) if proofs_equal(&p, &k.proof_c) => {}
+        (None, None) => {}
+        _ => {
+            c.reject(
+                RejectReason::AuthenticationFailed,
+                "sender's key proof did not verify",
+            )
+            .await;
+            return Err(HandshakeError::AuthenticationFailed);
+        }
+    }
+    c.send(Kind::Ready, &[]).await?;
+    // Handshake frames are small; from here on the full maximum applies.
+    c.codec = CodecV1::new(max_frame);
+    let sealed = sec.mode == Mode::Sealed;
+    Ok((c.done(keys.filter(|_| sealed), false), hello.sender))
+}

@@ -1,0 +1,52 @@
+//! ipcbus: a publish/subscribe event bus for processes on one machine and on a LAN.
+//!
+//! A [`Receiver`] binds a TCP port and registers a [`Handle`] (a topic name); a
+//! [`Sender`] created with the same handle discovers every receiver registered for it
+//! and fans each event out to all of them, exactly once per receiver and in order,
+//! and reports per event which receivers acknowledged and which failed.
+//!
+//! Modules:
+//! - [`proto`]: the I/O-free core of wire protocol v1 — frame types, the codec,
+//!   key derivation and sealing, compression. No sockets, no clocks.
+//! - `handshake`: the async driver of the connection handshake over that core.
+//! - [`registry`]: registry records and the local-user registry directory.
+//! - `sender` / `receiver`: the async layer — connections, writer tasks, discovery.
+//!
+//! ```no_run
+//! use ipcbus::{Handle, Receiver, Sender};
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let handle: Handle = "orders".parse()?;
+//! let mut rx = Receiver::builder(handle.clone()).bind().await?;
+//! let mut tx = Sender::builder(handle).build().await?;
+//! let report = tx.send_bytes("hello").await?;
+//! assert_eq!(report.acked.len(), 1);
+//! let msg = rx.recv().await.unwrap();
+//! assert_eq!(&msg.payload()[..], b"hello");
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+mod discovery;
+mod handle;
+mod handshake;
+mod ids;
+mod message;
+pub mod proto;
+mod receiver;
+pub mod registry;
+mod report;
+mod security;
+mod sender;
+
+pub use discovery::Discovery;
+pub use handle::{Handle, HandleError};
+pub use handshake::HandshakeError;
+pub use ids::{ReceiverId, SenderId};
+pub use message::{Message, PayloadError};
+pub use proto::crypto::{Key, KeyError};
+pub use proto::frame::{DecodeError, RejectReason};
+pub use receiver::{BindError, Receiver, ReceiverBuilder};
+pub use registry::{LocalRegistry, Record, RegistryError};
+pub use report::{FailReason, ReceiverInfo, SendReport, SenderEvent};
+pub use security::Security;
+pub use sender::{BuildError, PendingReport, SendError, Sender, SenderBuilder};

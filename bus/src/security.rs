@@ -1,0 +1,58 @@
+//! How a connection is authenticated and whether its frames are encrypted.
+
+use crate::proto::crypto::Key;
+use crate::proto::frame::Mode;
+use crate::registry::{LocalRegistry, RegistryError};
+
+/// Security settings of a sender or receiver. Both ends of a connection must agree.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub enum Security {
+    /// The default with the local-user registry: the handshake proves knowledge of the
+    /// per-user secret file, so other users of the host cannot talk to your receivers;
+    /// frames are not encrypted (they never leave the host).
+    #[default]
+    LocalUser,
+    /// No authentication and no encryption: anyone who can reach the port can send.
+    Open,
+    /// The handshake proves the key; frames are not encrypted.
+    Authenticate(Key),
+    /// The handshake proves the key and every frame is sealed with AES-256-GCM.
+    Encrypt(Key),
+}
+
+/// Security resolved to a wire mode and key.
+#[derive(Debug, Clone)]
+pub(crate) struct Resolved {
+    pub(crate) mode: Mode,
+    pub(crate) key: Option<Key>,
+}
+
+impl Security {
+    pub(crate) fn resolve(&self, local: Option<&LocalRegistry>) -> Result<Resolved, RegistryError> {
+        Ok(match self {
+            Security::LocalUser => match local {
+                Some(reg) => Resolved {
+                    mode: Mode::Authenticated,
+                    key: Some(reg.secret_key()?),
+                },
+                None => Resolved {
+                    mode: Mode::Open,
+                    key: None,
+                },
+            },
+            Security::Open => Resolved {
+                mode: Mode::Open,
+                key: None,
+            },
+            Security::Authenticate(k) => Resolved {
+                mode: Mode::Authenticated,
+                key: Some(k.clone()),
+            },
+            Security::Encrypt(k) => Resolved {
+                mode: Mode::Sealed,
+                key: Some(k.clone()),
+            },
+        })
+    }
+}

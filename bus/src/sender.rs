@@ -1,0 +1,1018 @@
+//! The sending end: discovers the receivers of a handle, keeps one connection and one
+//! writer task per receiver, and fans each event out to all of them.
+//!
+//! The per-event path takes no lock: `publish` assigns the sequence number, compresses
+//! once, and puts one `Outgoing` (sharing the payload `Bytes`) in each receiver's
+//! bounded queue. Each connection task batches queued frames into one write, keeps the
+//! written-but-unacknowledged events in order, and resolves them on cumulative acks.
+//! Every queued event holds a [`Ticket`]; dropping a ticket unresolved reports the
+//! event failed for that receiver, so no path can forget one.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::task::AtomicWaker;
+use futures::{Stream, StreamExt};
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{broadcast, mpsc, watch, Notify};
+use tokio::time::Instant;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::discovery::Discovery;
+use crate::handle::Handle;
+use crate::handshake::{self, HandshakeError};
+use crate::ids::SenderId;
+use crate::proto::codec::{put_header, CodecV1};
+use crate::proto::compress::{gzip, DEFAULT_THRESHOLD};
+use crate::proto::crypto::TAG_LEN;
+use crate::proto::frame::{
+    parse_ack, DecodeError, Flags, Kind, RejectReason, DEFAULT_MAX_FRAME, HEADER_LEN,
+};
+use crate::registry::{LocalRegistry, Record, RegistryError};
+use crate::report::{FailReason, ReceiverInfo, SendReport, SenderEvent};
+use crate::security::{Resolved, Security};
+
+/// Why an event could not be sent at all (per-receiver failures go in the
+/// [`SendReport`] instead).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The payload is larger than the maximum frame allows.
+    #[error("payload of {len} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// Payload length.
+        len: usize,
+        /// Largest payload allowed.
+        max: usize,
+    },
+    /// The value could not be serialized with postcard.
+    #[error("cannot serialize the event: {0}")]
+    Encode(#[from] postcard::Error),
+}
+
+/// Why a sender could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The registry could not be used.
+    #[error("registry: {0}")]
+    Registry(#[from] RegistryError),
+}
+
+/// Configures and builds a [`Sender`].
+#[derive(Debug, Clone)]
+pub struct SenderBuilder {
+    handle: Handle,
+    security: Security,
+    compress: bool,
+    compress_threshold: usize,
+    compress_level: u32,
+    send_timeout: Duration,
+    connect_timeout: Duration,
+    queue_capacity: usize,
+    max_frame: usize,
+    rescan_interval: Duration,
+    discovery: Option<Discovery>,
+}
+
+impl SenderBuilder {
+    /// Authentication and encryption (default [`Security::LocalUser`]).
+    pub fn security(mut self, security: Security) -> Self {
+        self.security = security;
+        self
+    }
+
+    /// Shorthand for `security(Security::Encrypt(key))`.
+    pub fn key(self, key: crate::Key) -> Self {
+        self.security(Security::Encrypt(key))
+    }
+
+    /// Whether to gzip payloads at or above the threshold (default on).
+    pub fn compress(mut self, on: bool) -> Self {
+        self.compress = on;
+        self
+    }
+
+    /// Payloads of at least this many bytes are compressed (default 512).
+    pub fn compress_threshold(mut self, bytes: usize) -> Self {
+        self.compress_threshold = bytes;
+        self
+    }
+
+    /// gzip level, 0 (none) to 9 (smallest) (default 1, fastest).
+    pub fn compress_level(mut self, level: u32) -> Self {
+        self.compress_level = level.min(9);
+        self
+    }
+
+    /// How long a receiver may leave an event unacknowledged, or keep its queue full,
+    /// before it is reported failed and disconnected (default 10 s).
+    pub fn send_timeout(mut self, d: Duration) -> Self {
+        self.send_timeout = d;
+        self
+    }
+
+    /// Time allowed to connect and finish the handshake (default 5 s).
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = d;
+        self
+    }
+
+    /// Events queued per receiver before `publish` waits (default 4096).
+    pub fn queue_capacity(mut self, n: usize) -> Self {
+        self.queue_capacity = n.max(1);
+        self
+    }
+
+    /// Largest frame to send; must not exceed the receivers' maximum (default 16 MiB).
+    pub fn max_frame_len(mut self, n: usize) -> Self {
+        self.max_frame = n.max(HEADER_LEN + TAG_LEN + 1);
+        self
+    }
+
+    /// Period of the fallback rescan of the registry (default 2 s; changes are normally
+    /// seen at once through inotify).
+    pub fn rescan_interval(mut self, d: Duration) -> Self {
+        self.rescan_interval = d.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Where to discover receivers (default: the local-user registry).
+    pub fn discovery(mut self, d: Discovery) -> Self {
+        self.discovery = Some(d);
+        self
+    }
+
+    /// Starts discovery, connects to the receivers registered now, and returns.
+    ///
+    /// # Errors
+    /// [`BuildError`] if the registry cannot be used.
+    pub async fn build(self) -> Result<Sender, BuildError> {
+        let discovery = match self.discovery {
+            Some(d) => d,
+            None => Discovery::local()?,
+        };
+        let sec = self.security.resolve(discovery.local_registry())?;
+        let (events, _) = broadcast::channel(1024);
+        let (ready_tx, ready_rx) = watch::channel(0usize);
+        let (upd_tx, upd_rx) = mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+        let id = SenderId::random();
+        let shared = Arc::new(Shared {
+            handle: self.handle.clone(),
+            id,
+            sec,
+            send_timeout: self.send_timeout,
+            connect_timeout: self.connect_timeout,
+            queue_capacity: self.queue_capacity,
+            max_frame: self.max_frame,
+            events: events.clone(),
+            ready: ready_tx,
+            updates: upd_tx,
+            ended: Notify::new(),
+            shutdown: shutdown.clone(),
+            tasks: TaskTracker::new(),
+        });
+        let mut disc = match discovery {
+            Discovery::Local(reg) => LocalDiscovery::new(shared.clone(), reg, self.rescan_interval),
+        };
+        disc.rescan();
+        shared.tasks.spawn(disc.run());
+        let mut sender = Sender {
+            shared,
+            next_seq: 1,
+            max_payload: self.max_frame - HEADER_LEN - TAG_LEN,
+            compress: self
+                .compress
+                .then_some((self.compress_threshold, self.compress_level)),
+            conns: Vec::new(),
+            targets: Arc::from(Vec::new()),
+            updates: upd_rx,
+            ready: ready_rx,
+            last: None,
+        };
+        sender.apply_updates();
+        Ok(sender)
+    }
+}
+
+/// The sending end of a handle.
+///
+/// A `Sender` is one ordered stream of events: sequence numbers start at 1 and every
+/// receiver sees its events in that order. Use several senders for independent streams.
+#[derive(Debug)]
+pub struct Sender {
+    shared: Arc<Shared>,
+    next_seq: u64,
+    max_payload: usize,
+    compress: Option<(usize, u32)>,
+    conns: Vec<Arc<Conn>>,
+    targets: Arc<[Arc<Conn>]>,
+    updates: mpsc::UnboundedReceiver<Update>,
+    ready: watch::Receiver<usize>,
+    last: Option<PendingReport>,
+}
+
+impl Sender {
+    /// Starts configuring a sender for `handle`.
+    pub fn builder(handle: Handle) -> SenderBuilder {
+        SenderBuilder {
+            handle,
+            security: Security::default(),
+            compress: true,
+            compress_threshold: DEFAULT_THRESHOLD,
+            compress_level: 1,
+            send_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            queue_capacity: 4096,
+            max_frame: DEFAULT_MAX_FRAME,
+            rescan_interval: Duration::from_secs(2),
+            discovery: None,
+        }
+    }
+
+    /// Serializes `value` with postcard, sends it, and waits for its report.
+    ///
+    /// # Errors
+    /// [`SendError`] if the value cannot be serialized or is too large. Receivers that
+    /// fail are not errors: they are listed in the report.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: if dropped, the event may have reached some receivers.
+    pub async fn send<T: Serialize + ?Sized>(
+        &mut self,
+        value: &T,
+    ) -> Result<SendReport, SendError> {
+        Ok(self.publish(value).await?.await)
+    }
+
+    /// Sends raw bytes and waits for the report.
+    ///
+    /// # Errors
+    /// [`SendError::TooLarge`].
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: if dropped, the event may have reached some receivers.
+    pub async fn send_bytes(&mut self, payload: impl Into<Bytes>) -> Result<SendReport, SendError> {
+        Ok(self.publish_bytes(payload).await?.await)
+    }
+
+    /// Serializes `value` and queues it for every known receiver; the returned future
+    /// resolves to the report. Keep many in flight for throughput.
+    ///
+    /// # Errors
+    /// As [`Sender::send`].
+    pub async fn publish<T: Serialize + ?Sized>(
+        &mut self,
+        value: &T,
+    ) -> Result<PendingReport, SendError> {
+        let bytes = postcard::to_stdvec(value)?;
+        self.publish_bytes(bytes).await
+    }
+
+    /// Queues raw bytes for every known receiver and returns a future of the report.
+    ///
+    /// Waits only while a receiver's queue is full (backpressure), and at most the
+    /// send timeout for each; a receiver still full then is reported failed and
+    /// disconnected, so one slow receiver cannot hold the others up for longer.
+    ///
+    /// # Errors
+    /// [`SendError::TooLarge`].
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: if dropped while waiting, the event may have been queued for
+    /// some receivers only; its outcome for them is still acknowledged or failed.
+    pub async fn publish_bytes(
+        &mut self,
+        payload: impl Into<Bytes>,
+    ) -> Result<PendingReport, SendError> {
+        let payload: Bytes = payload.into();
+        if payload.len() > self.max_payload {
+            return Err(SendError::TooLarge {
+                len: payload.len(),
+                max: self.max_payload,
+            });
+        }
+        self.apply_updates();
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if self.targets.is_empty() {
+            return Ok(PendingReport { seq, slot: None });
+        }
+        let (flags, body) = match self.compress {
+            Some((threshold, level)) if payload.len() >= threshold => match gzip(&payload, level) {
+                Some(z) => (Flags(Flags::COMPRESSED), Bytes::from(z)),
+                None => (Flags(0), payload),
+            },
+            _ => (Flags(0), payload),
+        };
+        let slot = Arc::new(Slot::new(seq, self.targets.clone()));
+        let mut deadline = None;
+        for (i, conn) in self.targets.iter().enumerate() {
+            let item = Outgoing {
+                seq,
+                flags,
+                body: body.clone(),
+                ticket: Ticket {
+                    slot: slot.clone(),
+                    idx: i,
+                    done: false,
+                },
+            };
+            match conn.queue.try_send(item) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Closed(item)) => drop(item),
+                Err(mpsc::error::TrySendError::Full(item)) => {
+                    let dl =
+                        *deadline.get_or_insert_with(|| Instant::now() + self.shared.send_timeout);
+                    match tokio::time::timeout_at(dl, conn.queue.reserve()).await {
+                        Ok(Ok(permit)) => permit.send(item),
+                        Ok(Err(_)) => drop(item),
+                        Err(_) => {
+                            conn.fail(FailReason::TimedOut);
+                            drop(item);
+                        }
+                    }
+                }
+            }
+        }
+        let pending = PendingReport {
+            seq,
+            slot: Some(slot),
+        };
+        self.last = Some(PendingReport {
+            seq,
+            slot: pending.slot.clone(),
+        });
+        Ok(pending)
+    }
+
+    /// Waits until every event sent so far is acknowledged or reported failed.
+    pub async fn flush(&mut self) {
+        if let Some(last) = self.last.take() {
+            last.await;
+        }
+    }
+
+    /// Flushes (for at most the send timeout), then closes every connection.
+    pub async fn close(mut self) {
+        let t = self.shared.send_timeout;
+        let _ = tokio::time::timeout(t, self.flush()).await;
+        self.shared.shutdown.cancel();
+        self.shared.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.tasks.wait()).await;
+    }
+
+    /// Waits until at least `n` receivers are connected, or `timeout` passes; returns
+    /// how many are connected.
+    pub async fn wait_for_receivers(&mut self, n: usize, timeout: Duration) -> usize {
+        let _ = tokio::time::timeout(timeout, self.ready.wait_for(|&c| c >= n)).await;
+        self.apply_updates();
+        let c = *self.ready.borrow();
+        c
+    }
+
+    /// The receivers events are currently sent to (connected or connecting).
+    pub fn receivers(&mut self) -> Vec<ReceiverInfo> {
+        self.apply_updates();
+        self.targets.iter().map(|c| c.info).collect()
+    }
+
+    /// A stream of [`SenderEvent`]s from now on. A subscriber that falls more than 1024
+    /// events behind skips the oldest.
+    pub fn events(&self) -> impl Stream<Item = SenderEvent> + Send + 'static {
+        let rx = self.shared.events.subscribe();
+        futures::stream::unfold(rx, |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => return Some((ev, rx)),
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+    }
+
+    /// This sender's identity.
+    pub fn id(&self) -> SenderId {
+        self.shared.id
+    }
+
+    /// The handle this sender sends to.
+    pub fn handle(&self) -> &Handle {
+        &self.shared.handle
+    }
+
+    fn apply_updates(&mut self) {
+        let mut changed = false;
+        while let Ok(u) = self.updates.try_recv() {
+            changed = true;
+            match u {
+                Update::Add(c) => self.conns.push(c),
+                Update::Remove(c) => self.conns.retain(|x| !Arc::ptr_eq(x, &c)),
+            }
+        }
+        if changed {
+            self.targets = Arc::from(self.conns.clone());
+        }
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+    }
+}
+
+/// The report of one event, once every receiver it targeted has acknowledged it or
+/// failed. Dropping it does not cancel the event.
+#[derive(Debug)]
+pub struct PendingReport {
+    seq: u64,
+    slot: Option<Arc<Slot>>,
+}
+
+impl PendingReport {
+    /// The event's sequence number.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+impl Future for PendingReport {
+    type Output = SendReport;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SendReport> {
+        let seq = self.seq;
+        let Some(slot) = &self.slot else {
+            return Poll::Ready(SendReport {
+                seq,
+                ..SendReport::default()
+            });
+        };
+        if slot.remaining.load(Ordering::Acquire) > 0 {
+            slot.waker.register(cx.waker());
+            if slot.remaining.load(Ordering::Acquire) > 0 {
+                return Poll::Pending;
+            }
+        }
+        Poll::Ready(slot.report())
+    }
+}
+
+/// Per-event outcome collector shared by the event's tickets.
+struct Slot {
+    seq: u64,
+    remaining: AtomicUsize,
+    acked: Box<[AtomicBool]>,
+    failures: Mutex<Vec<(usize, FailReason)>>,
+    waker: AtomicWaker,
+    targets: Arc<[Arc<Conn>]>,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("remaining", &self.remaining)
+            .finish()
+    }
+}
+
+impl Slot {
+    fn new(seq: u64, targets: Arc<[Arc<Conn>]>) -> Slot {
+        Slot {
+            seq,
+            remaining: AtomicUsize::new(targets.len()),
+            acked: (0..targets.len()).map(|_| AtomicBool::new(false)).collect(),
+            failures: Mutex::new(Vec::new()),
+            waker: AtomicWaker::new(),
+            targets,
+        }
+    }
+
+    fn resolve(&self, idx: usize, outcome: Result<(), FailReason>) {
+        match outcome {
+            Ok(()) => self.acked[idx].store(true, Ordering::Release),
+            Err(r) => self
+                .failures
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((idx, r)),
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.waker.wake();
+        }
+    }
+
+    fn report(&self) -> SendReport {
+        let seq = self.seq;
+        let mut failed = self
+            .failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        failed.sort_by_key(|(i, _)| *i);
+        SendReport {
+            seq,
+            acked: (0..self.targets.len())
+                .filter(|&i| self.acked[i].load(Ordering::Acquire))
+                .map(|i| self.targets[i].info)
+                .collect(),
+            failed: failed
+                .into_iter()
+                .map(|(i, r)| (self.targets[i].info, r))
+                .collect(),
+        }
+    }
+}
+
+/// One event's claim on one receiver. Resolves the event for that receiver exactly
+/// once: explicitly on ack, or as failed when dropped.
+struct Ticket {
+    slot: Arc<Slot>,
+    idx: usize,
+    done: bool,
+}
+
+impl Ticket {
+    fn ack(mut self) {
+        self.done = true;
+        self.slot.resolve(self.idx, Ok(()));
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let conn = &self.slot.targets[self.idx];
+        let reason = conn
+            .failure
+            .get()
+            .cloned()
+            .unwrap_or(FailReason::SenderClosed);
+        let _ = conn.shared.events.send(SenderEvent::SendFailed {
+            seq: self.slot.seq,
+            receiver: conn.info,
+            reason: reason.clone(),
+        });
+        self.slot.resolve(self.idx, Err(reason));
+    }
+}
+
+struct Outgoing {
+    seq: u64,
+    flags: Flags,
+    body: Bytes,
+    ticket: Ticket,
+}
+
+enum Update {
+    Add(Arc<Conn>),
+    Remove(Arc<Conn>),
+}
+
+struct Shared {
+    handle: Handle,
+    id: SenderId,
+    sec: Resolved,
+    send_timeout: Duration,
+    connect_timeout: Duration,
+    queue_capacity: usize,
+    max_frame: usize,
+    events: broadcast::Sender<SenderEvent>,
+    ready: watch::Sender<usize>,
+    updates: mpsc::UnboundedSender<Update>,
+    ended: Notify,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("handle", &self.handle)
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+/// One receiver connection as the sender and its tasks share it.
+struct Conn {
+    info: ReceiverInfo,
+    queue: mpsc::Sender<Outgoing>,
+    failure: OnceLock<FailReason>,
+    cancel: CancellationToken,
+    ready: AtomicBool,
+    finished: AtomicBool,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Conn({})", self.info)
+    }
+}
+
+impl Conn {
+    /// Marks the connection failed (first reason wins) and stops its task.
+    fn fail(&self, reason: FailReason) {
+        let _ = self.failure.set(reason);
+        self.cancel.cancel();
+    }
+}
+
+fn fail_reason(e: &HandshakeError) -> FailReason {
+    match e {
+        e if e.is_auth_failure() => FailReason::AuthenticationFailed,
+        HandshakeError::Rejected { reason, .. } => FailReason::Rejected(*reason),
+        HandshakeError::WrongHandle(_) => FailReason::Rejected(RejectReason::WrongHandle),
+        HandshakeError::WrongReceiver { .. } => FailReason::WrongReceiver,
+        HandshakeError::Timeout => FailReason::TimedOut,
+        HandshakeError::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            FailReason::Refused
+        }
+        HandshakeError::Io(_) | HandshakeError::Closed => FailReason::Disconnected,
+        other => FailReason::Protocol(other.to_string()),
+    }
+}
+
+/// Starts a connection to `record`: the `Conn` is returned at once so events queue
+/// while the handshake runs.
+fn start_conn(
+    shared: &Arc<Shared>,
+    record: &Record,
+    on_stale: impl FnOnce() + Send + 'static,
+) -> Arc<Conn> {
+    let (tx, rx) = mpsc::channel(shared.queue_capacity);
+    let conn = Arc::new(Conn {
+        info: ReceiverInfo {
+            id: record.receiver,
+            addr: record.endpoint,
+        },
+        queue: tx,
+        failure: OnceLock::new(),
+        cancel: shared.shutdown.child_token(),
+        ready: AtomicBool::new(false),
+        finished: AtomicBool::new(false),
+        shared: shared.clone(),
+    });
+    let _ = shared.updates.send(Update::Add(conn.clone()));
+    let c = conn.clone();
+    let receiver_id = record.receiver;
+    shared.tasks.spawn(async move {
+        let mut rx = rx;
+        let mut inflight = Inflight::default();
+        let reason = tokio::select! {
+            biased;
+            _ = c.cancel.cancelled() => c.failure.get().cloned().unwrap_or(FailReason::SenderClosed),
+            r = drive(&c, receiver_id, &mut rx, &mut inflight) => r,
+        };
+        let _ = c.failure.set(reason.clone());
+        if matches!(reason, FailReason::Refused | FailReason::WrongReceiver) {
+            on_stale();
+        }
+        // Fail everything still queued or unacknowledged: tickets report on drop.
+        rx.close();
+        while let Ok(item) = rx.try_recv() {
+            drop(item);
+        }
+        inflight.drain();
+        let shared = &c.shared;
+        if c.ready.load(Ordering::Acquire) {
+            shared.ready.send_modify(|n| *n = n.saturating_sub(1));
+        }
+        tracing::debug!(handle = %shared.handle, receiver = %c.info, %reason, "receiver connection ended");
+        let _ = shared.events.send(SenderEvent::ReceiverLeft {
+            receiver: c.info,
+            reason,
+        });
+        let _ = shared.updates.send(Update::Remove(c.clone()));
+        c.finished.store(true, Ordering::Release);
+        shared.ended.notify_one();
+    });
+    conn
+}
+
+/// Written but not yet acknowledged events, in sequence order.
+#[derive(Default)]
+struct Inflight {
+    q: Mutex<VecDeque<(u64, Instant, Ticket)>>,
+}
+
+impl Inflight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Instant, Ticket)>> {
+        self.q.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn drain(&self) {
+        let drained: Vec<_> = self.lock().drain(..).collect();
+        drop(drained);
+    }
+}
+
+async fn drive(
+    conn: &Arc<Conn>,
+    receiver_id: crate::ids::ReceiverId,
+    rx: &mut mpsc::Receiver<Outgoing>,
+    inflight: &mut Inflight,
+) -> FailReason {
+    let shared = &conn.shared;
+    let addr = conn.info.addr;
+    let connected = tokio::time::timeout(shared.connect_timeout, async {
+        let sock = TcpStream::connect(addr).await?;
+        let _ = sock.set_nodelay(true);
+        handshake::connect(
+            sock,
+            &shared.handle,
+            shared.id,
+            &shared.sec,
+            Some(receiver_id),
+            shared.max_frame,
+        )
+        .await
+    })
+    .await;
+    let est = match connected {
+        Ok(Ok(est)) => est,
+        Ok(Err(e)) => {
+            let reason = fail_reason(&e);
+            tracing::warn!(handle = %shared.handle, receiver = %conn.info, error = %e, "cannot connect to receiver");
+            return reason;
+        }
+        Err(_) => return FailReason::TimedOut,
+    };
+    conn.ready.store(true, Ordering::Release);
+    shared.ready.send_modify(|n| *n += 1);
+    let _ = shared.events.send(SenderEvent::ReceiverJoined(conn.info));
+    tracing::debug!(handle = %shared.handle, receiver = %conn.info, "receiver connected");
+
+    let (rd, mut wr) = est.io.into_split();
+    let tx_sealer = est.tx;
+    let rx_sealer = est.rx;
+    let inflight: &Inflight = inflight;
+    let last_written = std::sync::atomic::AtomicU64::new(0);
+
+    let writer = async {
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        let mut batch: Vec<(u64, Ticket)> = Vec::with_capacity(64);
+        loop {
+            let Some(first) = rx.recv().await else {
+                return FailReason::SenderClosed;
+            };
+            buf.clear();
+            let mut item = Some(first);
+            while let Some(it) = item.take() {
+                match &tx_sealer {
+                    Some(s) => s.put_sealed(&mut buf, Kind::Data, it.flags, it.seq, &it.body),
+                    None => {
+                        put_header(&mut buf, Kind::Data, it.flags, it.seq, it.body.len());
+                        buf.extend_from_slice(&it.body);
+                    }
+                }
+                batch.push((it.seq, it.ticket));
+                if buf.len() < 256 * 1024 {
+                    item = rx.try_recv().ok();
+                }
+            }
+            let now = Instant::now();
+            {
+                let mut q = inflight.lock();
+                for (seq, t) in batch.drain(..) {
+                    last_written.store(seq, Ordering::Relaxed);
+                    q.push_back((seq, now, t));
+                }
+            }
+            if let Err(e) = wr.write_all(&buf).await {
+                tracing::debug!(receiver = %conn.info, error = %e, "write failed");
+                return FailReason::Disconnected;
+            }
+        }
+    };
+
+    let reader = async {
+        let mut frames = FramedRead::new(rd, CodecV1::new(shared.max_frame.min(64 * 1024)));
+        frames.read_buffer_mut().extend_from_slice(&est.read_buf);
+        let mut last_frame_seq = 0u64;
+        let tick = (shared.send_timeout / 4).max(Duration::from_millis(5));
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next = tokio::select! {
+                f = frames.next() => f,
+                _ = ticker.tick() => {
+                    let oldest = inflight.lock().front().map(|e| e.1);
+                    if oldest.is_some_and(|t| t.elapsed() > shared.send_timeout) {
+                        tracing::warn!(handle = %shared.handle, receiver = %conn.info, "receiver did not acknowledge within the send timeout");
+                        return FailReason::TimedOut;
+                    }
+                    continue;
+                }
+            };
+            let mut f = match next {
+                None => return FailReason::Disconnected,
+                Some(Err(e)) => return protocol(conn, e),
+                Some(Ok(f)) => f,
+            };
+            if f.seq <= last_frame_seq {
+                return protocol(
+                    conn,
+                    DecodeError::OutOfOrder {
+                        seq: f.seq,
+                        last: last_frame_seq,
+                    },
+                );
+            }
+            last_frame_seq = f.seq;
+            match &rx_sealer {
+                Some(s) => {
+                    if let Err(e) = s.open(&mut f) {
+                        return protocol(conn, e);
+                    }
+                }
+                None if f.flags.sealed() => return protocol(conn, DecodeError::SealMismatch),
+                None => {}
+            }
+            match f.kind {
+                Kind::Ack => {
+                    let up_to = match parse_ack(&f.body) {
+                        Ok(v) => v,
+                        Err(e) => return protocol(conn, e),
+                    };
+                    if up_to > last_written.load(Ordering::Relaxed) {
+                        return protocol(
+                            conn,
+                            DecodeError::Malformed("ack beyond the last event sent"),
+                        );
+                    }
+                    let done: Vec<Ticket> = {
+                        let mut q = inflight.lock();
+                        let mut done = Vec::new();
+                        while q.front().is_some_and(|e| e.0 <= up_to) {
+                            if let Some((_, _, t)) = q.pop_front() {
+                                done.push(t);
+                            }
+                        }
+                        done
+                    };
+                    for t in done {
+                        t.ack();
+                    }
+                }
+                Kind::Bye => return FailReason::Disconnected,
+                got => {
+                    return protocol(
+                        conn,
+                        DecodeError::Unexpected {
+                            got,
+                            expected: "Ack or Bye",
+                        },
+                    )
+                }
+            }
+        }
+    };
+
+    let reason = tokio::select! {
+        r = writer => r,
+        r = reader => r,
+    };
+    reason
+}
+
+fn protocol(conn: &Conn, e: DecodeError) -> FailReason {
+    tracing::warn!(receiver = %conn.info, error = %e, "receiver broke the protocol; dropping it");
+    FailReason::Protocol(e.to_string())
+}
+
+/// Pushed discovery over the local registry: inotify on the receivers directory plus
+/// a periodic rescan.
+struct LocalDiscovery {
+    shared: Arc<Shared>,
+    reg: LocalRegistry,
+    rescan_interval: Duration,
+    known: HashMap<crate::ids::ReceiverId, Known>,
+}
+
+struct Known {
+    conn: Arc<Conn>,
+    backoff: Duration,
+    retry_at: Instant,
+}
+
+impl LocalDiscovery {
+    fn new(shared: Arc<Shared>, reg: LocalRegistry, rescan_interval: Duration) -> Self {
+        LocalDiscovery {
+            shared,
+            reg,
+            rescan_interval,
+            known: HashMap::new(),
+        }
+    }
+
+    fn connect(shared: &Arc<Shared>, reg: &LocalRegistry, record: &Record) -> Arc<Conn> {
+        let reg = reg.clone();
+        let (h, id) = (record.handle.clone(), record.receiver);
+        start_conn(shared, record, move || reg.remove(&h, &id))
+    }
+
+    fn rescan(&mut self) {
+        let records = match self.reg.scan(Some(&self.shared.handle)) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "registry scan failed");
+                return;
+            }
+        };
+        let now = Instant::now();
+        let mut seen = std::collections::HashSet::new();
+        for rec in records {
+            seen.insert(rec.receiver);
+            match self.known.get_mut(&rec.receiver) {
+                None => {
+                    let conn = Self::connect(&self.shared, &self.reg, &rec);
+                    self.known.insert(
+                        rec.receiver,
+                        Known {
+                            conn,
+                            backoff: Duration::from_millis(200),
+                            retry_at: now + Duration::from_millis(100),
+                        },
+                    );
+                }
+                Some(k) if k.conn.finished.load(Ordering::Acquire) && now >= k.retry_at => {
+                    if k.conn.ready.load(Ordering::Acquire) {
+                        // It worked before: start the backoff afresh.
+                        k.backoff = Duration::from_millis(100);
+                    }
+                    k.conn = Self::connect(&self.shared, &self.reg, &rec);
+                    k.retry_at = now + k.backoff;
+                    k.backoff = (k.backoff * 2).min(Duration::from_secs(5));
+                }
+                Some(_) => {}
+            }
+        }
+        // Receivers that unregistered: stop sending to them.
+        self.known.retain(|id, k| {
+            if seen.contains(id) {
+                return true;
+            }
+            if !k.conn.finished.load(Ordering::Acquire) {
+                let _ = k.conn.shared.updates.send(Update::Remove(k.conn.clone()));
+            }
+            false
+        });
+    }
+
+    async fn run(mut self) {
+        let dirty = Arc::new(Notify::new());
+        let d2 = dirty.clone();
+        let watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+            d2.notify_one();
+        })
+        .and_then(|mut w| {
+            use notify::Watcher;
+            w.watch(
+                &self.reg.receivers_dir(),
+                notify::RecursiveMode::NonRecursive,
+            )?;
+            Ok(w)
+        });
+        let interval = match &watcher {
+            Ok(_) => self.rescan_interval,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the registry; falling back to polling");
+                self.rescan_interval.min(Duration::from_millis(250))
+            }
+        };
+        loop {
+            // The soonest reconnect due, so a dropped receiver is retried on time.
+            let retry = self
+                .known
+                .values()
+                .filter(|k| k.conn.finished.load(Ordering::Acquire))
+                .map(|k| k.retry_at)
+                .min();
+            let wake = retry.map_or(Instant::now() + interval, |r| {
+                r.min(Instant::now() + interval)
+            });
+            tokio::select! {
+                _ = self.shared.shutdown.cancelled() => break,
+                _ = dirty.notified() => {}
+                _ = self.shared.ended.notified() => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            self.rescan();
+        }
+        drop(watcher);
+    }
+}

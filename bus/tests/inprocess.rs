@@ -1,0 +1,181 @@
+//! In-process tests of the async layer over real loopback sockets.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::StreamExt;
+use ipcbus::{Discovery, FailReason, Handle, Key, Receiver, Security, Sender};
+
+fn registry(name: &str) -> (Discovery, PathBuf) {
+    let dir = std::env::temp_dir().join(format!(
+        "ipcbus-it-{name}-{}-{}",
+        std::process::id(),
+        rand_u32()
+    ));
+    (Discovery::local_at(&dir).unwrap(), dir)
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .elapsed()
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    );
+    h.finish() as u32
+}
+
+fn handle(s: &str) -> Handle {
+    Handle::new(s).unwrap()
+}
+
+const T: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn one_to_one_typed_and_raw() {
+    let (disc, dir) = registry("one");
+    let mut rx = Receiver::builder(handle("h"))
+        .discovery(disc.clone())
+        .bind()
+        .await
+        .unwrap();
+    let mut tx = Sender::builder(handle("h"))
+        .discovery(disc)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(tx.wait_for_receivers(1, T).await, 1);
+    let recv = tokio::spawn(async move {
+        let a = rx.recv().await.unwrap();
+        let b = rx.recv().await.unwrap();
+        (a, b, rx)
+    });
+    let r1 = tx.send(&("typed", 42u32)).await.unwrap();
+    let r2 = tx.send_bytes(vec![7u8; 5000]).await.unwrap();
+    let (a, b, _rx) = tokio::time::timeout(T, recv).await.unwrap().unwrap();
+    assert_eq!(
+        a.decode::<(String, u32)>().unwrap(),
+        ("typed".to_string(), 42)
+    );
+    assert_eq!(a.seq(), 1);
+    assert_eq!(b.payload().len(), 5000);
+    assert_eq!(b.seq(), 2);
+    assert_eq!(a.sender(), tx.id());
+    assert_eq!((r1.acked.len(), r1.failed.len()), (1, 0));
+    assert_eq!((r2.acked.len(), r2.failed.len(), r2.seq), (1, 0, 2));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test]
+async fn no_receivers_is_not_an_error() {
+    let (disc, dir) = registry("none");
+    let mut tx = Sender::builder(handle("nobody"))
+        .discovery(disc)
+        .build()
+        .await
+        .unwrap();
+    let r = tx.send_bytes("x").await.unwrap();
+    assert_eq!(r.targeted(), 0);
+    assert_eq!(r.seq, 1);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test]
+async fn pipelined_fan_out_in_order() {
+    let (disc, dir) = registry("fan");
+    let mut rxs = Vec::new();
+    for _ in 0..3 {
+        rxs.push(
+            Receiver::builder(handle("fan"))
+                .discovery(disc.clone())
+                .bind()
+                .await
+                .unwrap(),
+        );
+    }
+    let mut tx = Sender::builder(handle("fan"))
+        .discovery(disc)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(tx.wait_for_receivers(3, T).await, 3);
+    let n = 20_000u64;
+    let readers: Vec<_> = rxs
+        .into_iter()
+        .map(|mut rx| {
+            tokio::spawn(async move {
+                let mut expect = 1;
+                while expect <= n {
+                    let m = tokio::time::timeout(T, rx.next()).await.unwrap().unwrap();
+                    assert_eq!(m.seq(), expect);
+                    assert_eq!(&m.payload()[..], expect.to_be_bytes());
+                    expect += 1;
+                }
+                rx
+            })
+        })
+        .collect();
+    let mut pending = std::collections::VecDeque::new();
+    for i in 1..=n {
+        pending.push_back(tx.publish_bytes(i.to_be_bytes().to_vec()).await.unwrap());
+        if pending.len() > 5000 {
+            let r = pending.pop_front().unwrap().await;
+            assert_eq!(r.acked.len(), 3, "{r:?}");
+        }
+    }
+    for p in pending {
+        let r = tokio::time::timeout(T, p).await.unwrap();
+        assert_eq!(r.acked.len(), 3, "{r:?}");
+    }
+    for r in readers {
+        tokio::time::timeout(T, r).await.unwrap().unwrap();
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test]
+async fn encrypted_round_trip_and_wrong_key() {
+    let (disc, dir) = registry("enc");
+    let key = Key::derive("secret", [1u8, 2, 3]).unwrap();
+    let mut rx = Receiver::builder(handle("enc"))
+        .discovery(disc.clone())
+        .key(key.clone())
+        .bind()
+        .await
+        .unwrap();
+    let mut tx = Sender::builder(handle("enc"))
+        .discovery(disc.clone())
+        .key(key)
+        .build()
+        .await
+        .unwrap();
+    let recv = tokio::spawn(async move { rx.recv().await.map(|m| m.into_payload()) });
+    let r = tx.send_bytes("top secret".repeat(100)).await.unwrap();
+    assert_eq!(r.acked.len(), 1, "{r:?}");
+    assert_eq!(
+        recv.await.unwrap().unwrap(),
+        "top secret".repeat(100).as_bytes()
+    );
+
+    let wrong = Key::derive("other", [1u8, 2, 3]).unwrap();
+    let _rx2 = Receiver::builder(handle("enc2"))
+        .discovery(disc.clone())
+        .key(wrong)
+        .bind()
+        .await
+        .unwrap();
+    let mut tx2 = Sender::builder(handle("enc2"))
+        .discovery(disc.clone())
+        .security(Security::Encrypt(
+            Key::derive("secret", [1u8, 2, 3]).unwrap(),
+        ))
+        .build()
+        .await
+        .unwrap();
+    let r = tx2.send_bytes("x").await.unwrap();
+    assert_eq!(r.failed.len(), 1);
+    assert_eq!(r.failed[0].1, FailReason::AuthenticationFailed);
+    std::fs::remove_dir_all(dir).ok();
+}
