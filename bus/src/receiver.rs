@@ -469,13 +469,17 @@ async fn ack_writer(
         }
     };
     loop {
-        let closing = tokio::select! {
-            _ = ack.notify.notified() => false,
-            _ = shutdown.cancelled() => true,
-            _ = conn_done.cancelled() => return,
+        // Order matters: a take that raced with shutdown is still acknowledged.
+        let (closing, conn_ended) = tokio::select! {
+            biased;
+            _ = ack.notify.notified() => (false, false),
+            _ = shutdown.cancelled() => (true, false),
+            _ = conn_done.cancelled() => (false, true),
         };
-        // Let a burst of takes accumulate into one ack.
-        tokio::task::yield_now().await;
+        if !closing && !conn_ended {
+            // Let a burst of takes accumulate into one ack.
+            tokio::task::yield_now().await;
+        }
         let up = ack.taken.load(Ordering::Acquire);
         buf.clear();
         if up > sent {
@@ -488,7 +492,7 @@ async fn ack_writer(
         if !buf.is_empty() && wr.write_all(&buf).await.is_err() {
             return;
         }
-        if closing {
+        if closing || conn_ended {
             let _ = wr.shutdown().await;
             return;
         }

@@ -894,12 +894,13 @@ fn protocol(conn: &Conn, e: DecodeError) -> FailReason {
     FailReason::Protocol(e.to_string())
 }
 
-/// Pushed discovery over the local registry: inotify on the receivers directory plus
-/// a periodic rescan.
-struct LocalDiscovery {
+/// Keeps one connection per discovered receiver: given the current set of records
+/// for the handle (from any discovery back end), it connects to new ones, reconnects
+/// dropped ones with exponential backoff while they stay registered, and stops
+/// sending to those that left.
+pub(crate) struct Tracker {
     shared: Arc<Shared>,
-    reg: LocalRegistry,
-    rescan_interval: Duration,
+    on_stale: Arc<dyn Fn(&Record) + Send + Sync>,
     known: HashMap<crate::ids::ReceiverId, Known>,
 }
 
@@ -909,57 +910,49 @@ struct Known {
     retry_at: Instant,
 }
 
-impl LocalDiscovery {
-    fn new(shared: Arc<Shared>, reg: LocalRegistry, rescan_interval: Duration) -> Self {
-        LocalDiscovery {
+impl Tracker {
+    fn new(shared: Arc<Shared>, on_stale: Arc<dyn Fn(&Record) + Send + Sync>) -> Tracker {
+        Tracker {
             shared,
-            reg,
-            rescan_interval,
+            on_stale,
             known: HashMap::new(),
         }
     }
 
-    fn connect(shared: &Arc<Shared>, reg: &LocalRegistry, record: &Record) -> Arc<Conn> {
-        let reg = reg.clone();
-        let (h, id) = (record.handle.clone(), record.receiver);
-        start_conn(shared, record, move || reg.remove(&h, &id))
+    fn connect(&self, record: &Record) -> Arc<Conn> {
+        let on_stale = self.on_stale.clone();
+        let rec = record.clone();
+        start_conn(&self.shared, record, move || on_stale(&rec))
     }
 
-    fn rescan(&mut self) {
-        let records = match self.reg.scan(Some(&self.shared.handle)) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "registry scan failed");
-                return;
-            }
-        };
+    /// Brings the connections in line with `records`, the full current set.
+    pub(crate) fn apply(&mut self, records: Vec<Record>) {
         let now = Instant::now();
         let mut seen = std::collections::HashSet::new();
         for rec in records {
-            seen.insert(rec.receiver);
-            match self.known.get_mut(&rec.receiver) {
-                None => {
-                    let conn = Self::connect(&self.shared, &self.reg, &rec);
-                    self.known.insert(
-                        rec.receiver,
-                        Known {
-                            conn,
-                            backoff: Duration::from_millis(200),
-                            retry_at: now + Duration::from_millis(100),
-                        },
-                    );
-                }
-                Some(k) if k.conn.finished.load(Ordering::Acquire) && now >= k.retry_at => {
-                    if k.conn.ready.load(Ordering::Acquire) {
-                        // It worked before: start the backoff afresh.
-                        k.backoff = Duration::from_millis(100);
-                    }
-                    k.conn = Self::connect(&self.shared, &self.reg, &rec);
-                    k.retry_at = now + k.backoff;
-                    k.backoff = (k.backoff * 2).min(Duration::from_secs(5));
-                }
-                Some(_) => {}
+            if rec.handle != self.shared.handle {
+                continue;
             }
+            seen.insert(rec.receiver);
+            let conn = match self.known.get(&rec.receiver) {
+                None => self.connect(&rec),
+                Some(k) if k.conn.finished.load(Ordering::Acquire) && now >= k.retry_at => {
+                    self.connect(&rec)
+                }
+                Some(_) => continue,
+            };
+            let k = self.known.entry(rec.receiver).or_insert(Known {
+                conn: conn.clone(),
+                backoff: Duration::from_millis(100),
+                retry_at: now,
+            });
+            if k.conn.ready.load(Ordering::Acquire) {
+                // The previous connection worked: start the backoff afresh.
+                k.backoff = Duration::from_millis(100);
+            }
+            k.conn = conn;
+            k.retry_at = now + k.backoff;
+            k.backoff = (k.backoff * 2).min(Duration::from_secs(5));
         }
         // Receivers that unregistered: stop sending to them.
         self.known.retain(|id, k| {
@@ -971,6 +964,54 @@ impl LocalDiscovery {
             }
             false
         });
+    }
+
+    /// The soonest time a dropped receiver is due for a reconnect.
+    pub(crate) fn next_retry(&self) -> Option<Instant> {
+        self.known
+            .values()
+            .filter(|k| k.conn.finished.load(Ordering::Acquire))
+            .map(|k| k.retry_at)
+            .min()
+    }
+
+    /// Resolves when a connection ends (so the caller can re-apply and reconnect).
+    pub(crate) async fn connection_ended(&self) {
+        self.shared.ended.notified().await
+    }
+
+    /// Resolves when the sender shuts down.
+    pub(crate) async fn shutdown(&self) {
+        self.shared.shutdown.cancelled().await
+    }
+}
+
+/// Pushed discovery over the local registry: inotify on the receivers directory plus
+/// a periodic rescan.
+struct LocalDiscovery {
+    tracker: Tracker,
+    reg: LocalRegistry,
+    rescan_interval: Duration,
+}
+
+impl LocalDiscovery {
+    fn new(shared: Arc<Shared>, reg: LocalRegistry, rescan_interval: Duration) -> Self {
+        let r2 = reg.clone();
+        LocalDiscovery {
+            tracker: Tracker::new(
+                shared,
+                Arc::new(move |rec: &Record| r2.remove(&rec.handle, &rec.receiver)),
+            ),
+            reg,
+            rescan_interval,
+        }
+    }
+
+    fn rescan(&mut self) {
+        match self.reg.scan(Some(&self.tracker.shared.handle)) {
+            Ok(records) => self.tracker.apply(records),
+            Err(e) => tracing::warn!(error = %e, "registry scan failed"),
+        }
     }
 
     async fn run(mut self) {
@@ -995,20 +1036,12 @@ impl LocalDiscovery {
             }
         };
         loop {
-            // The soonest reconnect due, so a dropped receiver is retried on time.
-            let retry = self
-                .known
-                .values()
-                .filter(|k| k.conn.finished.load(Ordering::Acquire))
-                .map(|k| k.retry_at)
-                .min();
-            let wake = retry.map_or(Instant::now() + interval, |r| {
-                r.min(Instant::now() + interval)
-            });
+            let wake = Instant::now() + interval;
+            let wake = self.tracker.next_retry().map_or(wake, |r| r.min(wake));
             tokio::select! {
-                _ = self.shared.shutdown.cancelled() => break,
+                _ = self.tracker.shutdown() => break,
                 _ = dirty.notified() => {}
-                _ = self.shared.ended.notified() => {}
+                _ = self.tracker.connection_ended() => {}
                 _ = tokio::time::sleep_until(wake) => {}
             }
             self.rescan();
