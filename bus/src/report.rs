@@ -38,6 +38,8 @@ pub enum FailReason {
     WrongReceiver,
     /// The connection was lost, or the receiver closed, before it acknowledged.
     Disconnected,
+    /// The receiver closed and unregistered before it took the event.
+    ReceiverLeft,
     /// The receiver broke the protocol; the connection was dropped.
     Protocol(String),
     /// The sender was closed or dropped before the receiver acknowledged.
@@ -55,6 +57,7 @@ impl fmt::Display for FailReason {
                 f.write_str("a different receiver answers at that address")
             }
             FailReason::Disconnected => f.write_str("disconnected"),
+            FailReason::ReceiverLeft => f.write_str("receiver closed"),
             FailReason::Protocol(e) => write!(f, "protocol error: {e}"),
             FailReason::SenderClosed => f.write_str("sender closed"),
         }

@@ -695,9 +695,14 @@ fn start_conn(
         tracing::debug!(handle = %shared.handle, receiver = %c.info, %reason, "receiver connection ended");
         let _ = shared.events.send(SenderEvent::ReceiverLeft {
             receiver: c.info,
-            reason,
+            reason: reason.clone(),
         });
-        let _ = shared.updates.send(Update::Remove(c.clone()));
+        // A receiver that said goodbye has unregistered: stop targeting it now. One
+        // that dropped stays a target (its events fail at once with the reason) until
+        // discovery reconnects it or sees its registration go.
+        if reason == FailReason::ReceiverLeft || reason == FailReason::SenderClosed {
+            let _ = shared.updates.send(Update::Remove(c.clone()));
+        }
         c.finished.store(true, Ordering::Release);
         shared.ended.notify_one();
     });
@@ -868,7 +873,7 @@ async fn drive(
                         t.ack();
                     }
                 }
-                Kind::Bye => return FailReason::Disconnected,
+                Kind::Bye => return FailReason::ReceiverLeft,
                 got => {
                     return protocol(
                         conn,
@@ -937,6 +942,7 @@ impl Tracker {
             let conn = match self.known.get(&rec.receiver) {
                 None => self.connect(&rec),
                 Some(k) if k.conn.finished.load(Ordering::Acquire) && now >= k.retry_at => {
+                    let _ = self.shared.updates.send(Update::Remove(k.conn.clone()));
                     self.connect(&rec)
                 }
                 Some(_) => continue,
@@ -959,9 +965,7 @@ impl Tracker {
             if seen.contains(id) {
                 return true;
             }
-            if !k.conn.finished.load(Ordering::Acquire) {
-                let _ = k.conn.shared.updates.send(Update::Remove(k.conn.clone()));
-            }
+            let _ = k.conn.shared.updates.send(Update::Remove(k.conn.clone()));
             false
         });
     }
