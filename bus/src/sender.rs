@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::discovery::Discovery;
+use crate::epm::{Epm, EpmError};
 use crate::handle::Handle;
 use crate::handshake::{self, HandshakeError};
 use crate::ids::SenderId;
@@ -67,6 +68,9 @@ pub enum BuildError {
     /// The registry could not be used.
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
+    /// The endpoint manager could not be used (unreachable, wrong password, refused).
+    #[error("epm: {0}")]
+    Epm(#[from] EpmError),
 }
 
 /// Configures and builds a [`Sender`].
@@ -153,6 +157,12 @@ impl SenderBuilder {
         self
     }
 
+    /// Discovers receivers through the endpoint manager: shorthand for
+    /// `discovery(Discovery::Epm(epm))`.
+    pub fn epm(self, epm: Epm) -> Self {
+        self.discovery(Discovery::Epm(epm))
+    }
+
     /// Starts discovery, connects to the receivers registered now, and returns.
     ///
     /// # Errors
@@ -160,9 +170,9 @@ impl SenderBuilder {
     pub async fn build(self) -> Result<Sender, BuildError> {
         let discovery = match self.discovery {
             Some(d) => d,
-            None => Discovery::local()?,
+            None => Discovery::from_env()?,
         };
-        let sec = self.security.resolve(discovery.local_registry())?;
+        let sec = discovery.resolve_security(&self.security)?;
         let (events, _) = broadcast::channel(1024);
         let (ready_tx, ready_rx) = watch::channel(0usize);
         let (upd_tx, upd_rx) = mpsc::unbounded_channel();
@@ -183,11 +193,17 @@ impl SenderBuilder {
             shutdown: shutdown.clone(),
             tasks: TaskTracker::new(),
         });
-        let mut disc = match discovery {
-            Discovery::Local(reg) => LocalDiscovery::new(shared.clone(), reg, self.rescan_interval),
-        };
-        disc.rescan();
-        shared.tasks.spawn(disc.run());
+        match discovery {
+            Discovery::Local(reg) => {
+                let mut disc = LocalDiscovery::new(shared.clone(), reg, self.rescan_interval);
+                disc.rescan();
+                shared.tasks.spawn(disc.run());
+            }
+            Discovery::Epm(epm) => {
+                let disc = EpmDiscovery::start(shared.clone(), epm).await?;
+                shared.tasks.spawn(disc.run());
+            }
+        }
         let mut sender = Sender {
             shared,
             next_seq: 1,
@@ -679,7 +695,12 @@ fn start_conn(
             r = drive(&c, receiver_id, &mut rx, &mut inflight) => r,
         };
         let _ = c.failure.set(reason.clone());
-        if matches!(reason, FailReason::Refused | FailReason::WrongReceiver) {
+        if matches!(
+            reason,
+            FailReason::Refused
+                | FailReason::WrongReceiver
+                | FailReason::Rejected(RejectReason::WrongHandle)
+        ) {
             on_stale();
         }
         // Fail everything still queued or unacknowledged: tickets report on drop.
@@ -1051,5 +1072,47 @@ impl LocalDiscovery {
             self.rescan();
         }
         drop(watcher);
+    }
+}
+
+/// Pushed discovery over the endpoint manager: a watch on the handle, kept across EPM
+/// restarts by the session task; every change hands the full set to the tracker.
+struct EpmDiscovery {
+    tracker: Tracker,
+    records: tokio::sync::watch::Receiver<crate::epm::session::RecordSet>,
+}
+
+impl EpmDiscovery {
+    /// Watches the handle now, so `build` knows the receivers registered at this
+    /// moment (or fails with a named error).
+    async fn start(shared: Arc<Shared>, epm: Epm) -> Result<Self, EpmError> {
+        let cancel = shared.shutdown.child_token();
+        let records =
+            crate::epm::session::watch(epm, shared.handle.clone(), cancel).await?;
+        // Stale records are the EPM's to remove (the registering connection or its
+        // lease); the tracker only backs off from them.
+        let mut tracker = Tracker::new(shared, Arc::new(|_: &Record| {}));
+        tracker.apply(records.borrow().to_vec());
+        Ok(EpmDiscovery { tracker, records })
+    }
+
+    async fn run(mut self) {
+        let mut watching = true;
+        loop {
+            let retry = self.tracker.next_retry();
+            tokio::select! {
+                _ = self.tracker.shutdown() => break,
+                r = self.records.changed(), if watching => watching = r.is_ok(),
+                _ = self.tracker.connection_ended() => {}
+                _ = async {
+                    match retry {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
+            let current = self.records.borrow_and_update().to_vec();
+            self.tracker.apply(current);
+        }
     }
 }

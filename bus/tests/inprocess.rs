@@ -179,3 +179,73 @@ async fn encrypted_round_trip_and_wrong_key() {
     assert_eq!(r.failed[0].1, FailReason::AuthenticationFailed);
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// Relays one TCP connection to `to`, recording every byte in both directions.
+async fn recording_proxy(to: std::net::SocketAddr) -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (a, _) = l.accept().await.unwrap();
+        let b = tokio::net::TcpStream::connect(to).await.unwrap();
+        let (mut ar, mut aw) = a.into_split();
+        let (mut br, mut bw) = b.into_split();
+        let up = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = ar.read(&mut buf).await {
+                if n == 0 || bw.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+                seen.extend_from_slice(&buf[..n]);
+            }
+            seen
+        });
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = br.read(&mut buf).await {
+            if n == 0 || aw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        let mut all = up.await.unwrap();
+        all.extend_from_slice(&seen);
+        all
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn a_capture_of_encrypted_traffic_holds_no_plaintext() {
+    // The receiver registers in one registry; the sender looks in another where a
+    // record points at a recording proxy in front of the receiver.
+    let (disc_rx, dir_rx) = registry("cap-rx");
+    let (disc_tx, dir_tx) = registry("cap-tx");
+    let key = Key::derive("pw", [1u8, 2, 3]).unwrap();
+    let mut rx = Receiver::builder(handle("cap")).discovery(disc_rx).key(key.clone()).bind().await.unwrap();
+    let (proxy, capture) = recording_proxy(rx.local_addr()).await;
+    let Discovery::Local(reg) = &disc_tx else { unreachable!() };
+    let _reg = reg
+        .register(&ipcbus::Record::new(handle("cap"), proxy, rx.id()))
+        .unwrap();
+    let mut tx = Sender::builder(handle("cap")).discovery(disc_tx.clone()).key(key).build().await.unwrap();
+    let small = "PLAINTEXT-MARKER-small";
+    let big = "PLAINTEXT-MARKER-big ".repeat(200); // compressed, then sealed
+    let p1 = tx.publish_bytes(small).await.unwrap();
+    let p2 = tx.publish(&big).await.unwrap();
+    assert_eq!(&rx.recv().await.unwrap().payload()[..], small.as_bytes());
+    assert_eq!(rx.recv().await.unwrap().decode::<String>().unwrap(), big);
+    assert_eq!(tokio::time::timeout(T, p1).await.unwrap().acked.len(), 1);
+    assert_eq!(tokio::time::timeout(T, p2).await.unwrap().acked.len(), 1);
+    tx.close().await;
+    rx.close().await;
+    let bytes = tokio::time::timeout(T, capture).await.unwrap().unwrap();
+    assert!(bytes.len() > 200, "captured {} bytes", bytes.len());
+    assert!(
+        !bytes.windows(9).any(|w| w == b"PLAINTEXT"),
+        "plaintext visible on the wire"
+    );
+    std::fs::remove_dir_all(dir_rx).ok();
+    std::fs::remove_dir_all(dir_tx).ok();
+}

@@ -1,0 +1,293 @@
+//! Bad input on a receiver's port closes that connection only; the receiver keeps
+//! serving everyone else. Frames are crafted by hand with the public `proto` module.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use ipcbus::proto::codec::{put_frame, CodecV1};
+use ipcbus::proto::crypto::{Sealer, SessionKeys};
+use ipcbus::proto::frame::{Flags, Hello, Kind, Mode, RawFrame, Welcome, VERSION};
+use ipcbus::{Discovery, FailReason, Handle, Key, Receiver, Record, Security, Sender, SenderId};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Decoder;
+
+const T: Duration = Duration::from_secs(10);
+
+fn tmp(tag: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "ipcbus-hostile-{tag}-{}-{:?}",
+        std::process::id(),
+        std::time::SystemTime::now()
+    ))
+}
+
+async fn read_frame(s: &mut TcpStream, buf: &mut BytesMut) -> Option<RawFrame> {
+    let mut codec = CodecV1::default();
+    loop {
+        if let Ok(Some(f)) = codec.decode(buf) {
+            return Some(f);
+        }
+        if tokio::time::timeout(T, s.read_buf(buf)).await.ok()?.ok()? == 0 {
+            return None;
+        }
+    }
+}
+
+/// Runs the client side of an open-mode or keyed handshake by hand; returns the
+/// stream and, when keyed, the client's sealer.
+async fn handshake(
+    addr: std::net::SocketAddr,
+    handle: &str,
+    key: Option<&Key>,
+) -> (TcpStream, Option<Sealer>) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let hello = Hello {
+        version: VERSION,
+        mode: if key.is_some() {
+            Mode::Sealed
+        } else {
+            Mode::Open
+        },
+        handle: Handle::new(handle).unwrap(),
+        sender: SenderId::random(),
+        nonce: [5; 32],
+    };
+    let mut body = BytesMut::new();
+    hello.encode(&mut body);
+    let mut out = BytesMut::new();
+    put_frame(&mut out, Kind::Hello, Flags(0), 0, &body);
+    s.write_all(&out).await.unwrap();
+    let mut buf = BytesMut::new();
+    let w = read_frame(&mut s, &mut buf).await.unwrap();
+    assert_eq!(w.kind, Kind::Welcome);
+    let w = Welcome::parse(&w.body).unwrap();
+    let keys = key.map(|k| SessionKeys::derive(k, &body, &hello.nonce, &w.receiver, &w.nonce));
+    let mut out = BytesMut::new();
+    match &keys {
+        Some(k) => put_frame(&mut out, Kind::Proof, Flags(0), 0, &k.proof_c),
+        None => put_frame(&mut out, Kind::Proof, Flags(0), 0, &[]),
+    }
+    s.write_all(&out).await.unwrap();
+    let r = read_frame(&mut s, &mut buf).await.unwrap();
+    assert_eq!(r.kind, Kind::Ready);
+    (s, keys.map(|k| Sealer::new(&k.c2s)))
+}
+
+/// The receiver closed the connection (EOF or reset) within the timeout.
+async fn closed(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(T, s.read(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+async fn still_serves(disc: &Discovery, rx: &mut Receiver, security: Security) {
+    let mut tx = Sender::builder(rx.handle().clone())
+        .discovery(disc.clone())
+        .security(security)
+        .build()
+        .await
+        .unwrap();
+    let p = tx.publish_bytes("still here").await.unwrap();
+    let m = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+    assert_eq!(&m.payload()[..], b"still here");
+    let r = tokio::time::timeout(T, p).await.unwrap();
+    assert_eq!(r.acked.len(), 1, "{r:?}");
+}
+
+#[tokio::test]
+async fn garbage_truncated_and_oversized_input_closes_only_that_connection() {
+    let dir = tmp("bad");
+    let disc = Discovery::local_at(&dir).unwrap();
+    let mut rx = Receiver::builder(Handle::new("h").unwrap())
+        .discovery(disc.clone())
+        .security(Security::Open)
+        .max_frame_len(1 << 20)
+        .handshake_timeout(Duration::from_millis(500))
+        .bind()
+        .await
+        .unwrap();
+    let addr = rx.local_addr();
+
+    // Not our protocol at all.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(closed(&mut s).await);
+
+    // A hello that never finishes: freed by the handshake timeout.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&[0, 0, 0, 60, 1, 0]).await.unwrap();
+    assert!(closed(&mut s).await);
+
+    // Oversized length after the handshake: rejected from the prefix alone.
+    let (mut s, _) = handshake(addr, "h", None).await;
+    s.write_all(&[0xff, 0xff, 0xff, 0xff, 0x10, 0])
+        .await
+        .unwrap();
+    assert!(closed(&mut s).await);
+
+    // A replayed sequence number.
+    let (mut s, _) = handshake(addr, "h", None).await;
+    let mut out = BytesMut::new();
+    put_frame(&mut out, Kind::Data, Flags(0), 1, b"one");
+    put_frame(&mut out, Kind::Data, Flags(0), 1, b"again");
+    s.write_all(&out).await.unwrap();
+    assert!(closed(&mut s).await);
+    let m = rx.recv().await.unwrap();
+    assert_eq!(&m.payload()[..], b"one");
+
+    // A gzip bomb: 64 MiB of zeros in a small frame, past the 1 MiB cap.
+    let (mut s, _) = handshake(addr, "h", None).await;
+    let bomb = ipcbus::proto::compress::gzip(&vec![0u8; 64 << 20], 9).unwrap();
+    assert!(bomb.len() < 1 << 20);
+    let mut out = BytesMut::new();
+    put_frame(&mut out, Kind::Data, Flags(Flags::COMPRESSED), 1, &bomb);
+    s.write_all(&out).await.unwrap();
+    assert!(closed(&mut s).await);
+
+    // Wrong handle: the receiver rejects it in the handshake.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut body = BytesMut::new();
+    Hello {
+        version: VERSION,
+        mode: Mode::Open,
+        handle: Handle::new("other").unwrap(),
+        sender: SenderId::random(),
+        nonce: [1; 32],
+    }
+    .encode(&mut body);
+    let mut out = BytesMut::new();
+    put_frame(&mut out, Kind::Hello, Flags(0), 0, &body);
+    s.write_all(&out).await.unwrap();
+    let mut buf = BytesMut::new();
+    let f = read_frame(&mut s, &mut buf).await.unwrap();
+    assert_eq!(f.kind, Kind::Reject);
+    assert_eq!(f.body[0], 2, "reason: wrong handle");
+
+    still_serves(&disc, &mut rx, Security::Open).await;
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test]
+async fn tampered_and_replayed_sealed_frames_close_the_connection() {
+    let dir = tmp("sealed");
+    let disc = Discovery::local_at(&dir).unwrap();
+    let key = Key::derive("pw", [1u8, 2, 3]).unwrap();
+    let mut rx = Receiver::builder(Handle::new("s").unwrap())
+        .discovery(disc.clone())
+        .key(key.clone())
+        .bind()
+        .await
+        .unwrap();
+    let addr = rx.local_addr();
+
+    // A correctly sealed frame, then the same bytes again (replay).
+    let (mut s, sealer) = handshake(addr, "s", Some(&key)).await;
+    let sealer = sealer.unwrap();
+    let mut out = BytesMut::new();
+    sealer.put_sealed(&mut out, Kind::Data, Flags(0), 1, b"first");
+    let replay = out.clone();
+    s.write_all(&out).await.unwrap();
+    assert_eq!(&rx.recv().await.unwrap().payload()[..], b"first");
+    s.write_all(&replay).await.unwrap();
+    assert!(closed(&mut s).await);
+
+    // A bit flipped in the ciphertext.
+    let (mut s, sealer) = handshake(addr, "s", Some(&key)).await;
+    let mut out = BytesMut::new();
+    sealer
+        .unwrap()
+        .put_sealed(&mut out, Kind::Data, Flags(0), 1, b"tampered");
+    let last = out.len() - 20;
+    out[last] ^= 0x40;
+    s.write_all(&out).await.unwrap();
+    assert!(closed(&mut s).await);
+
+    // A plain frame on a sealed connection.
+    let (mut s, _) = handshake(addr, "s", Some(&key)).await;
+    let mut out = BytesMut::new();
+    put_frame(&mut out, Kind::Data, Flags(0), 1, b"plain");
+    s.write_all(&out).await.unwrap();
+    assert!(closed(&mut s).await);
+
+    still_serves(&disc, &mut rx, Security::Encrypt(key)).await;
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test]
+async fn a_port_reused_by_another_handle_or_program_is_detected_and_dropped() {
+    let dir = tmp("reuse");
+    let disc = Discovery::local_at(&dir).unwrap();
+    let Discovery::Local(reg) = &disc else {
+        unreachable!()
+    };
+    // A receiver of handle "b" now owns the port a stale "a" record points to.
+    let rb = Receiver::builder(Handle::new("b").unwrap())
+        .discovery(disc.clone())
+        .bind()
+        .await
+        .unwrap();
+    let stale = Record::new(
+        Handle::new("a").unwrap(),
+        rb.local_addr(),
+        ipcbus::ReceiverId::random(),
+    );
+    std::mem::forget(reg.register(&stale).unwrap());
+    // And a program that is not ipcbus at all.
+    let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let other_addr = other.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = other.accept().await {
+            let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").await;
+        }
+    });
+    let junk = Record::new(
+        Handle::new("a").unwrap(),
+        other_addr,
+        ipcbus::ReceiverId::random(),
+    );
+    std::mem::forget(reg.register(&junk).unwrap());
+
+    let mut tx = Sender::builder(Handle::new("a").unwrap())
+        .discovery(disc.clone())
+        .build()
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(T, tx.send_bytes("x"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.failed.len(), 2, "{r:?}");
+    for (who, why) in &r.failed {
+        if who.addr == rb.local_addr() {
+            assert_eq!(
+                *why,
+                FailReason::Rejected(ipcbus::RejectReason::WrongHandle)
+            );
+        } else {
+            assert!(matches!(why, FailReason::Protocol(_)), "{why:?}");
+        }
+    }
+    // The wrong-handle record is removed; afterwards the sender targets nobody there.
+    let deadline = tokio::time::Instant::now() + T;
+    while reg
+        .scan(Some(&Handle::new("a").unwrap()))
+        .unwrap()
+        .iter()
+        .any(|r| r.receiver == stale.receiver)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stale record not removed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
