@@ -1,8 +1,12 @@
 //! Which registry receivers announce themselves in and senders look them up in.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
-use crate::registry::{LocalRegistry, RegistryError};
+use crate::epm::session::{self, EpmRegistration};
+use crate::epm::{Epm, EpmError};
+use crate::registry::{LocalRegistry, Record, Registration, RegistryError};
+use crate::security::{Resolved, Security};
 
 /// The discovery back end of a [`Sender`](crate::Sender) or [`Receiver`](crate::Receiver).
 #[derive(Debug, Clone)]
@@ -10,6 +14,20 @@ use crate::registry::{LocalRegistry, RegistryError};
 pub enum Discovery {
     /// The per-user registry directory on this host (the default).
     Local(LocalRegistry),
+    /// The endpoint manager service, for system-wide and LAN discovery.
+    Epm(Epm),
+}
+
+/// Why the discovery back end could not be chosen or used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DiscoveryError {
+    /// The local registry could not be used.
+    #[error("registry: {0}")]
+    Registry(#[from] RegistryError),
+    /// The EPM could not be used, or the `IPCBUS_EPM*` variables are malformed.
+    #[error("epm: {0}")]
+    Epm(#[from] EpmError),
 }
 
 impl Discovery {
@@ -29,9 +47,102 @@ impl Discovery {
         Ok(Discovery::Local(LocalRegistry::open(dir)?))
     }
 
+    /// What the builders use when no discovery is set in code: the EPM named by
+    /// `IPCBUS_EPM=host:port` (key from `IPCBUS_EPM_PASSWORD` and `IPCBUS_EPM_SALT`)
+    /// when that variable is set and not empty, else the local-user registry.
+    ///
+    /// # Errors
+    /// [`DiscoveryError`] for malformed `IPCBUS_EPM*` variables or an unusable local
+    /// registry directory.
+    pub fn from_env() -> Result<Discovery, DiscoveryError> {
+        match Epm::from_env()? {
+            Some(epm) => Ok(Discovery::Epm(epm)),
+            None => Ok(Discovery::local()?),
+        }
+    }
+
     pub(crate) fn local_registry(&self) -> Option<&LocalRegistry> {
         match self {
             Discovery::Local(r) => Some(r),
+            Discovery::Epm(_) => None,
+        }
+    }
+
+    /// Resolves a builder's security setting for this back end. The default
+    /// ([`Security::LocalUser`]) means the per-user secret with the local registry, and
+    /// with the EPM its key (every frame sealed) if it has one, else `Open`.
+    pub(crate) fn resolve_security(&self, security: &Security) -> Result<Resolved, RegistryError> {
+        match (self, security) {
+            (Discovery::Epm(epm), Security::LocalUser) => match epm.key() {
+                Some(k) => Security::Encrypt(k.clone()).resolve(None),
+                None => Security::Open.resolve(None),
+            },
+            _ => security.resolve(self.local_registry()),
+        }
+    }
+
+    /// The address a receiver binds when given none: loopback with the local
+    /// registry, the interface that routes to the EPM with the EPM.
+    pub(crate) async fn bind_ip(&self, given: Option<IpAddr>) -> Result<IpAddr, DiscoveryError> {
+        match (given, self) {
+            (Some(ip), _) => Ok(ip),
+            (None, Discovery::Local(_)) => Ok(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            (None, Discovery::Epm(epm)) => Ok(epm.route_ip().await?),
+        }
+    }
+
+    /// The address a receiver bound to an unspecified address (`0.0.0.0`, `::`)
+    /// registers.
+    pub(crate) async fn advertise_ip(&self) -> Result<IpAddr, DiscoveryError> {
+        match self {
+            Discovery::Local(_) => Ok(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            Discovery::Epm(epm) => Ok(epm.route_ip().await?),
+        }
+    }
+
+    /// Registers a receiver; the registration lasts until the returned value is
+    /// removed or dropped.
+    pub(crate) async fn register(&self, record: &Record) -> Result<Announcement, DiscoveryError> {
+        match self {
+            Discovery::Local(reg) => Ok(Announcement::Local(reg.register(record)?)),
+            Discovery::Epm(epm) => Ok(Announcement::Epm(
+                session::register(epm.clone(), record.clone()).await?,
+            )),
+        }
+    }
+}
+
+/// A receiver's registration in whichever back end; removed when dropped.
+#[derive(Debug)]
+pub(crate) enum Announcement {
+    Local(Registration),
+    Epm(EpmRegistration),
+}
+
+impl Announcement {
+    /// Removes the registration now.
+    pub(crate) fn remove(&mut self) {
+        match self {
+            Announcement::Local(r) => r.remove(),
+            Announcement::Epm(r) => r.remove(),
+        }
+    }
+}
+
+impl From<DiscoveryError> for crate::receiver::BindError {
+    fn from(e: DiscoveryError) -> Self {
+        match e {
+            DiscoveryError::Registry(e) => e.into(),
+            DiscoveryError::Epm(e) => e.into(),
+        }
+    }
+}
+
+impl From<DiscoveryError> for crate::sender::BuildError {
+    fn from(e: DiscoveryError) -> Self {
+        match e {
+            DiscoveryError::Registry(e) => e.into(),
+            DiscoveryError::Epm(e) => e.into(),
         }
     }
 }

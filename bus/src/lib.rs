@@ -10,6 +10,8 @@
 //!   key derivation and sealing, compression. No sockets, no clocks.
 //! - `handshake`: the async driver of the connection handshake over that core.
 //! - [`registry`]: registry records and the local-user registry directory.
+//! - [`epm`]: the client of the endpoint manager service (registrations with
+//!   leases, watches, reconnects); [`proto::epm`] holds its I/O-free messages.
 //! - `sender` / `receiver`: the async layer — connections, writer tasks, discovery.
 //!
 //! ```no_run
@@ -27,6 +29,7 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 mod discovery;
+pub mod epm;
 mod handle;
 mod handshake;
 mod ids;
@@ -35,10 +38,12 @@ pub mod proto;
 mod receiver;
 pub mod registry;
 mod report;
+mod salt;
 mod security;
 mod sender;
 
-pub use discovery::Discovery;
+pub use discovery::{Discovery, DiscoveryError};
+pub use epm::{Epm, EpmBuilder, EpmClient, EpmError};
 pub use handle::{Handle, HandleError};
 pub use handshake::HandshakeError;
 pub use ids::{ReceiverId, SenderId};
@@ -48,5 +53,6 @@ pub use proto::frame::{DecodeError, RejectReason};
 pub use receiver::{BindError, Receiver, ReceiverBuilder};
 pub use registry::{LocalRegistry, Record, RegistryError};
 pub use report::{FailReason, ReceiverInfo, SendReport, SenderEvent};
+pub use salt::{parse_salt, SaltError};
 pub use security::Security;
 pub use sender::{BuildError, PendingReport, SendError, Sender, SenderBuilder};

@@ -1,7 +1,7 @@
 //! The receiving end: binds a port, registers its handle, hands events to the
 //! application and acknowledges them once the application has taken them.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,7 +18,9 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::discovery::Announcement;
 use crate::discovery::Discovery;
+use crate::epm::{Epm, EpmError};
 use crate::handle::Handle;
 use crate::handshake;
 use crate::ids::ReceiverId;
@@ -27,7 +29,7 @@ use crate::proto::codec::{put_frame, CodecV1};
 use crate::proto::compress::gunzip;
 use crate::proto::crypto::Sealer;
 use crate::proto::frame::{DecodeError, Flags, Kind, DEFAULT_MAX_FRAME};
-use crate::registry::{Record, Registration, RegistryError};
+use crate::registry::{Record, RegistryError};
 use crate::security::{Resolved, Security};
 
 /// Why a receiver could not be bound.
@@ -53,6 +55,9 @@ pub enum BindError {
     /// The registry could not be used.
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
+    /// The endpoint manager could not be used (unreachable, wrong password, refused).
+    #[error("epm: {0}")]
+    Epm(#[from] EpmError),
 }
 
 /// Configures and binds a [`Receiver`].
@@ -120,10 +125,18 @@ impl ReceiverBuilder {
         self
     }
 
-    /// Where to register (default: the local-user registry).
+    /// Where to register (default: [`Discovery::from_env`], i.e. the EPM named by
+    /// `IPCBUS_EPM`, else the local-user registry).
     pub fn discovery(mut self, d: Discovery) -> Self {
         self.discovery = Some(d);
         self
+    }
+
+    /// Registers at the endpoint manager: shorthand for
+    /// `discovery(Discovery::Epm(epm))`. Without [`ip`](Self::ip), the receiver binds
+    /// and registers the address of the interface that routes to the EPM.
+    pub fn epm(self, epm: Epm) -> Self {
+        self.discovery(Discovery::Epm(epm))
     }
 
     /// Binds the port, registers the handle, and starts accepting senders.
@@ -134,10 +147,10 @@ impl ReceiverBuilder {
     pub async fn bind(self) -> Result<Receiver, BindError> {
         let discovery = match self.discovery {
             Some(d) => d,
-            None => Discovery::local()?,
+            None => Discovery::from_env()?,
         };
-        let sec = self.security.resolve(discovery.local_registry())?;
-        let ip = self.ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let sec = discovery.resolve_security(&self.security)?;
+        let ip = discovery.bind_ip(self.ip).await?;
         let listener = bind_first(ip, &self.ports).await?;
         let bound = listener.local_addr().map_err(|source| BindError::Bind {
             addr: SocketAddr::new(ip, 0),
@@ -145,7 +158,7 @@ impl ReceiverBuilder {
         })?;
         let mut advertised = bound;
         if ip.is_unspecified() {
-            advertised.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+            advertised.set_ip(discovery.advertise_ip().await?);
         }
         let id = ReceiverId::random();
         let (tx, rx) = mpsc::channel(self.queue_capacity);
@@ -162,9 +175,12 @@ impl ReceiverBuilder {
             conn_limit: Arc::new(Semaphore::new(self.max_connections)),
         });
         tasks.spawn(accept_loop(listener, shared, tx));
-        let registration = match &discovery {
-            Discovery::Local(reg) => {
-                reg.register(&Record::new(self.handle.clone(), advertised, id))?
+        let record = Record::new(self.handle.clone(), advertised, id);
+        let registration = match discovery.register(&record).await {
+            Ok(r) => r,
+            Err(e) => {
+                shutdown.cancel();
+                return Err(e.into());
             }
         };
         tracing::debug!(handle = %self.handle, addr = %advertised, receiver = %id, "receiver registered");
@@ -211,7 +227,7 @@ pub struct Receiver {
     id: ReceiverId,
     local_addr: SocketAddr,
     rx: mpsc::Receiver<Incoming>,
-    registration: Option<Registration>,
+    registration: Option<Announcement>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }

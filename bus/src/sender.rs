@@ -1087,8 +1087,7 @@ impl EpmDiscovery {
     /// moment (or fails with a named error).
     async fn start(shared: Arc<Shared>, epm: Epm) -> Result<Self, EpmError> {
         let cancel = shared.shutdown.child_token();
-        let records =
-            crate::epm::session::watch(epm, shared.handle.clone(), cancel).await?;
+        let records = crate::epm::session::watch(epm, shared.handle.clone(), cancel).await?;
         // Stale records are the EPM's to remove (the registering connection or its
         // lease); the tracker only backs off from them.
         let mut tracker = Tracker::new(shared, Arc::new(|_: &Record| {}));

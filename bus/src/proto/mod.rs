@@ -4,4 +4,5 @@
 pub mod codec;
 pub mod compress;
 pub mod crypto;
+pub mod epm;
 pub mod frame;

@@ -1,0 +1,380 @@
+//! The client of the endpoint manager (EPM) service `epm-service`, for discovery
+//! across a host's users or a LAN.
+//!
+//! - [`Epm`]: where the EPM is and how to authenticate; cheap to clone, handed to
+//!   [`Discovery::Epm`](crate::Discovery::Epm) or the builders' `epm` methods.
+//! - [`EpmClient`]: one open connection, with typed requests (register, lookup,
+//!   watch, list, status).
+//! - `link`: the framed, optionally sealed connection both the client and the daemon
+//!   use.
+//! - `session`: the background tasks that keep a receiver registered and a sender's
+//!   watch alive across EPM restarts, with jittered exponential backoff.
+//!
+//! ```no_run
+//! use ipcbus::{Epm, Handle, Receiver, Sender};
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let epm = Epm::connect("epm.lan:4455").await?;
+//! let h: Handle = "orders".parse()?;
+//! let mut rx = Receiver::builder(h.clone()).epm(epm.clone()).bind().await?;
+//! let mut tx = Sender::builder(h).epm(epm).build().await?;
+//! tx.send_bytes("hello").await?;
+//! # Ok(()) }
+//! ```
+
+mod client;
+pub mod link;
+pub(crate) mod session;
+
+pub use client::{EpmClient, WatchEvent};
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::handle::Handle;
+use crate::handshake::HandshakeError;
+use crate::proto::crypto::{Key, KeyError};
+use crate::proto::epm::{EpmDecodeError, ErrorCode, HandleCount, Status, DEFAULT_EPM_MAX_FRAME};
+use crate::registry::Record;
+use crate::salt::{parse_salt, SaltError};
+
+/// Why talking to the EPM failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EpmError {
+    /// The EPM address could not be resolved.
+    #[error("cannot resolve epm address {addr:?}: {source}")]
+    Resolve {
+        /// The address as given.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The EPM could not be reached (nothing listens there, no route, refused).
+    #[error("cannot connect to the epm at {addr}: {source}")]
+    Connect {
+        /// The address tried.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The handshake with the EPM failed: wrong password or salt, a password on one
+    /// side only, or the peer is not an EPM.
+    #[error("epm handshake: {0}")]
+    Handshake(#[from] HandshakeError),
+    /// The EPM did not answer in time.
+    #[error("the epm did not answer in time")]
+    Timeout,
+    /// The EPM closed the connection.
+    #[error("the epm closed the connection")]
+    Closed,
+    /// The connection failed after the handshake.
+    #[error("epm connection: {0}")]
+    Io(std::io::Error),
+    /// The EPM sent bytes that are not a valid message.
+    #[error("epm protocol error: {0}")]
+    Protocol(#[from] EpmDecodeError),
+    /// The EPM answered with something that does not fit the request.
+    #[error("epm protocol error: unexpected answer")]
+    UnexpectedAnswer,
+    /// Too many watch events arrived while waiting for a reply.
+    #[error("too many watch events buffered; dropping the connection")]
+    TooManyEvents,
+    /// The EPM refused the request.
+    #[error("the epm refused the request: {code}: {text}")]
+    Refused {
+        /// Machine-readable reason.
+        code: ErrorCode,
+        /// The EPM's detail.
+        text: String,
+    },
+    /// The salt in the environment or configuration is malformed.
+    #[error("bad epm salt: {0}")]
+    Salt(#[from] SaltError),
+    /// The key could not be derived (empty password).
+    #[error("epm key: {0}")]
+    Key(#[from] KeyError),
+    /// A password was given without a salt, or the other way round.
+    #[error("{0}")]
+    Config(&'static str),
+}
+
+impl EpmError {
+    /// Whether the failure means the keys differ (wrong password or salt, or a
+    /// password on one side only).
+    pub fn is_auth_failure(&self) -> bool {
+        matches!(self, EpmError::Handshake(h) if h.is_auth_failure())
+    }
+}
+
+/// Where the EPM is and how to talk to it. Cheap to clone.
+///
+/// Each [`Receiver`](crate::Receiver) and [`Sender`](crate::Sender) using it holds its
+/// own connection, so a receiver's registration lives exactly as long as the
+/// receiver.
+#[derive(Debug, Clone)]
+pub struct Epm {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    addr: String,
+    key: Option<Key>,
+    timeout: Duration,
+    lease: Duration,
+    max_frame: usize,
+}
+
+/// Configures an [`Epm`].
+#[derive(Debug, Clone)]
+pub struct EpmBuilder {
+    addr: String,
+    key: Option<Key>,
+    timeout: Duration,
+    lease: Duration,
+}
+
+impl EpmBuilder {
+    /// The key the EPM was started with (`Key::derive(password, salt)`). It also
+    /// becomes the default key of receivers and senders that use this EPM.
+    pub fn key(mut self, key: Key) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// Time allowed to connect, finish the handshake, and for each request
+    /// (default 5 s).
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = d.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The lease receivers ask for (default: the EPM's, normally 10 s); they renew it
+    /// four times per lease.
+    pub fn lease(mut self, d: Duration) -> Self {
+        self.lease = d;
+        self
+    }
+
+    /// The `Epm` without contacting it (the first receiver or sender will).
+    pub fn build(self) -> Epm {
+        Epm {
+            inner: Arc::new(Inner {
+                addr: self.addr,
+                key: self.key,
+                timeout: self.timeout,
+                lease: self.lease,
+                max_frame: DEFAULT_EPM_MAX_FRAME,
+            }),
+        }
+    }
+
+    /// Builds the `Epm` and checks that it answers with this key.
+    ///
+    /// # Errors
+    /// [`EpmError`], e.g. `Connect` when nothing listens, `Handshake` for a wrong
+    /// password.
+    pub async fn connect(self) -> Result<Epm, EpmError> {
+        let epm = self.build();
+        epm.status().await?;
+        Ok(epm)
+    }
+}
+
+impl Epm {
+    /// Starts configuring the EPM at `addr` (`host:port`; a bare host gets port 4455).
+    pub fn builder(addr: impl Into<String>) -> EpmBuilder {
+        let mut addr = addr.into();
+        if let Ok(std::net::IpAddr::V6(v6)) = addr.parse::<IpAddr>() {
+            addr = format!("[{v6}]:{}", crate::proto::epm::DEFAULT_PORT);
+        } else if !has_port(&addr) {
+            addr = format!("{addr}:{}", crate::proto::epm::DEFAULT_PORT);
+        }
+        EpmBuilder {
+            addr,
+            key: None,
+            timeout: Duration::from_secs(5),
+            lease: Duration::ZERO,
+        }
+    }
+
+    /// The EPM at `addr` without a password, checked by one status request.
+    ///
+    /// # Errors
+    /// As [`EpmBuilder::connect`].
+    pub async fn connect(addr: impl Into<String>) -> Result<Epm, EpmError> {
+        Epm::builder(addr).connect().await
+    }
+
+    /// The EPM named by the environment: `IPCBUS_EPM=host:port`, with the key from
+    /// `IPCBUS_EPM_PASSWORD` and `IPCBUS_EPM_SALT` when set. `Ok(None)` when
+    /// `IPCBUS_EPM` is unset or empty.
+    ///
+    /// # Errors
+    /// [`EpmError::Salt`] for a malformed salt, [`EpmError::Config`] for a password
+    /// without a salt or the other way round.
+    pub fn from_env() -> Result<Option<Epm>, EpmError> {
+        let var = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
+        let Some(addr) = var("IPCBUS_EPM") else {
+            return Ok(None);
+        };
+        let mut b = Epm::builder(addr);
+        match (var("IPCBUS_EPM_PASSWORD"), var("IPCBUS_EPM_SALT")) {
+            (Some(pw), Some(salt)) => b = b.key(Key::derive(pw, parse_salt(&salt)?)?),
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(EpmError::Config(
+                    "IPCBUS_EPM_PASSWORD is set but IPCBUS_EPM_SALT is not",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(EpmError::Config(
+                    "IPCBUS_EPM_SALT is set but IPCBUS_EPM_PASSWORD is not",
+                ))
+            }
+        }
+        Ok(Some(b.build()))
+    }
+
+    /// The address as given (`host:port`).
+    pub fn addr(&self) -> &str {
+        &self.inner.addr
+    }
+
+    /// The key, if any.
+    pub fn key(&self) -> Option<&Key> {
+        self.inner.key.as_ref()
+    }
+
+    pub(crate) fn lease(&self) -> Duration {
+        self.inner.lease
+    }
+
+    /// Resolves the address (first result).
+    ///
+    /// # Errors
+    /// [`EpmError::Resolve`].
+    pub async fn resolve(&self) -> Result<SocketAddr, EpmError> {
+        let addr = &self.inner.addr;
+        let mut it = tokio::net::lookup_host(addr.as_str())
+            .await
+            .map_err(|source| EpmError::Resolve {
+                addr: addr.clone(),
+                source,
+            })?;
+        it.next().ok_or_else(|| EpmError::Resolve {
+            addr: addr.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+        })
+    }
+
+    /// Opens a new connection to the EPM.
+    ///
+    /// # Errors
+    /// [`EpmError`]: resolve, connect, handshake or timeout.
+    pub async fn client(&self) -> Result<EpmClient, EpmError> {
+        let addr = self.resolve().await?;
+        let t = self.inner.timeout;
+        let (r, w) = tokio::time::timeout(t, async {
+            let sock = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|source| EpmError::Connect { addr, source })?;
+            Ok::<_, EpmError>(
+                link::connect(sock, self.inner.key.as_ref(), self.inner.max_frame).await?,
+            )
+        })
+        .await
+        .map_err(|_| EpmError::Timeout)??;
+        Ok(EpmClient::new(r, w, t))
+    }
+
+    /// The EPM's figures (one short connection).
+    ///
+    /// # Errors
+    /// [`EpmError`].
+    pub async fn status(&self) -> Result<Status, EpmError> {
+        let mut c = self.client().await?;
+        let s = c.status().await;
+        c.close().await;
+        s
+    }
+
+    /// Every handle with its receiver count, and the total number of handles.
+    ///
+    /// # Errors
+    /// [`EpmError`].
+    pub async fn list(&self) -> Result<(Vec<HandleCount>, u32), EpmError> {
+        let mut c = self.client().await?;
+        let s = c.list().await;
+        c.close().await;
+        s
+    }
+
+    /// The receivers registered for `handle` now.
+    ///
+    /// # Errors
+    /// [`EpmError`].
+    pub async fn lookup(&self, handle: &Handle) -> Result<Vec<Record>, EpmError> {
+        let mut c = self.client().await?;
+        let s = c.lookup(handle).await;
+        c.close().await;
+        s
+    }
+
+    /// The address of this host's interface that routes to the EPM: what a receiver
+    /// registers when it was given no address. Loopback only if the EPM is on
+    /// loopback. No packet is sent: a UDP socket is connected, which only picks a
+    /// route.
+    ///
+    /// # Errors
+    /// [`EpmError::Resolve`], or [`EpmError::Connect`] when there is no route.
+    pub async fn route_ip(&self) -> Result<IpAddr, EpmError> {
+        let addr = self.resolve().await?;
+        if addr.ip().is_loopback() {
+            return Ok(addr.ip());
+        }
+        let any: SocketAddr = if addr.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = tokio::net::UdpSocket::bind(any)
+            .await
+            .map_err(|source| EpmError::Connect { addr, source })?;
+        sock.connect(addr)
+            .await
+            .map_err(|source| EpmError::Connect { addr, source })?;
+        let ip = sock
+            .local_addr()
+            .map_err(|source| EpmError::Connect { addr, source })?
+            .ip();
+        Ok(ip)
+    }
+}
+
+fn has_port(addr: &str) -> bool {
+    if let Some(rest) = addr.strip_prefix('[') {
+        // [v6]:port
+        return rest.split_once("]:").is_some();
+    }
+    match addr.rsplit_once(':') {
+        // A bare IPv6 address has several colons and no port.
+        Some((host, port)) => !host.contains(':') && port.parse::<u16>().is_ok(),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_port_is_added() {
+        assert_eq!(Epm::builder("epm.lan").build().addr(), "epm.lan:4455");
+        assert_eq!(Epm::builder("epm.lan:9").build().addr(), "epm.lan:9");
+        assert_eq!(Epm::builder("10.0.0.1").build().addr(), "10.0.0.1:4455");
+        assert_eq!(Epm::builder("[::1]:7").build().addr(), "[::1]:7");
+        assert_eq!(Epm::builder("::1").build().addr(), "[::1]:4455");
+    }
+}
