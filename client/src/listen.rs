@@ -1,0 +1,137 @@
+//! `ipcbus listen`: bind a receiver and print every event it gets.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use base64::Engine;
+use ipcbus::{Handle, Message, Receiver};
+use serde::Serialize;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::common::{parse_secs, Common, ConfigContext};
+use crate::out;
+
+/// Bind a receiver for HANDLE and print each event it gets, one per line
+///
+/// Once registered it prints `ready HANDLE ADDR` on stderr. Each event is printed as
+/// UTF-8 text (lossy), or with --json as {"handle","sender","seq","size","payload"},
+/// where payload is the text or {"base64": ...} for binary. Exits 0 after --count
+/// events, or on SIGINT/SIGTERM after unregistering.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Handle (topic) to receive
+    pub handle: Handle,
+
+    /// Exit after N events
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+
+    /// Give up after SECS seconds (exit 0 without --count; with --count, exit 1 if fewer
+    /// than N events came)
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub timeout: Option<Duration>,
+}
+
+/// Runs `ipcbus listen`.
+///
+/// # Errors
+/// Configuration errors, a failure to bind, or stdout closing.
+pub async fn run(common: &Common, args: Args) -> anyhow::Result<ExitCode> {
+    let discovery = common.discovery()?;
+    let security = common.security()?;
+    let mut b = Receiver::builder(args.handle.clone())
+        .discovery(discovery)
+        .security(security);
+    if let Some(ip) = common.ip {
+        b = b.ip(ip);
+    }
+    if let Some(ports) = &common.ports {
+        b = b.allowed_ports(ports.0.iter().copied());
+    }
+    let mut rx = b
+        .bind()
+        .await
+        .with_context(|| format!("cannot listen on handle {}", args.handle))?;
+    let mut sigint = signal(SignalKind::interrupt()).config("cannot install a SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).config("cannot install a SIGTERM handler")?;
+    out::note(format!("ready {} {}", args.handle, rx.local_addr()));
+
+    let deadline = args.timeout.map(|t| tokio::time::Instant::now() + t);
+    let sleep = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(sleep);
+    let mut got = 0u64;
+    let outcome = loop {
+        if args.count.is_some_and(|n| got >= n) {
+            break Ok(ExitCode::SUCCESS);
+        }
+        tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => {
+                    got += 1;
+                    if let Err(e) = print(common.json, &args.handle, &m) {
+                        break Err(e);
+                    }
+                }
+                None => break Ok(ExitCode::SUCCESS),
+            },
+            _ = sigint.recv() => break Ok(ExitCode::SUCCESS),
+            _ = sigterm.recv() => break Ok(ExitCode::SUCCESS),
+            _ = &mut sleep => break match args.count {
+                Some(n) => {
+                    out::note(format!("timed out with {got} of {n} events"));
+                    Ok(ExitCode::FAILURE)
+                }
+                None => Ok(ExitCode::SUCCESS),
+            },
+        }
+    };
+    // Unregister, acknowledge what was taken, and say goodbye to senders.
+    rx.close().await;
+    outcome
+}
+
+/// One event as `listen --json` prints it.
+#[derive(Serialize)]
+struct EventJson<'a> {
+    handle: &'a str,
+    sender: String,
+    seq: u64,
+    size: usize,
+    payload: Payload,
+}
+
+/// The payload: text when it is UTF-8, else base64.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Payload {
+    Text(String),
+    Binary { base64: String },
+}
+
+fn print(json: bool, handle: &Handle, m: &Message) -> anyhow::Result<()> {
+    let p = m.payload();
+    if json {
+        let payload = match std::str::from_utf8(p) {
+            Ok(s) => Payload::Text(s.to_owned()),
+            Err(_) => Payload::Binary {
+                base64: base64::engine::general_purpose::STANDARD.encode(p),
+            },
+        };
+        out::line(serde_json::to_string(&EventJson {
+            handle: handle.as_str(),
+            sender: m.sender().to_string(),
+            seq: m.seq(),
+            size: p.len(),
+            payload,
+        })?)?;
+    } else {
+        out::line(String::from_utf8_lossy(p))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,129 @@
+//! `ipcbus`: the command line of the ipcbus event bus.
+//!
+//! Modules: `common` (options every command takes, and how they become discovery and
+//! security), one module per command (`listen`, `send`, `list`, `demo`, `bench`,
+//! `epm`), `out` (line-at-a-time stdout) and `time` (RFC 3339 formatting).
+//!
+//! Exit status: 0 on success, 1 when the work failed (an event not acknowledged, a
+//! bind failure), 2 on usage or configuration errors. A closed stdout (`| head`) ends
+//! the program quietly with status 0.
+
+mod bench;
+mod common;
+mod demo;
+mod epm;
+mod list;
+mod listen;
+mod out;
+mod send;
+mod time;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::common::{Common, ConfigError};
+
+/// Publish/subscribe events between processes on this host or across a LAN.
+///
+/// Receivers register a handle (a topic name); senders send to every receiver of that
+/// handle. Try `ipcbus demo`.
+#[derive(Parser, Debug)]
+#[command(name = "ipcbus", version, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    Listen(listen::Args),
+    Send(send::Args),
+    List(list::Args),
+    Demo(demo::Args),
+    Bench(bench::Args),
+    /// Talk to an endpoint manager (EPM) service
+    #[command(subcommand)]
+    Epm(epm::Command),
+    /// One receiver process of `ipcbus bench` (internal)
+    #[command(hide = true, name = "bench-receiver")]
+    BenchReceiver(bench::ReceiverArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // A receiver's log of rejected peers is news to the person running `listen`; for
+    // the other commands the reports already say what failed, so only errors are
+    // logged unless RUST_LOG asks for more.
+    let default_filter = match cli.command {
+        Command::Listen(_) | Command::BenchReceiver(_) => "warn",
+        _ => "error",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            out::note(format!("error: cannot start the async runtime: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(run(cli));
+    // A stdin reader may still be blocked in read(2); do not wait for it.
+    rt.shutdown_timeout(Duration::from_millis(200));
+    match result {
+        Ok(code) => code,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            out::note(format!("error: {e:#}"));
+            if e.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let common = &cli.common;
+    match cli.command {
+        Command::Listen(a) => listen::run(common, a).await,
+        Command::Send(a) => send::run(common, a).await,
+        Command::List(a) => list::run(common, a).await,
+        Command::Demo(a) => demo::run(common, a).await,
+        Command::Bench(a) => bench::run(common, a).await,
+        Command::Epm(c) => epm::run(common, c).await,
+        Command::BenchReceiver(a) => bench::run_receiver(common, a).await,
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}
