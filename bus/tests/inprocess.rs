@@ -181,7 +181,9 @@ async fn encrypted_round_trip_and_wrong_key() {
 }
 
 /// Relays one TCP connection to `to`, recording every byte in both directions.
-async fn recording_proxy(to: std::net::SocketAddr) -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
+async fn recording_proxy(
+    to: std::net::SocketAddr,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -223,13 +225,25 @@ async fn a_capture_of_encrypted_traffic_holds_no_plaintext() {
     let (disc_rx, dir_rx) = registry("cap-rx");
     let (disc_tx, dir_tx) = registry("cap-tx");
     let key = Key::derive("pw", [1u8, 2, 3]).unwrap();
-    let mut rx = Receiver::builder(handle("cap")).discovery(disc_rx).key(key.clone()).bind().await.unwrap();
+    let mut rx = Receiver::builder(handle("cap"))
+        .discovery(disc_rx)
+        .key(key.clone())
+        .bind()
+        .await
+        .unwrap();
     let (proxy, capture) = recording_proxy(rx.local_addr()).await;
-    let Discovery::Local(reg) = &disc_tx else { unreachable!() };
+    let Discovery::Local(reg) = &disc_tx else {
+        unreachable!()
+    };
     let _reg = reg
         .register(&ipcbus::Record::new(handle("cap"), proxy, rx.id()))
         .unwrap();
-    let mut tx = Sender::builder(handle("cap")).discovery(disc_tx.clone()).key(key).build().await.unwrap();
+    let mut tx = Sender::builder(handle("cap"))
+        .discovery(disc_tx.clone())
+        .key(key)
+        .build()
+        .await
+        .unwrap();
     let small = "PLAINTEXT-MARKER-small";
     let big = "PLAINTEXT-MARKER-big ".repeat(200); // compressed, then sealed
     let p1 = tx.publish_bytes(small).await.unwrap();
