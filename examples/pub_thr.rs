@@ -1,0 +1,82 @@
+//! Throughput, sending side: publishes N events as fast as the receivers take them
+//! (many in flight) and prints the rate at which they were acknowledged.
+//!
+//! Start `sub_thr` first (see there).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use ipcbus::{Handle, Sender};
+use ipcbus_examples::Opts;
+
+/// Publish N events and print the acknowledged rate.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Handle to send to
+    #[arg(long, default_value = "thr")]
+    handle: Handle,
+    /// Events to send
+    #[arg(long, default_value_t = 1_000_000)]
+    count: u64,
+    /// Payload bytes per event
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Receivers to wait for before starting
+    #[arg(long, default_value_t = 1)]
+    receivers: usize,
+    /// Events in flight before waiting for the oldest report
+    #[arg(long, default_value_t = 8192)]
+    window: usize,
+    #[command(flatten)]
+    opts: Opts,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    ipcbus_examples::init_tracing();
+    let args = Args::parse();
+    let mut tx = Sender::builder(args.handle.clone())
+        .discovery(args.opts.discovery()?)
+        .security(args.opts.security()?)
+        .build()
+        .await?;
+    let n = tx
+        .wait_for_receivers(args.receivers, Duration::from_secs(10))
+        .await;
+    anyhow::ensure!(
+        n >= args.receivers,
+        "only {n} of {} receivers found on \"{}\"",
+        args.receivers,
+        args.handle
+    );
+    let payload = bytes::Bytes::from(vec![0xabu8; args.size]);
+    let mut window = VecDeque::new();
+    let (mut acked, mut failed) = (0u64, 0u64);
+    let t0 = Instant::now();
+    for _ in 0..args.count {
+        window.push_back(tx.publish_bytes(payload.clone()).await?);
+        while window.len() >= args.window.max(1) {
+            if let Some(p) = window.pop_front() {
+                let r = p.await;
+                acked += u64::from(r.all_acked());
+                failed += u64::from(!r.all_acked());
+            }
+        }
+    }
+    for p in window {
+        let r = p.await;
+        acked += u64::from(r.all_acked());
+        failed += u64::from(!r.all_acked());
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    tx.close().await;
+    println!(
+        "pub_thr: {} events of {} B to {n} receivers in {secs:.3} s: {:.0} msgs/s acknowledged by all ({failed} failed)",
+        args.count,
+        args.size,
+        acked as f64 / secs.max(1e-9)
+    );
+    anyhow::ensure!(failed == 0, "{failed} events were not acknowledged");
+    Ok(())
+}
