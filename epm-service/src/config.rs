@@ -1,0 +1,710 @@
+//! Start parameters: command line, environment and TOML file, merged into one
+//! [`Config`].
+//!
+//! Precedence, highest first: command line (flags and the classic positional form),
+//! environment (`IPCBUS_EPM_PASSWORD`, `IPCBUS_EPM_SALT`), the `--config` file,
+//! built-in defaults. A password always needs a salt and the other way round; a
+//! malformed salt is an error, never a silent fall back to plaintext.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use ipcbus::proto::epm::{DEFAULT_EPM_MAX_FRAME, DEFAULT_PORT};
+use ipcbus::{parse_salt, Key, KeyError, SaltError};
+use serde::Deserialize;
+
+/// Largest config or password file read.
+const MAX_FILE: u64 = 1 << 20;
+
+/// Command line of `epm-service`.
+///
+/// The classic form `epm-service [PORT] [PASSWORD SALT]` still works (a salt like
+/// `{0x01,0x02,0x03}` or hex `010203`), but a password on the command line shows in
+/// `ps`: prefer `--password-file`, `IPCBUS_EPM_PASSWORD` or the config file.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(name = "epm-service", version, about = "ipcbus endpoint manager", long_about = None)]
+pub struct Args {
+    /// Classic form: the TCP port (like --port).
+    #[arg(value_name = "PORT")]
+    pub classic_port: Option<u16>,
+    /// Classic form: the password (shows in `ps`; prefer --password-file).
+    #[arg(value_name = "PASSWORD", requires = "classic_salt")]
+    pub classic_password: Option<String>,
+    /// Classic form: the salt, like {0x01,0x02,0x03} or 010203.
+    #[arg(value_name = "SALT")]
+    pub classic_salt: Option<String>,
+    /// TCP port on every default or port-less --bind address [default: 4455].
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+    /// Address to listen on, `IP` or `IP:PORT`; repeat for several
+    /// [default: [::] and 0.0.0.0].
+    #[arg(long = "bind", value_name = "ADDR")]
+    pub bind: Vec<String>,
+    /// File holding the password (trailing newline ignored).
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Salt for the password, like {0x01,0x02,0x03} or 010203.
+    #[arg(long, value_name = "SALT")]
+    pub salt: Option<String>,
+    /// TOML configuration file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Lease of a registration in milliseconds [default: 10000].
+    #[arg(long, value_name = "MS")]
+    pub lease_ms: Option<u64>,
+    /// Most client connections at once [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Most registrations in all [default: 100000].
+    #[arg(long, value_name = "N")]
+    pub max_registrations: Option<usize>,
+    /// Most registrations one connection may hold [default: 256].
+    #[arg(long, value_name = "N")]
+    pub max_registrations_per_connection: Option<usize>,
+    /// Most handles [default: 65536].
+    #[arg(long, value_name = "N")]
+    pub max_handles: Option<usize>,
+    /// Most receivers of one handle [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub max_receivers_per_handle: Option<usize>,
+    /// Most handles one connection may watch [default: 256].
+    #[arg(long, value_name = "N")]
+    pub max_watches_per_connection: Option<usize>,
+    /// Largest frame accepted, in bytes [default: 1048576].
+    #[arg(long, value_name = "BYTES")]
+    pub max_frame: Option<usize>,
+    /// Time a client has to finish the handshake, in milliseconds [default: 5000].
+    #[arg(long, value_name = "MS")]
+    pub handshake_timeout_ms: Option<u64>,
+}
+
+/// The limits that keep the service's memory bounded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Most client connections at once; more are refused with `Busy`.
+    pub max_connections: usize,
+    /// Most registrations in all.
+    pub max_registrations: usize,
+    /// Most registrations one connection may hold.
+    pub max_registrations_per_connection: usize,
+    /// Most handles (with registrations or watchers).
+    pub max_handles: usize,
+    /// Most receivers of one handle.
+    pub max_receivers_per_handle: usize,
+    /// Most handles one connection may watch.
+    pub max_watches_per_connection: usize,
+    /// Largest frame accepted (length field), and largest inflated body.
+    pub max_frame: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1024,
+            max_registrations: 100_000,
+            max_registrations_per_connection: 256,
+            max_handles: 65_536,
+            max_receivers_per_handle: 1024,
+            max_watches_per_connection: 256,
+            max_frame: DEFAULT_EPM_MAX_FRAME,
+        }
+    }
+}
+
+/// Everything `run` needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Addresses to listen on.
+    pub binds: Vec<SocketAddr>,
+    /// The master key when a password is set: every connection must prove it and
+    /// every frame is sealed.
+    pub key: Option<Key>,
+    /// Lease of a registration (the most a client gets).
+    pub lease: Duration,
+    /// Limits.
+    pub limits: Limits,
+    /// Time a client has to finish the handshake.
+    pub handshake_timeout: Duration,
+    /// Things the operator should hear about (password on the command line, open
+    /// network bind without password); logged at start.
+    pub warnings: Vec<String>,
+}
+
+impl Config {
+    /// A configuration for tests and embedding: listen where told, no password,
+    /// default lease and limits.
+    pub fn new(binds: Vec<SocketAddr>) -> Config {
+        Config {
+            binds,
+            key: None,
+            lease: Duration::from_secs(10),
+            limits: Limits::default(),
+            handshake_timeout: Duration::from_secs(5),
+            warnings: Vec::new(),
+        }
+    }
+
+    /// Idle connections (nothing received) are closed after this long: three leases,
+    /// at least 10 s. Clients ping four times per lease.
+    pub fn idle_timeout(&self) -> Duration {
+        (self.lease * 3).max(Duration::from_secs(10))
+    }
+}
+
+/// The `--config` file. Every key is optional; unknown keys are an error.
+///
+/// ```toml
+/// port = 4455
+/// bind = ["0.0.0.0", "[::]:4455"]
+/// password_file = "/etc/ipcbus/epm.password"
+/// salt = "{0x01,0x02,0x03}"
+/// lease_ms = 10000
+/// max_connections = 1024
+/// ```
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// As `--port`.
+    pub port: Option<u16>,
+    /// As `--bind`.
+    pub bind: Option<Vec<String>>,
+    /// The password itself (keep the file mode 0600), or use `password_file`.
+    pub password: Option<String>,
+    /// As `--password-file`.
+    pub password_file: Option<PathBuf>,
+    /// As `--salt`.
+    pub salt: Option<String>,
+    /// As `--lease-ms`.
+    pub lease_ms: Option<u64>,
+    /// As `--max-connections`.
+    pub max_connections: Option<usize>,
+    /// As `--max-registrations`.
+    pub max_registrations: Option<usize>,
+    /// As `--max-registrations-per-connection`.
+    pub max_registrations_per_connection: Option<usize>,
+    /// As `--max-handles`.
+    pub max_handles: Option<usize>,
+    /// As `--max-receivers-per-handle`.
+    pub max_receivers_per_handle: Option<usize>,
+    /// As `--max-watches-per-connection`.
+    pub max_watches_per_connection: Option<usize>,
+    /// As `--max-frame`.
+    pub max_frame: Option<usize>,
+    /// As `--handshake-timeout-ms`.
+    pub handshake_timeout_ms: Option<u64>,
+}
+
+/// Why the start parameters are not usable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A file is larger than 1 MiB.
+    #[error("{0} is larger than 1 MiB; not a config or password file")]
+    TooLarge(PathBuf),
+    /// The config file is not valid TOML or has unknown keys.
+    #[error("config file {path}: {message}")]
+    Toml {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with line and column.
+        message: String,
+    },
+    /// The salt is malformed.
+    #[error("salt from {source_name}: {error}")]
+    Salt {
+        /// Where it came from.
+        source_name: &'static str,
+        /// What is wrong.
+        error: SaltError,
+    },
+    /// A password without a salt.
+    #[error("a password is set (from {0}) but no salt: give --salt, IPCBUS_EPM_SALT or `salt` in the config file")]
+    PasswordWithoutSalt(&'static str),
+    /// A salt without a password.
+    #[error("a salt is set (from {0}) but no password: give --password-file, IPCBUS_EPM_PASSWORD or `password_file` in the config file")]
+    SaltWithoutPassword(&'static str),
+    /// Two command-line sources of the password.
+    #[error("the password is given twice on the command line (PASSWORD and --password-file)")]
+    TwoPasswords,
+    /// The positional port and `--port` differ.
+    #[error("port given twice: {positional} (positional) and {flag} (--port)")]
+    PortConflict {
+        /// The positional port.
+        positional: u16,
+        /// The `--port` value.
+        flag: u16,
+    },
+    /// A `--bind` address is not `IP` or `IP:PORT`.
+    #[error("bind address {0:?} is not IP or IP:PORT (write IPv6 as [::1]:4455)")]
+    BadBind(String),
+    /// A value is out of range.
+    #[error("{name}: {why}")]
+    BadValue {
+        /// The setting.
+        name: &'static str,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// The key could not be derived (empty password).
+    #[error("password: {0}")]
+    Key(#[from] KeyError),
+}
+
+/// Reads environment variables; a function so tests need not touch the process
+/// environment.
+pub type EnvFn<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process environment, ignoring empty values.
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+impl Config {
+    /// Merges the command line, the environment (through `env`) and the config file
+    /// named by `--config`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] names the setting and what is wrong with it.
+    pub fn load(args: &Args, env: EnvFn<'_>) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(p) => parse_file(p, &read_small(p)?)?,
+            None => FileConfig::default(),
+        };
+        let mut warnings = Vec::new();
+
+        let port = match (args.classic_port, args.port) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(ConfigError::PortConflict {
+                    positional: a,
+                    flag: b,
+                })
+            }
+            (a, b) => a.or(b).or(file.port).unwrap_or(DEFAULT_PORT),
+        };
+        let bind_strs: Vec<String> = if !args.bind.is_empty() {
+            args.bind.clone()
+        } else {
+            file.bind.clone().unwrap_or_default()
+        };
+        let binds = if bind_strs.is_empty() {
+            vec![
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+            ]
+        } else {
+            bind_strs
+                .iter()
+                .map(|s| parse_bind(s, port))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+
+        // Password: command line, then environment, then file.
+        let password: Option<(String, &'static str)> =
+            match (&args.classic_password, &args.password_file) {
+                (Some(_), Some(_)) => return Err(ConfigError::TwoPasswords),
+                (Some(p), None) => {
+                    warnings.push(
+                        "password given on the command line: other local users can see it \
+                         with ps; use --password-file, IPCBUS_EPM_PASSWORD or the config file"
+                            .to_owned(),
+                    );
+                    Some((p.clone(), "the command line"))
+                }
+                (None, Some(f)) => Some((read_password(f)?, "--password-file")),
+                (None, None) => match env("IPCBUS_EPM_PASSWORD") {
+                    Some(p) => Some((p, "IPCBUS_EPM_PASSWORD")),
+                    None => match (&file.password, &file.password_file) {
+                        (Some(p), _) => Some((p.clone(), "the config file")),
+                        (None, Some(f)) => Some((read_password(f)?, "the config file")),
+                        (None, None) => None,
+                    },
+                },
+            };
+        let salt_src: Option<(String, &'static str)> = args
+            .classic_salt
+            .clone()
+            .map(|s| (s, "the command line"))
+            .or_else(|| args.salt.clone().map(|s| (s, "--salt")))
+            .or_else(|| env("IPCBUS_EPM_SALT").map(|s| (s, "IPCBUS_EPM_SALT")))
+            .or_else(|| file.salt.clone().map(|s| (s, "the config file")));
+        let salt = match &salt_src {
+            Some((s, from)) => Some(parse_salt(s).map_err(|error| ConfigError::Salt {
+                source_name: from,
+                error,
+            })?),
+            None => None,
+        };
+        let key = match (password, salt, &salt_src) {
+            (Some((pw, _)), Some(salt), _) => Some(Key::derive(pw, salt)?),
+            (Some((_, from)), None, _) => return Err(ConfigError::PasswordWithoutSalt(from)),
+            (None, Some(_), Some((_, from))) => return Err(ConfigError::SaltWithoutPassword(from)),
+            _ => None,
+        };
+        if key.is_none() {
+            for b in &binds {
+                if !b.ip().is_loopback() {
+                    warnings.push(format!(
+                        "listening on {b} without a password: anyone who can reach it can \
+                         register and look up receivers; set a password and salt"
+                    ));
+                }
+            }
+        }
+
+        let lease_ms = args.lease_ms.or(file.lease_ms).unwrap_or(10_000);
+        if !(100..=u64::from(u32::MAX)).contains(&lease_ms) {
+            return Err(ConfigError::BadValue {
+                name: "lease-ms",
+                why: "must be between 100 and 4294967295",
+            });
+        }
+        let d = Limits::default();
+        let pick = |a: Option<usize>, f: Option<usize>, def: usize, name: &'static str| {
+            let v = a.or(f).unwrap_or(def);
+            if v == 0 {
+                Err(ConfigError::BadValue {
+                    name,
+                    why: "must be at least 1",
+                })
+            } else {
+                Ok(v)
+            }
+        };
+        let limits = Limits {
+            max_connections: pick(
+                args.max_connections,
+                file.max_connections,
+                d.max_connections,
+                "max-connections",
+            )?,
+            max_registrations: pick(
+                args.max_registrations,
+                file.max_registrations,
+                d.max_registrations,
+                "max-registrations",
+            )?,
+            max_registrations_per_connection: pick(
+                args.max_registrations_per_connection,
+                file.max_registrations_per_connection,
+                d.max_registrations_per_connection,
+                "max-registrations-per-connection",
+            )?,
+            max_handles: pick(
+                args.max_handles,
+                file.max_handles,
+                d.max_handles,
+                "max-handles",
+            )?,
+            max_receivers_per_handle: pick(
+                args.max_receivers_per_handle,
+                file.max_receivers_per_handle,
+                d.max_receivers_per_handle,
+                "max-receivers-per-handle",
+            )?,
+            max_watches_per_connection: pick(
+                args.max_watches_per_connection,
+                file.max_watches_per_connection,
+                d.max_watches_per_connection,
+                "max-watches-per-connection",
+            )?,
+            max_frame: pick(args.max_frame, file.max_frame, d.max_frame, "max-frame")?,
+        };
+        if limits.max_frame < 4096 || limits.max_frame > 64 << 20 {
+            return Err(ConfigError::BadValue {
+                name: "max-frame",
+                why: "must be between 4096 and 67108864",
+            });
+        }
+        let hs = args
+            .handshake_timeout_ms
+            .or(file.handshake_timeout_ms)
+            .unwrap_or(5000);
+        if hs == 0 {
+            return Err(ConfigError::BadValue {
+                name: "handshake-timeout-ms",
+                why: "must be at least 1",
+            });
+        }
+        Ok(Config {
+            binds,
+            key,
+            lease: Duration::from_millis(lease_ms),
+            limits,
+            handshake_timeout: Duration::from_millis(hs),
+            warnings,
+        })
+    }
+}
+
+fn read_small(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    use std::io::Read;
+    let err = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let f = std::fs::File::open(path).map_err(err)?;
+    let mut buf = Vec::new();
+    f.take(MAX_FILE + 1).read_to_end(&mut buf).map_err(err)?;
+    if buf.len() as u64 > MAX_FILE {
+        return Err(ConfigError::TooLarge(path.to_owned()));
+    }
+    Ok(buf)
+}
+
+fn read_password(path: &Path) -> Result<String, ConfigError> {
+    let bytes = read_small(path)?;
+    let s = String::from_utf8(bytes).map_err(|_| ConfigError::Read {
+        path: path.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"),
+    })?;
+    let s = s.strip_suffix('\n').unwrap_or(&s);
+    let s = s.strip_suffix('\r').unwrap_or(s);
+    Ok(s.to_owned())
+}
+
+/// Parses the TOML text of a config file.
+///
+/// # Errors
+/// [`ConfigError::Toml`] with the line and column of the problem.
+pub fn parse_file(path: &Path, bytes: &[u8]) -> Result<FileConfig, ConfigError> {
+    let text = std::str::from_utf8(bytes).map_err(|_| ConfigError::Toml {
+        path: path.to_owned(),
+        message: "not UTF-8".to_owned(),
+    })?;
+    toml::from_str(text).map_err(|e| ConfigError::Toml {
+        path: path.to_owned(),
+        message: e.to_string().trim().to_owned(),
+    })
+}
+
+/// Parses `IP` or `IP:PORT` (`[v6]:PORT`); a bare IP gets `port`.
+///
+/// # Errors
+/// [`ConfigError::BadBind`].
+pub fn parse_bind(s: &str, port: u16) -> Result<SocketAddr, ConfigError> {
+    let t = s.trim();
+    if let Ok(a) = t.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let bare = t
+        .strip_prefix('[')
+        .and_then(|x| x.strip_suffix(']'))
+        .unwrap_or(t);
+    bare.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, port))
+        .map_err(|_| ConfigError::BadBind(s.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn args(v: &[&str]) -> Args {
+        let mut all = vec!["epm-service"];
+        all.extend_from_slice(v);
+        Args::try_parse_from(all).unwrap()
+    }
+
+    fn load(v: &[&str]) -> Result<Config, ConfigError> {
+        Config::load(&args(v), &no_env)
+    }
+
+    fn tmp(name: &str, body: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("epm-cfg-{}-{name}", std::process::id()));
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+
+    #[test]
+    fn defaults_listen_on_both_families() {
+        let c = load(&[]).unwrap();
+        assert_eq!(
+            c.binds,
+            vec![
+                "[::]:4455".parse::<SocketAddr>().unwrap(),
+                "0.0.0.0:4455".parse().unwrap()
+            ]
+        );
+        assert!(c.key.is_none());
+        assert_eq!(c.lease, Duration::from_secs(10));
+        assert_eq!(c.limits, Limits::default());
+        // open network bind without password: warned
+        assert_eq!(c.warnings.len(), 2);
+        assert!(c.warnings[0].contains("without a password"));
+    }
+
+    #[test]
+    fn classic_positional_form() {
+        let c = load(&["5000"]).unwrap();
+        assert_eq!(c.binds[0].port(), 5000);
+        let c = load(&["5000", "secret", "{0x01,0x02,0x03}"]).unwrap();
+        assert_eq!(c.key, Some(Key::derive("secret", [1u8, 2, 3]).unwrap()));
+        assert!(c.warnings.iter().any(|w| w.contains("command line")));
+        assert!(!c.warnings.iter().any(|w| w.contains("without a password")));
+        // the same key from hex
+        let c = load(&["5000", "secret", "010203"]).unwrap();
+        assert_eq!(c.key, Some(Key::derive("secret", [1u8, 2, 3]).unwrap()));
+        // a password needs a salt (clap enforces it for the classic form)
+        assert!(Args::try_parse_from(["epm-service", "5000", "secret"]).is_err());
+        // a port that is not a port
+        assert!(Args::try_parse_from(["epm-service", "70000"]).is_err());
+    }
+
+    #[test]
+    fn malformed_classic_salts_are_errors() {
+        for bad in [
+            "{0x01,0x02",
+            "{0x01,,0x03}",
+            "{0x01,0x100}",
+            "{}",
+            "{0xzz}",
+            "0x01,0x02",
+            "abc",
+            "{1;2}",
+        ] {
+            let e = load(&["5000", "secret", bad]).unwrap_err();
+            assert!(matches!(e, ConfigError::Salt { .. }), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn flags_env_and_file_precedence() {
+        let pwf = tmp("pw", "from-file\n");
+        let cfg = tmp(
+            "toml",
+            &format!(
+                "port = 6000\nbind = [\"127.0.0.1\", \"[::1]:6001\"]\npassword_file = {:?}\nsalt = \"0a0b\"\nlease_ms = 2000\nmax_connections = 7\n",
+                pwf
+            ),
+        );
+        let c = load(&["--config", cfg.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            c.binds,
+            vec![
+                "127.0.0.1:6000".parse::<SocketAddr>().unwrap(),
+                "[::1]:6001".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.key, Some(Key::derive("from-file", [10u8, 11]).unwrap()));
+        assert_eq!(c.lease, Duration::from_secs(2));
+        assert_eq!(c.limits.max_connections, 7);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        // flags beat the file; env beats the file
+        let env = |n: &str| match n {
+            "IPCBUS_EPM_PASSWORD" => Some("from-env".to_owned()),
+            "IPCBUS_EPM_SALT" => Some("{0x05}".to_owned()),
+            _ => None,
+        };
+        let a = args(&[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--lease-ms",
+            "500",
+            "--bind",
+            "127.0.0.2:1",
+        ]);
+        let c = Config::load(&a, &env).unwrap();
+        assert_eq!(c.key, Some(Key::derive("from-env", [5u8]).unwrap()));
+        assert_eq!(c.lease, Duration::from_millis(500));
+        assert_eq!(c.binds, vec!["127.0.0.2:1".parse::<SocketAddr>().unwrap()]);
+        // --password-file and --salt
+        let c = load(&[
+            "--password-file",
+            pwf.to_str().unwrap(),
+            "--salt",
+            "{0x0a,0x0b}",
+        ])
+        .unwrap();
+        assert_eq!(c.key, Some(Key::derive("from-file", [10u8, 11]).unwrap()));
+        let _ = std::fs::remove_file(pwf);
+        let _ = std::fs::remove_file(cfg);
+    }
+
+    #[test]
+    fn inconsistent_settings_are_errors() {
+        let pwf = tmp("pw2", "x");
+        assert!(matches!(
+            load(&["--password-file", pwf.to_str().unwrap()]),
+            Err(ConfigError::PasswordWithoutSalt("--password-file"))
+        ));
+        assert!(matches!(
+            load(&["--salt", "0102"]),
+            Err(ConfigError::SaltWithoutPassword("--salt"))
+        ));
+        assert!(matches!(
+            load(&["1", "pw", "0102", "--password-file", pwf.to_str().unwrap()]),
+            Err(ConfigError::TwoPasswords)
+        ));
+        assert!(matches!(
+            load(&["5000", "--port", "5001"]),
+            Err(ConfigError::PortConflict { .. })
+        ));
+        assert!(load(&["5000", "--port", "5000"]).is_ok());
+        assert!(matches!(
+            load(&["--bind", "localhost:80"]),
+            Err(ConfigError::BadBind(_))
+        ));
+        assert!(matches!(
+            load(&["--lease-ms", "5"]),
+            Err(ConfigError::BadValue { .. })
+        ));
+        assert!(matches!(
+            load(&["--max-connections", "0"]),
+            Err(ConfigError::BadValue { .. })
+        ));
+        let empty = tmp("pw3", "\n");
+        assert!(matches!(
+            load(&["--password-file", empty.to_str().unwrap(), "--salt", "01"]),
+            Err(ConfigError::Key(_))
+        ));
+        assert!(matches!(
+            load(&["--password-file", "/nonexistent/pw", "--salt", "01"]),
+            Err(ConfigError::Read { .. })
+        ));
+        let _ = std::fs::remove_file(pwf);
+        let _ = std::fs::remove_file(empty);
+    }
+
+    #[test]
+    fn config_file_errors_name_the_problem() {
+        let p = Path::new("x.toml");
+        let e = parse_file(p, b"port = \"abc\"").unwrap_err().to_string();
+        assert!(e.contains("x.toml"), "{e}");
+        let e = parse_file(p, b"prot = 1").unwrap_err().to_string();
+        assert!(e.contains("prot"), "{e}");
+        assert!(parse_file(p, b"port = 1\n[[[").is_err());
+        assert!(parse_file(p, &[0xff, 0xfe]).is_err());
+        assert_eq!(parse_file(p, b"").unwrap().port, None);
+    }
+
+    #[test]
+    fn bind_forms() {
+        assert_eq!(
+            parse_bind("10.1.2.3", 7).unwrap(),
+            "10.1.2.3:7".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(
+            parse_bind("::1", 7).unwrap(),
+            "[::1]:7".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(
+            parse_bind("[::1]", 7).unwrap(),
+            "[::1]:7".parse::<SocketAddr>().unwrap()
+        );
+        assert!(parse_bind("nope", 7).is_err());
+    }
+}

@@ -1,0 +1,22 @@
+//! The ipcbus endpoint manager (EPM): a daemon that keeps `handle -> receivers`
+//! registrations for a host or a LAN, leased and bound to the connection that made
+//! them, and pushes changes to watchers.
+//!
+//! Modules:
+//! - [`config`]: command line (including the classic `epm-service [PORT] [PASSWORD
+//!   SALT]` form), environment and TOML file, merged into a [`Config`].
+//! - [`registry`]: the I/O-free state: registrations, leases, watchers, limits. It
+//!   takes the time as an argument and returns the notices to deliver.
+//! - [`server`]: the async driver: listeners, one task per connection, the lease
+//!   sweeper, graceful shutdown. Entry point [`run`].
+//! - [`cli`]: what `main` does: parse, log to stderr, bind, run until SIGTERM/SIGINT.
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+pub mod cli;
+pub mod config;
+pub mod registry;
+pub mod server;
+
+pub use config::{Args, Config, ConfigError, Limits};
+pub use registry::Registry;
+pub use server::{bind_all, run};

@@ -1,0 +1,555 @@
+//! The async driver: accept loops, one task per connection (reader) plus its writer
+//! task, the lease sweeper, and graceful shutdown.
+//!
+//! Every message to a client goes through that connection's bounded outbox and is
+//! queued while the registry lock is held, so a watcher sees its snapshot before any
+//! later change and in order. A client that does not read its outbox fast enough is
+//! disconnected (it reconnects and gets a fresh snapshot): memory stays bounded.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ipcbus::epm::link::{self, LinkWriter};
+use ipcbus::proto::epm::{Answer, ErrorCode, Op, Request, Response, Status};
+use ipcbus::{ReceiverId, RejectReason};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::registry::{ConnId, Notice, Registered, Registry};
+
+/// Messages queued per connection before it counts as too slow and is closed.
+const OUTBOX: usize = 1024;
+/// Refusals (`Busy`) being written at once; past it, excess connections are just
+/// closed.
+const MAX_REFUSING: usize = 64;
+
+/// Binds every address. One that fails is logged and skipped (so `[::]` failing on
+/// a host without IPv6 does not stop `0.0.0.0`); IPv6 sockets are IPv6-only so both
+/// families can share a port. Logs `listening on ADDR` for each.
+///
+/// # Errors
+/// When no address could be bound: the last error.
+pub fn bind_all(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
+    let mut out = Vec::new();
+    let mut last = None;
+    for &addr in addrs {
+        match bind_one(addr) {
+            Ok(l) => {
+                let local = l.local_addr().unwrap_or(addr);
+                tracing::info!("listening on {local}");
+                out.push(l);
+            }
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "cannot listen");
+                last = Some(e);
+            }
+        }
+    }
+    match (out.is_empty(), last) {
+        (true, Some(e)) => Err(e),
+        (true, None) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "no address to listen on",
+        )),
+        _ => Ok(out),
+    }
+}
+
+fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    TcpListener::from_std(sock.into())
+}
+
+/// Serves on `listeners` until `shutdown` resolves, then closes every connection and
+/// waits (at most 5 s) for the tasks to end.
+pub async fn run(listeners: Vec<TcpListener>, config: Config, shutdown: impl Future) {
+    let token = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let shared = Arc::new(Shared::new(config, tasks.clone()));
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        lease_ms = shared.config.lease.as_millis() as u64,
+        authenticated = shared.config.key.is_some(),
+        max_connections = shared.config.limits.max_connections,
+        "epm-service started"
+    );
+    for l in listeners {
+        tasks.spawn(accept_loop(l, shared.clone(), token.clone()));
+    }
+    tasks.spawn(sweep_leases(shared.clone(), token.clone()));
+    shutdown.await;
+    tracing::info!("shutting down");
+    token.cancel();
+    tasks.close();
+    if tokio::time::timeout(Duration::from_secs(5), tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not close within 5 s");
+    }
+    tracing::info!("stopped");
+}
+
+struct Shared {
+    hub: Mutex<Hub>,
+    conn_limit: Arc<Semaphore>,
+    refusing: Arc<Semaphore>,
+    next_conn: AtomicU64,
+    server_id: ReceiverId,
+    started: Instant,
+    expiry_changed: tokio::sync::Notify,
+    config: Config,
+    tasks: TaskTracker,
+}
+
+struct Hub {
+    reg: Registry,
+    outboxes: HashMap<ConnId, Outbox>,
+}
+
+struct Outbox {
+    tx: mpsc::Sender<Response>,
+    kill: CancellationToken,
+    peer: SocketAddr,
+}
+
+impl Shared {
+    fn new(config: Config, tasks: TaskTracker) -> Shared {
+        Shared {
+            hub: Mutex::new(Hub {
+                reg: Registry::new(config.limits.clone(), config.lease),
+                outboxes: HashMap::new(),
+            }),
+            conn_limit: Arc::new(Semaphore::new(config.limits.max_connections)),
+            refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
+            next_conn: AtomicU64::new(1),
+            server_id: ReceiverId::random(),
+            started: Instant::now(),
+            expiry_changed: tokio::sync::Notify::new(),
+            config,
+            tasks,
+        }
+    }
+
+    fn hub(&self) -> MutexGuard<'_, Hub> {
+        self.hub.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Hub {
+    /// Queues `msg` for `to`; a full or closed outbox ends that connection.
+    fn push(&self, to: ConnId, msg: Response) {
+        if let Some(o) = self.outboxes.get(&to) {
+            if o.tx.try_send(msg).is_err() && !o.kill.is_cancelled() {
+                tracing::warn!(peer = %o.peer, "client does not read fast enough; closing its connection");
+                o.kill.cancel();
+            }
+        }
+    }
+
+    fn deliver(&self, notices: Vec<Notice>) {
+        for n in notices {
+            self.push(n.to, n.msg);
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, token: CancellationToken) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            _ = token.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((sock, peer)) => {
+                backoff = Duration::from_millis(10);
+                let Ok(permit) = shared.conn_limit.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "connection limit reached; refusing");
+                    if let Ok(p) = shared.refusing.clone().try_acquire_owned() {
+                        shared.tasks.spawn(async move {
+                            link::refuse(
+                                sock,
+                                RejectReason::Busy,
+                                "too many connections",
+                                Duration::from_secs(1),
+                            )
+                            .await;
+                            drop(p);
+                        });
+                    }
+                    continue;
+                };
+                let _ = sock.set_nodelay(true);
+                let s = shared.clone();
+                let t = token.child_token();
+                shared.tasks.spawn(async move {
+                    serve(sock, peer, s, t).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors and similar: wait instead of spinning.
+                tracing::warn!(error = %e, "accept failed; backing off");
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Removes expired registrations when their leases run out, and tells watchers.
+async fn sweep_leases(shared: Arc<Shared>, token: CancellationToken) {
+    loop {
+        let next = shared.hub().reg.next_expiry();
+        let sleep = async {
+            match next {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = shared.expiry_changed.notified() => continue,
+            _ = sleep => {}
+        }
+        let hub = &mut *shared.hub();
+        let (notices, expired) = hub.reg.expire(Instant::now());
+        for e in &expired {
+            tracing::info!(handle = %e.handle, endpoint = %e.entry.endpoint, receiver = %e.entry.receiver, "registration expired: lease not renewed");
+        }
+        hub.deliver(notices);
+    }
+}
+
+async fn serve(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, token: CancellationToken) {
+    let cfg = &shared.config;
+    let hs = tokio::select! {
+        _ = token.cancelled() => return,
+        r = tokio::time::timeout(
+            cfg.handshake_timeout,
+            link::accept(sock, shared.server_id, cfg.key.as_ref(), cfg.limits.max_frame),
+        ) => r,
+    };
+    let (mut reader, writer, client) = match hs {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, error = %e, "handshake failed; connection rejected");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, "handshake timed out; connection closed");
+            return;
+        }
+    };
+    let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = mpsc::channel(OUTBOX);
+    {
+        let mut hub = shared.hub();
+        hub.reg.connect(conn);
+        hub.outboxes.insert(
+            conn,
+            Outbox {
+                tx,
+                kill: token.clone(),
+                peer,
+            },
+        );
+    }
+    tracing::debug!(%peer, %client, "client connected");
+    let writer_task = shared
+        .tasks
+        .spawn(write_loop(writer, rx, token.clone(), peer));
+
+    let idle = cfg.idle_timeout();
+    let end: Result<&'static str, String> = loop {
+        let next = tokio::select! {
+            _ = token.cancelled() => break Ok("closed by the service"),
+            r = tokio::time::timeout(idle, reader.recv::<Request>()) => r,
+        };
+        match next {
+            Err(_) => break Err(format!("idle for {} s", idle.as_secs())),
+            Ok(Ok(None)) => break Ok("client closed the connection"),
+            Ok(Err(e)) => break Err(e.to_string()),
+            Ok(Ok(Some(req))) => handle(&shared, conn, peer, req),
+        }
+    };
+    let removed = {
+        let mut hub = shared.hub();
+        hub.outboxes.remove(&conn);
+        let (notices, removed) = hub.reg.disconnect(conn);
+        hub.deliver(notices);
+        removed
+    };
+    shared.expiry_changed.notify_one();
+    for r in &removed {
+        tracing::info!(%peer, handle = %r.handle, endpoint = %r.entry.endpoint, receiver = %r.entry.receiver, "unregistered: connection closed");
+    }
+    match end {
+        Ok(why) => tracing::debug!(%peer, why, "client disconnected"),
+        Err(e) => tracing::warn!(%peer, error = %e, "closing connection on bad input"),
+    }
+    // The writer drains what is queued, then ends (its sender is gone); bounded wait.
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
+    token.cancel();
+}
+
+fn handle(shared: &Shared, conn: ConnId, peer: SocketAddr, req: Request) {
+    let now = Instant::now();
+    let mut hub = shared.hub();
+    let hub = &mut *hub;
+    let answer = match req.op {
+        Op::Register {
+            handle,
+            entry,
+            lease_ms,
+        } => {
+            let endpoint = entry.endpoint;
+            let receiver = entry.receiver;
+            match hub.reg.register(conn, handle.clone(), entry, lease_ms, now) {
+                Ok(Registered {
+                    lease,
+                    changed,
+                    notices,
+                }) => {
+                    if changed {
+                        tracing::info!(%peer, %handle, %endpoint, %receiver, "registered");
+                    }
+                    hub.deliver(notices);
+                    shared.expiry_changed.notify_one();
+                    Answer::Registered {
+                        lease_ms: u32::try_from(lease.as_millis()).unwrap_or(u32::MAX),
+                    }
+                }
+                Err(r) => {
+                    tracing::warn!(%peer, %handle, %endpoint, error = %r.text, "registration refused");
+                    Answer::Error {
+                        code: r.code,
+                        text: r.text,
+                    }
+                }
+            }
+        }
+        Op::Unregister { handle, receiver } => match hub.reg.unregister(conn, &handle, receiver) {
+            Ok(notices) => {
+                tracing::info!(%peer, %handle, %receiver, "unregistered");
+                hub.deliver(notices);
+                Answer::Done
+            }
+            Err(r) => Answer::Error {
+                code: r.code,
+                text: r.text,
+            },
+        },
+        Op::KeepAlive => {
+            hub.reg.keep_alive(conn, now);
+            shared.expiry_changed.notify_one();
+            Answer::Done
+        }
+        Op::Lookup { handle } => Answer::Records(hub.reg.lookup(&handle)),
+        Op::Watch { handle } => match hub.reg.watch(conn, &handle) {
+            Ok(snapshot) => Answer::Records(snapshot),
+            Err(r) => Answer::Error {
+                code: r.code,
+                text: r.text,
+            },
+        },
+        Op::Unwatch { handle } => {
+            hub.reg.unwatch(conn, &handle);
+            Answer::Done
+        }
+        Op::List => {
+            let (handles, total) = hub.reg.list();
+            Answer::Handles { handles, total }
+        }
+        Op::Status => Answer::Status(Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_s: shared.started.elapsed().as_secs(),
+            connections: (shared.config.limits.max_connections
+                - shared.conn_limit.available_permits()) as u32,
+            registrations: hub.reg.registrations() as u32,
+            handles: hub.reg.handles() as u32,
+            watches: hub.reg.watches() as u32,
+            lease_ms: u32::try_from(shared.config.lease.as_millis()).unwrap_or(u32::MAX),
+        }),
+        _ => Answer::Error {
+            code: ErrorCode::Invalid,
+            text: "unknown request".to_owned(),
+        },
+    };
+    hub.push(conn, Response::Reply { id: req.id, answer });
+}
+
+async fn write_loop(
+    mut writer: LinkWriter,
+    mut rx: mpsc::Receiver<Response>,
+    token: CancellationToken,
+    peer: SocketAddr,
+) {
+    loop {
+        let first = tokio::select! {
+            _ = token.cancelled() => break,
+            m = rx.recv() => m,
+        };
+        let Some(first) = first else { break };
+        writer.queue(&first);
+        while writer.queued() < 64 * 1024 {
+            match rx.try_recv() {
+                Ok(m) => writer.queue(&m),
+                Err(_) => break,
+            }
+        }
+        let r = tokio::select! {
+            _ = token.cancelled() => break,
+            r = writer.flush() => r,
+        };
+        if let Err(e) = r {
+            tracing::debug!(%peer, error = %e, "write failed");
+            token.cancel();
+            break;
+        }
+    }
+    writer.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ipcbus::proto::epm::Entry;
+    use ipcbus::Handle;
+
+    fn entry() -> Entry {
+        Entry {
+            endpoint: "10.0.0.2:5000".parse().unwrap(),
+            receiver: ReceiverId([7; 16]),
+            pid: None,
+            version: 1,
+            since_ms: 0,
+        }
+    }
+
+    fn req(id: u32, op: Op) -> Request {
+        Request { id, op }
+    }
+
+    /// Lease logic under tokio's paused time: renewals four times per lease keep a
+    /// registration; without them the sweeper removes it one lease after the last
+    /// renewal and tells the watchers.
+    #[tokio::test(start_paused = true)]
+    async fn sweeper_expires_unrenewed_leases_and_tells_watchers() {
+        let lease = Duration::from_secs(10);
+        let mut cfg = Config::new(vec![]);
+        cfg.lease = lease;
+        let shared = Arc::new(Shared::new(cfg, TaskTracker::new()));
+        let token = CancellationToken::new();
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let h = Handle::new("leased").unwrap();
+        let (tx1, mut out1) = mpsc::channel(64);
+        let (tx2, mut out2) = mpsc::channel(64);
+        {
+            let mut hub = shared.hub();
+            for (c, tx) in [(1, tx1), (2, tx2)] {
+                hub.reg.connect(c);
+                hub.outboxes.insert(
+                    c,
+                    Outbox {
+                        tx,
+                        kill: CancellationToken::new(),
+                        peer,
+                    },
+                );
+            }
+        }
+        handle(&shared, 2, peer, req(1, Op::Watch { handle: h.clone() }));
+        handle(
+            &shared,
+            1,
+            peer,
+            req(
+                1,
+                Op::Register {
+                    handle: h.clone(),
+                    entry: entry(),
+                    lease_ms: 0,
+                },
+            ),
+        );
+        assert_eq!(
+            out1.try_recv().unwrap(),
+            Response::Reply {
+                id: 1,
+                answer: Answer::Registered { lease_ms: 10_000 }
+            }
+        );
+        assert!(matches!(out2.try_recv().unwrap(), Response::Reply { .. }));
+        assert!(matches!(out2.try_recv().unwrap(), Response::Added { .. }));
+        let sweeper = tokio::spawn(sweep_leases(shared.clone(), token.clone()));
+
+        // 40 s of renewals every lease/4: still registered.
+        for i in 0..16 {
+            tokio::time::sleep(lease / 4).await;
+            handle(&shared, 1, peer, req(10 + i, Op::KeepAlive));
+        }
+        assert_eq!(shared.hub().reg.registrations(), 1);
+        assert!(out2.try_recv().is_err(), "no change while renewed");
+
+        // Stop renewing: still there just before the lease runs out ...
+        tokio::time::sleep(lease - Duration::from_millis(100)).await;
+        assert_eq!(shared.hub().reg.registrations(), 1);
+        // ... and gone just after, with the watcher told.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(shared.hub().reg.registrations(), 0);
+        assert_eq!(
+            out2.try_recv().unwrap(),
+            Response::Removed {
+                handle: h.clone(),
+                receiver: entry().receiver
+            }
+        );
+        token.cancel();
+        sweeper.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_is_cut_off() {
+        let shared = Arc::new(Shared::new(Config::new(vec![]), TaskTracker::new()));
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let (tx, _out) = mpsc::channel(2);
+        let kill = CancellationToken::new();
+        {
+            let mut hub = shared.hub();
+            hub.reg.connect(1);
+            hub.outboxes.insert(
+                1,
+                Outbox {
+                    tx,
+                    kill: kill.clone(),
+                    peer,
+                },
+            );
+        }
+        for i in 0..3 {
+            handle(&shared, 1, peer, req(i, Op::Status));
+        }
+        assert!(kill.is_cancelled());
+    }
+}
