@@ -3,13 +3,13 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -88,8 +88,10 @@ impl ReceiverBuilder {
         self
     }
 
-    /// How many received events may wait for the application (default 1024). When
-    /// full, the receiver stops reading its sockets and senders feel backpressure.
+    /// About how many received events may wait for the application (default 1024):
+    /// events wait in up to `n / 32` batches of at most 128 events or 256 KiB each.
+    /// When full, the receiver stops reading its sockets and senders feel
+    /// backpressure.
     pub fn queue_capacity(mut self, n: usize) -> Self {
         self.queue_capacity = n.max(1);
         self
@@ -161,7 +163,7 @@ impl ReceiverBuilder {
             advertised.set_ip(discovery.advertise_ip().await?);
         }
         let id = ReceiverId::random();
-        let (tx, rx) = mpsc::channel(self.queue_capacity);
+        let (tx, rx) = mpsc::channel((self.queue_capacity / 32).max(1));
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let shared = Arc::new(Shared {
@@ -189,6 +191,7 @@ impl ReceiverBuilder {
             id,
             local_addr: advertised,
             rx,
+            current: None,
             registration: Some(registration),
             shutdown,
             tasks,
@@ -226,21 +229,45 @@ pub struct Receiver {
     handle: Handle,
     id: ReceiverId,
     local_addr: SocketAddr,
-    rx: mpsc::Receiver<Incoming>,
+    rx: mpsc::Receiver<Batch>,
+    current: Option<Batch>,
     registration: Option<Announcement>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
 
-struct Incoming {
-    msg: Message,
+/// Most events one connection hands over at once.
+const BATCH: usize = 128;
+/// A batch is handed over once its payloads reach this many bytes.
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// Events decoded from one connection in one go, handed to the application through
+/// the queue as one item; taking events from it touches no shared state but the ack
+/// counter.
+#[derive(Debug)]
+struct Batch {
+    msgs: std::vec::IntoIter<Message>,
     ack: Arc<AckState>,
 }
 
+/// Shared between the application side (which takes events) and a connection's ack
+/// writer.
 #[derive(Debug, Default)]
 struct AckState {
+    /// Highest sequence number the application has taken from this connection.
     taken: AtomicU64,
+    /// Whether the ack writer sleeps and needs a wake-up.
+    idle: AtomicBool,
     notify: Notify,
+}
+
+impl AckState {
+    fn take(&self, seq: u64) {
+        self.taken.store(seq, Ordering::Release);
+        if self.idle.load(Ordering::Acquire) && self.idle.swap(false, Ordering::AcqRel) {
+            self.notify.notify_one();
+        }
+    }
 }
 
 impl Receiver {
@@ -270,11 +297,39 @@ impl Receiver {
 
     /// Takes an event if one is ready, without waiting.
     pub fn try_recv(&mut self) -> Option<Message> {
-        self.rx.try_recv().ok().map(take)
+        loop {
+            if let Some(m) = self.take_current() {
+                return Some(m);
+            }
+            self.current = Some(self.rx.try_recv().ok()?);
+        }
+    }
+
+    fn take_current(&mut self) -> Option<Message> {
+        let b = self.current.as_mut()?;
+        match b.msgs.next() {
+            Some(m) => {
+                b.ack.take(m.seq);
+                Some(m)
+            }
+            None => {
+                self.current = None;
+                None
+            }
+        }
     }
 
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        self.rx.poll_recv(cx).map(|o| o.map(take))
+        loop {
+            if let Some(m) = self.take_current() {
+                return Poll::Ready(Some(m));
+            }
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(b)) => self.current = Some(b),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 
     /// The address senders connect to (as registered).
@@ -305,12 +360,6 @@ impl Receiver {
     }
 }
 
-fn take(inc: Incoming) -> Message {
-    inc.ack.taken.fetch_max(inc.msg.seq, Ordering::Release);
-    inc.ack.notify.notify_one();
-    inc.msg
-}
-
 impl Stream for Receiver {
     type Item = Message;
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
@@ -336,7 +385,7 @@ struct Shared {
     conn_limit: Arc<Semaphore>,
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sender<Incoming>) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sender<Batch>) {
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
@@ -371,7 +420,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sende
     }
 }
 
-async fn serve(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, tx: mpsc::Sender<Incoming>) {
+async fn serve(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, tx: mpsc::Sender<Batch>) {
     let hs = tokio::time::timeout(
         shared.handshake_timeout,
         handshake::accept(
@@ -405,13 +454,37 @@ async fn serve(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, tx: mpsc:
         shared.shutdown.clone(),
         conn_done.clone(),
     ));
-    let mut frames = FramedRead::new(rd, CodecV1::new(shared.max_frame));
+    let mut frames = FramedRead::with_capacity(rd, CodecV1::new(shared.max_frame), 64 * 1024);
     frames.read_buffer_mut().extend_from_slice(&est.read_buf);
     let mut last = 0u64;
+    let mut batch: Vec<Message> = Vec::with_capacity(BATCH);
+    let mut batch_bytes = 0usize;
     let result: Result<(), DecodeError> = loop {
-        let next = tokio::select! {
-            _ = shared.shutdown.cancelled() => break Ok(()),
-            f = frames.next() => f,
+        // Hand over what is decoded once no further frame is ready at once.
+        let next = if batch.is_empty() {
+            tokio::select! {
+                _ = shared.shutdown.cancelled() => break Ok(()),
+                f = frames.next() => f,
+            }
+        } else {
+            match frames.next().now_or_never() {
+                Some(f) if batch.len() < BATCH && batch_bytes < BATCH_BYTES => f,
+                not_ready => {
+                    let b = Batch {
+                        msgs: std::mem::replace(&mut batch, Vec::with_capacity(BATCH)).into_iter(),
+                        ack: ack.clone(),
+                    };
+                    batch_bytes = 0;
+                    tokio::select! {
+                        _ = shared.shutdown.cancelled() => break Ok(()),
+                        r = tx.send(b) => if r.is_err() { break Ok(()) },
+                    }
+                    match not_ready {
+                        Some(f) => f,
+                        None => continue,
+                    }
+                }
+            }
         };
         let mut f = match next {
             None => break Ok(()),
@@ -445,19 +518,24 @@ async fn serve(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, tx: mpsc:
         } else {
             f.body.freeze()
         };
-        let inc = Incoming {
-            msg: Message {
-                payload,
-                sender,
-                seq: f.seq,
-            },
+        batch_bytes += payload.len();
+        batch.push(Message {
+            payload,
+            sender,
+            seq: f.seq,
+        });
+    };
+    // Events decoded before the connection ended still reach the application.
+    if !batch.is_empty() && !shared.shutdown.is_cancelled() {
+        let b = Batch {
+            msgs: batch.into_iter(),
             ack: ack.clone(),
         };
         tokio::select! {
-            _ = shared.shutdown.cancelled() => break Ok(()),
-            r = tx.send(inc) => if r.is_err() { break Ok(()) },
+            _ = shared.shutdown.cancelled() => {}
+            _ = tx.send(b) => {}
         }
-    };
+    }
     if let Err(e) = result {
         tracing::warn!(%peer, handle = %shared.handle, %sender, error = %e, "closing connection on bad input");
     }
@@ -485,12 +563,22 @@ async fn ack_writer(
         }
     };
     loop {
-        // Order matters: a take that raced with shutdown is still acknowledged.
-        let (closing, conn_ended) = tokio::select! {
-            biased;
-            _ = ack.notify.notified() => (false, false),
-            _ = shutdown.cancelled() => (true, false),
-            _ = conn_done.cancelled() => (false, true),
+        // Declare ourselves idle, then look again, so a take that lands in between
+        // is not missed (it either sees `idle` and wakes us, or we see it here).
+        ack.idle.store(true, Ordering::SeqCst);
+        let (closing, conn_ended) = if ack.taken.load(Ordering::SeqCst) > sent {
+            ack.idle.store(false, Ordering::SeqCst);
+            (shutdown.is_cancelled(), conn_done.is_cancelled())
+        } else {
+            // Order matters: a take that raced with shutdown is still acknowledged.
+            let r = tokio::select! {
+                biased;
+                _ = ack.notify.notified() => (false, false),
+                _ = shutdown.cancelled() => (true, false),
+                _ = conn_done.cancelled() => (false, true),
+            };
+            ack.idle.store(false, Ordering::SeqCst);
+            r
         };
         if !closing && !conn_ended {
             // Let a burst of takes accumulate into one ack.

@@ -102,10 +102,13 @@ pub enum SenderEvent {
         /// Why.
         reason: FailReason,
     },
-    /// An event was not acknowledged by a receiver.
+    /// Events were not acknowledged by a receiver (a range, since a receiver that
+    /// fails usually fails for every event it had not acknowledged).
     SendFailed {
-        /// The event's sequence number.
-        seq: u64,
+        /// First sequence number of the range.
+        first_seq: u64,
+        /// Last sequence number of the range (inclusive).
+        last_seq: u64,
         /// The receiver.
         receiver: ReceiverInfo,
         /// Why.

@@ -1,23 +1,26 @@
 //! The sending end: discovers the receivers of a handle, keeps one connection and one
 //! writer task per receiver, and fans each event out to all of them.
 //!
-//! The per-event path takes no lock: `publish` assigns the sequence number, compresses
-//! once, and puts one `Outgoing` (sharing the payload `Bytes`) in each receiver's
-//! bounded queue. Each connection task batches queued frames into one write, keeps the
-//! written-but-unacknowledged events in order, and resolves them on cumulative acks.
-//! Every queued event holds a [`Ticket`]; dropping a ticket unresolved reports the
-//! event failed for that receiver, so no path can forget one.
+//! Hot path: `publish` assigns the sequence number, compresses once, and appends the
+//! encoded frame to each receiver connection's output buffer under a short,
+//! uncontended lock; nothing is allocated per event. Each connection's writer task
+//! takes the whole buffer at once (write batching), seals it if the connection is
+//! encrypted, and writes it with one call. Receivers acknowledge cumulatively, so a
+//! connection's state is two counters: the highest sequence queued and the highest
+//! acknowledged. A [`PendingReport`] is resolved from those counters: acknowledged
+//! when the receiver's ack reaches the event, failed when the connection died first.
+//! Nothing is kept per in-flight event, so memory is bounded by the per-receiver
+//! window and buffer limits.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use futures::task::AtomicWaker;
+use bytes::{Buf, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
@@ -35,9 +38,9 @@ use crate::handshake::{self, HandshakeError};
 use crate::ids::SenderId;
 use crate::proto::codec::{put_header, CodecV1};
 use crate::proto::compress::{gzip, DEFAULT_THRESHOLD};
-use crate::proto::crypto::TAG_LEN;
+use crate::proto::crypto::{Sealer, TAG_LEN};
 use crate::proto::frame::{
-    parse_ack, DecodeError, Flags, Kind, RejectReason, DEFAULT_MAX_FRAME, HEADER_LEN,
+    parse_ack, DecodeError, Flags, Kind, RejectReason, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX,
 };
 use crate::registry::{LocalRegistry, Record, RegistryError};
 use crate::report::{FailReason, ReceiverInfo, SendReport, SenderEvent};
@@ -68,7 +71,7 @@ pub enum BuildError {
     /// The registry could not be used.
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
-    /// The endpoint manager could not be used (unreachable, wrong password, refused).
+    /// The EPM could not be reached or refused the watch.
     #[error("epm: {0}")]
     Epm(#[from] EpmError),
 }
@@ -83,7 +86,8 @@ pub struct SenderBuilder {
     compress_level: u32,
     send_timeout: Duration,
     connect_timeout: Duration,
-    queue_capacity: usize,
+    window: u64,
+    buffer_limit: usize,
     max_frame: usize,
     rescan_interval: Duration,
     discovery: Option<Discovery>,
@@ -132,9 +136,17 @@ impl SenderBuilder {
         self
     }
 
-    /// Events queued per receiver before `publish` waits (default 4096).
-    pub fn queue_capacity(mut self, n: usize) -> Self {
-        self.queue_capacity = n.max(1);
+    /// Per-receiver queue capacity: how many events may be sent to one receiver and
+    /// not yet acknowledged before `publish` waits (default 65,536).
+    pub fn queue_capacity(mut self, events: usize) -> Self {
+        self.window = events.max(1) as u64;
+        self
+    }
+
+    /// Per-receiver limit of encoded bytes waiting to be written before `publish`
+    /// waits (default 8 MiB; at least one maximal frame always fits).
+    pub fn buffer_limit(mut self, bytes: usize) -> Self {
+        self.buffer_limit = bytes.max(64 * 1024);
         self
     }
 
@@ -184,7 +196,8 @@ impl SenderBuilder {
             sec,
             send_timeout: self.send_timeout,
             connect_timeout: self.connect_timeout,
-            queue_capacity: self.queue_capacity,
+            window: self.window,
+            buffer_limit: self.buffer_limit.max(self.max_frame + LEN_PREFIX),
             max_frame: self.max_frame,
             events: events.clone(),
             ready: ready_tx,
@@ -250,7 +263,8 @@ impl Sender {
             compress_level: 1,
             send_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
-            queue_capacity: 4096,
+            window: 65_536,
+            buffer_limit: 8 << 20,
             max_frame: DEFAULT_MAX_FRAME,
             rescan_interval: Duration::from_secs(2),
             discovery: None,
@@ -298,8 +312,8 @@ impl Sender {
 
     /// Queues raw bytes for every known receiver and returns a future of the report.
     ///
-    /// Waits only while a receiver's queue is full (backpressure), and at most the
-    /// send timeout for each; a receiver still full then is reported failed and
+    /// Waits only while a receiver's window or buffer is full (backpressure), and at
+    /// most the send timeout in all; a receiver still full then is reported failed and
     /// disconnected, so one slow receiver cannot hold the others up for longer.
     ///
     /// # Errors
@@ -323,7 +337,7 @@ impl Sender {
         let seq = self.next_seq;
         self.next_seq += 1;
         if self.targets.is_empty() {
-            return Ok(PendingReport { seq, slot: None });
+            return Ok(PendingReport { seq, targets: None });
         }
         let (flags, body) = match self.compress {
             Some((threshold, level)) if payload.len() >= threshold => match gzip(&payload, level) {
@@ -332,43 +346,20 @@ impl Sender {
             },
             _ => (Flags(0), payload),
         };
-        let slot = Arc::new(Slot::new(seq, self.targets.clone()));
         let mut deadline = None;
-        for (i, conn) in self.targets.iter().enumerate() {
-            let item = Outgoing {
-                seq,
-                flags,
-                body: body.clone(),
-                ticket: Ticket {
-                    slot: slot.clone(),
-                    idx: i,
-                    done: false,
-                },
-            };
-            match conn.queue.try_send(item) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Closed(item)) => drop(item),
-                Err(mpsc::error::TrySendError::Full(item)) => {
-                    let dl =
-                        *deadline.get_or_insert_with(|| Instant::now() + self.shared.send_timeout);
-                    match tokio::time::timeout_at(dl, conn.queue.reserve()).await {
-                        Ok(Ok(permit)) => permit.send(item),
-                        Ok(Err(_)) => drop(item),
-                        Err(_) => {
-                            conn.fail(FailReason::TimedOut);
-                            drop(item);
-                        }
-                    }
-                }
+        for conn in self.targets.iter() {
+            if !conn.enqueue(seq, flags, &body) {
+                let dl = *deadline.get_or_insert_with(|| Instant::now() + self.shared.send_timeout);
+                conn.enqueue_slow(seq, flags, &body, dl).await;
             }
         }
         let pending = PendingReport {
             seq,
-            slot: Some(slot),
+            targets: Some(self.targets.clone()),
         };
         self.last = Some(PendingReport {
             seq,
-            slot: pending.slot.clone(),
+            targets: pending.targets.clone(),
         });
         Ok(pending)
     }
@@ -455,7 +446,7 @@ impl Drop for Sender {
 #[derive(Debug)]
 pub struct PendingReport {
     seq: u64,
-    slot: Option<Arc<Slot>>,
+    targets: Option<Arc<[Arc<Conn>]>>,
 }
 
 impl PendingReport {
@@ -463,134 +454,44 @@ impl PendingReport {
     pub fn seq(&self) -> u64 {
         self.seq
     }
+
+    fn report(&self, targets: &[Arc<Conn>]) -> SendReport {
+        let mut r = SendReport {
+            seq: self.seq,
+            ..SendReport::default()
+        };
+        for c in targets {
+            match c.outcome(self.seq) {
+                Some(Ok(())) => r.acked.push(c.info),
+                Some(Err(why)) => r.failed.push((c.info, why)),
+                None => unreachable!("report built before every target resolved"),
+            }
+        }
+        r
+    }
 }
 
 impl Future for PendingReport {
     type Output = SendReport;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SendReport> {
-        let seq = self.seq;
-        let Some(slot) = &self.slot else {
+        let Some(targets) = &self.targets else {
             return Poll::Ready(SendReport {
-                seq,
+                seq: self.seq,
                 ..SendReport::default()
             });
         };
-        if slot.remaining.load(Ordering::Acquire) > 0 {
-            slot.waker.register(cx.waker());
-            if slot.remaining.load(Ordering::Acquire) > 0 {
-                return Poll::Pending;
+        for c in targets.iter() {
+            if c.outcome(self.seq).is_none() {
+                c.register_waiter(self.seq, cx.waker());
+                // Re-check: the ack may have landed between the check and the
+                // registration.
+                if c.outcome(self.seq).is_none() {
+                    return Poll::Pending;
+                }
             }
         }
-        Poll::Ready(slot.report())
+        Poll::Ready(self.report(targets))
     }
-}
-
-/// Per-event outcome collector shared by the event's tickets.
-struct Slot {
-    seq: u64,
-    remaining: AtomicUsize,
-    acked: Box<[AtomicBool]>,
-    failures: Mutex<Vec<(usize, FailReason)>>,
-    waker: AtomicWaker,
-    targets: Arc<[Arc<Conn>]>,
-}
-
-impl std::fmt::Debug for Slot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Slot")
-            .field("remaining", &self.remaining)
-            .finish()
-    }
-}
-
-impl Slot {
-    fn new(seq: u64, targets: Arc<[Arc<Conn>]>) -> Slot {
-        Slot {
-            seq,
-            remaining: AtomicUsize::new(targets.len()),
-            acked: (0..targets.len()).map(|_| AtomicBool::new(false)).collect(),
-            failures: Mutex::new(Vec::new()),
-            waker: AtomicWaker::new(),
-            targets,
-        }
-    }
-
-    fn resolve(&self, idx: usize, outcome: Result<(), FailReason>) {
-        match outcome {
-            Ok(()) => self.acked[idx].store(true, Ordering::Release),
-            Err(r) => self
-                .failures
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((idx, r)),
-        }
-        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.waker.wake();
-        }
-    }
-
-    fn report(&self) -> SendReport {
-        let seq = self.seq;
-        let mut failed = self
-            .failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        failed.sort_by_key(|(i, _)| *i);
-        SendReport {
-            seq,
-            acked: (0..self.targets.len())
-                .filter(|&i| self.acked[i].load(Ordering::Acquire))
-                .map(|i| self.targets[i].info)
-                .collect(),
-            failed: failed
-                .into_iter()
-                .map(|(i, r)| (self.targets[i].info, r))
-                .collect(),
-        }
-    }
-}
-
-/// One event's claim on one receiver. Resolves the event for that receiver exactly
-/// once: explicitly on ack, or as failed when dropped.
-struct Ticket {
-    slot: Arc<Slot>,
-    idx: usize,
-    done: bool,
-}
-
-impl Ticket {
-    fn ack(mut self) {
-        self.done = true;
-        self.slot.resolve(self.idx, Ok(()));
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        let conn = &self.slot.targets[self.idx];
-        let reason = conn
-            .failure
-            .get()
-            .cloned()
-            .unwrap_or(FailReason::SenderClosed);
-        let _ = conn.shared.events.send(SenderEvent::SendFailed {
-            seq: self.slot.seq,
-            receiver: conn.info,
-            reason: reason.clone(),
-        });
-        self.slot.resolve(self.idx, Err(reason));
-    }
-}
-
-struct Outgoing {
-    seq: u64,
-    flags: Flags,
-    body: Bytes,
-    ticket: Ticket,
 }
 
 enum Update {
@@ -604,7 +505,8 @@ struct Shared {
     sec: Resolved,
     send_timeout: Duration,
     connect_timeout: Duration,
-    queue_capacity: usize,
+    window: u64,
+    buffer_limit: usize,
     max_frame: usize,
     events: broadcast::Sender<SenderEvent>,
     ready: watch::Sender<usize>,
@@ -623,15 +525,31 @@ impl std::fmt::Debug for Shared {
     }
 }
 
+/// Encoded frames waiting for the writer, plus whether the writer sleeps.
+struct Out {
+    buf: BytesMut,
+    writer_waiting: bool,
+}
+
 /// One receiver connection as the sender and its tasks share it.
 struct Conn {
     info: ReceiverInfo,
-    queue: mpsc::Sender<Outgoing>,
+    shared: Arc<Shared>,
+    out: Mutex<Out>,
+    /// Wakes the writer when frames were queued while it slept.
+    writer_wake: Notify,
+    /// Wakes a publisher waiting for window or buffer space.
+    space: Notify,
+    /// Highest sequence number queued for this receiver.
+    queued: AtomicU64,
+    /// Highest sequence number the receiver acknowledged.
+    acked: AtomicU64,
+    /// Set once, when the connection is dead; `acked` no longer moves after that.
     failure: OnceLock<FailReason>,
+    waiters: Mutex<Vec<(u64, Waker)>>,
     cancel: CancellationToken,
     ready: AtomicBool,
     finished: AtomicBool,
-    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -640,11 +558,141 @@ impl std::fmt::Debug for Conn {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Conn {
-    /// Marks the connection failed (first reason wins) and stops its task.
+    /// The outcome of event `seq` for this receiver, if it is known yet.
+    fn outcome(&self, seq: u64) -> Option<Result<(), FailReason>> {
+        if self.acked.load(Ordering::Acquire) >= seq {
+            return Some(Ok(()));
+        }
+        // `acked` is final once `failure` is set, and it is set after the last ack.
+        self.failure.get().map(|f| {
+            if self.acked.load(Ordering::Acquire) >= seq {
+                Ok(())
+            } else {
+                Err(f.clone())
+            }
+        })
+    }
+
+    fn register_waiter(&self, seq: u64, waker: &Waker) {
+        let mut w = lock(&self.waiters);
+        if let Some(e) = w.iter_mut().find(|e| e.0 == seq && e.1.will_wake(waker)) {
+            e.1.clone_from(waker);
+        } else {
+            w.push((seq, waker.clone()));
+        }
+    }
+
+    fn wake_up_to(&self, acked: u64) {
+        let mut w = lock(&self.waiters);
+        if w.is_empty() {
+            return;
+        }
+        let mut i = 0;
+        while i < w.len() {
+            if w[i].0 <= acked {
+                w.swap_remove(i).1.wake();
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn wake_all(&self) {
+        let drained: Vec<_> = lock(&self.waiters).drain(..).collect();
+        for (_, w) in drained {
+            w.wake();
+        }
+    }
+
+    /// Marks the connection failed (first reason wins), stops its task, and wakes
+    /// everyone waiting on it.
     fn fail(&self, reason: FailReason) {
-        let _ = self.failure.set(reason);
+        if self.failure.set(reason.clone()).is_ok() {
+            let first = self.acked.load(Ordering::Acquire) + 1;
+            let last = self.queued.load(Ordering::Acquire);
+            if last >= first {
+                let _ = self.shared.events.send(SenderEvent::SendFailed {
+                    first_seq: first,
+                    last_seq: last,
+                    receiver: self.info,
+                    reason,
+                });
+            }
+        }
         self.cancel.cancel();
+        self.wake_all();
+        self.space.notify_one();
+    }
+
+    fn has_room(&self, out: &Out, seq: u64) -> bool {
+        let base = match self.queued.load(Ordering::Relaxed) {
+            0 => seq - 1,
+            _ => self.acked.load(Ordering::Acquire),
+        };
+        seq - base <= self.shared.window && out.buf.len() < self.shared.buffer_limit
+    }
+
+    fn append(&self, out: &mut Out, seq: u64, flags: Flags, body: &[u8]) -> bool {
+        if self.queued.load(Ordering::Relaxed) == 0 {
+            // The first event this connection carries: the window starts here.
+            self.acked.store(seq - 1, Ordering::Release);
+        }
+        out.buf.reserve(LEN_PREFIX + HEADER_LEN + body.len());
+        put_header(&mut out.buf, Kind::Data, flags, seq, body.len());
+        out.buf.extend_from_slice(body);
+        self.queued.store(seq, Ordering::Release);
+        std::mem::take(&mut out.writer_waiting)
+    }
+
+    /// Queues an event if there is room; `false` if the caller must wait for room.
+    /// A dead connection takes nothing: the event is failed for it by `outcome`.
+    fn enqueue(&self, seq: u64, flags: Flags, body: &[u8]) -> bool {
+        if let Some(reason) = self.failure.get() {
+            self.note_skipped(seq, reason);
+            return true;
+        }
+        let wake = {
+            let mut out = lock(&self.out);
+            if !self.has_room(&out, seq) {
+                return false;
+            }
+            self.append(&mut out, seq, flags, body)
+        };
+        if wake {
+            self.writer_wake.notify_one();
+        }
+        true
+    }
+
+    /// Waits for room until `deadline`; past it, fails the connection as timed out.
+    async fn enqueue_slow(&self, seq: u64, flags: Flags, body: &[u8], deadline: Instant) {
+        loop {
+            let notified = self.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.enqueue(seq, flags, body) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                tracing::warn!(handle = %self.shared.handle, receiver = %self.info, "receiver's queue stayed full past the send timeout; dropping it");
+                self.fail(FailReason::TimedOut);
+                return;
+            }
+        }
+    }
+
+    fn note_skipped(&self, seq: u64, reason: &FailReason) {
+        let _ = self.shared.events.send(SenderEvent::SendFailed {
+            first_seq: seq,
+            last_seq: seq,
+            receiver: self.info,
+            reason: reason.clone(),
+        });
     }
 }
 
@@ -670,31 +718,38 @@ fn start_conn(
     record: &Record,
     on_stale: impl FnOnce() + Send + 'static,
 ) -> Arc<Conn> {
-    let (tx, rx) = mpsc::channel(shared.queue_capacity);
     let conn = Arc::new(Conn {
         info: ReceiverInfo {
             id: record.receiver,
             addr: record.endpoint,
         },
-        queue: tx,
+        shared: shared.clone(),
+        out: Mutex::new(Out {
+            buf: BytesMut::new(),
+            writer_waiting: false,
+        }),
+        writer_wake: Notify::new(),
+        space: Notify::new(),
+        queued: AtomicU64::new(0),
+        acked: AtomicU64::new(0),
         failure: OnceLock::new(),
+        waiters: Mutex::new(Vec::new()),
         cancel: shared.shutdown.child_token(),
         ready: AtomicBool::new(false),
         finished: AtomicBool::new(false),
-        shared: shared.clone(),
     });
     let _ = shared.updates.send(Update::Add(conn.clone()));
     let c = conn.clone();
     let receiver_id = record.receiver;
     shared.tasks.spawn(async move {
-        let mut rx = rx;
-        let mut inflight = Inflight::default();
         let reason = tokio::select! {
             biased;
             _ = c.cancel.cancelled() => c.failure.get().cloned().unwrap_or(FailReason::SenderClosed),
-            r = drive(&c, receiver_id, &mut rx, &mut inflight) => r,
+            r = drive(&c, receiver_id) => r,
         };
-        let _ = c.failure.set(reason.clone());
+        c.fail(reason.clone());
+        // Free the queued bytes now; the counters keep every outcome.
+        lock(&c.out).buf = BytesMut::new();
         if matches!(
             reason,
             FailReason::Refused
@@ -703,12 +758,6 @@ fn start_conn(
         ) {
             on_stale();
         }
-        // Fail everything still queued or unacknowledged: tickets report on drop.
-        rx.close();
-        while let Ok(item) = rx.try_recv() {
-            drop(item);
-        }
-        inflight.drain();
         let shared = &c.shared;
         if c.ready.load(Ordering::Acquire) {
             shared.ready.send_modify(|n| *n = n.saturating_sub(1));
@@ -730,28 +779,22 @@ fn start_conn(
     conn
 }
 
-/// Written but not yet acknowledged events, in sequence order.
-#[derive(Default)]
-struct Inflight {
-    q: Mutex<VecDeque<(u64, Instant, Ticket)>>,
+/// Re-encodes a buffer of plain frames as sealed frames.
+fn seal_all(sealer: &Sealer, mut plain: &[u8], out: &mut BytesMut) {
+    while plain.len() >= LEN_PREFIX + HEADER_LEN {
+        let len = u32::from_be_bytes([plain[0], plain[1], plain[2], plain[3]]) as usize;
+        let kind = Kind::from_u8(plain[4]).unwrap_or(Kind::Data);
+        let flags = Flags(plain[5]);
+        let mut seq_bytes = [0u8; 8];
+        seq_bytes.copy_from_slice(&plain[6..14]);
+        let seq = u64::from_be_bytes(seq_bytes);
+        let body = &plain[LEN_PREFIX + HEADER_LEN..LEN_PREFIX + len];
+        sealer.put_sealed(out, kind, flags, seq, body);
+        plain.advance(LEN_PREFIX + len);
+    }
 }
 
-impl Inflight {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Instant, Ticket)>> {
-        self.q.lock().unwrap_or_else(|e| e.into_inner())
-    }
-    fn drain(&self) {
-        let drained: Vec<_> = self.lock().drain(..).collect();
-        drop(drained);
-    }
-}
-
-async fn drive(
-    conn: &Arc<Conn>,
-    receiver_id: crate::ids::ReceiverId,
-    rx: &mut mpsc::Receiver<Outgoing>,
-    inflight: &mut Inflight,
-) -> FailReason {
+async fn drive(conn: &Arc<Conn>, receiver_id: crate::ids::ReceiverId) -> FailReason {
     let shared = &conn.shared;
     let addr = conn.info.addr;
     let connected = tokio::time::timeout(shared.connect_timeout, async {
@@ -771,9 +814,8 @@ async fn drive(
     let est = match connected {
         Ok(Ok(est)) => est,
         Ok(Err(e)) => {
-            let reason = fail_reason(&e);
             tracing::warn!(handle = %shared.handle, receiver = %conn.info, error = %e, "cannot connect to receiver");
-            return reason;
+            return fail_reason(&e);
         }
         Err(_) => return FailReason::TimedOut,
     };
@@ -785,40 +827,40 @@ async fn drive(
     let (rd, mut wr) = est.io.into_split();
     let tx_sealer = est.tx;
     let rx_sealer = est.rx;
-    let inflight: &Inflight = inflight;
-    let last_written = std::sync::atomic::AtomicU64::new(0);
+    // (last sequence of a written batch, when it was written): for the ack timeout.
+    let batches: Mutex<VecDeque<(u64, Instant)>> = Mutex::new(VecDeque::new());
 
     let writer = async {
-        let mut buf = BytesMut::with_capacity(64 * 1024);
-        let mut batch: Vec<(u64, Ticket)> = Vec::with_capacity(64);
+        let mut sealed = BytesMut::new();
         loop {
-            let Some(first) = rx.recv().await else {
-                return FailReason::SenderClosed;
+            let notified = conn.writer_wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let chunk = {
+                let mut out = lock(&conn.out);
+                if out.buf.is_empty() {
+                    out.writer_waiting = true;
+                    None
+                } else {
+                    Some(out.buf.split())
+                }
             };
-            buf.clear();
-            let mut item = Some(first);
-            while let Some(it) = item.take() {
-                match &tx_sealer {
-                    Some(s) => s.put_sealed(&mut buf, Kind::Data, it.flags, it.seq, &it.body),
-                    None => {
-                        put_header(&mut buf, Kind::Data, it.flags, it.seq, it.body.len());
-                        buf.extend_from_slice(&it.body);
-                    }
+            let Some(chunk) = chunk else {
+                notified.await;
+                continue;
+            };
+            conn.space.notify_one();
+            let last = conn.queued.load(Ordering::Acquire);
+            lock(&batches).push_back((last, Instant::now()));
+            let bytes: &[u8] = match &tx_sealer {
+                Some(s) => {
+                    sealed.clear();
+                    seal_all(s, &chunk, &mut sealed);
+                    &sealed
                 }
-                batch.push((it.seq, it.ticket));
-                if buf.len() < 256 * 1024 {
-                    item = rx.try_recv().ok();
-                }
-            }
-            let now = Instant::now();
-            {
-                let mut q = inflight.lock();
-                for (seq, t) in batch.drain(..) {
-                    last_written.store(seq, Ordering::Relaxed);
-                    q.push_back((seq, now, t));
-                }
-            }
-            if let Err(e) = wr.write_all(&buf).await {
+                None => &chunk,
+            };
+            if let Err(e) = wr.write_all(bytes).await {
                 tracing::debug!(receiver = %conn.info, error = %e, "write failed");
                 return FailReason::Disconnected;
             }
@@ -836,9 +878,16 @@ async fn drive(
             let next = tokio::select! {
                 f = frames.next() => f,
                 _ = ticker.tick() => {
-                    let oldest = inflight.lock().front().map(|e| e.1);
-                    if oldest.is_some_and(|t| t.elapsed() > shared.send_timeout) {
-                        tracing::warn!(handle = %shared.handle, receiver = %conn.info, "receiver did not acknowledge within the send timeout");
+                    let acked = conn.acked.load(Ordering::Acquire);
+                    let overdue = {
+                        let mut b = lock(&batches);
+                        while b.front().is_some_and(|e| e.0 <= acked) {
+                            b.pop_front();
+                        }
+                        b.front().is_some_and(|e| e.1.elapsed() > shared.send_timeout)
+                    };
+                    if overdue {
+                        tracing::warn!(handle = %shared.handle, receiver = %conn.info, "receiver did not acknowledge within the send timeout; dropping it");
                         return FailReason::TimedOut;
                     }
                     continue;
@@ -874,24 +923,16 @@ async fn drive(
                         Ok(v) => v,
                         Err(e) => return protocol(conn, e),
                     };
-                    if up_to > last_written.load(Ordering::Relaxed) {
+                    if up_to > conn.queued.load(Ordering::Acquire) {
                         return protocol(
                             conn,
                             DecodeError::Malformed("ack beyond the last event sent"),
                         );
                     }
-                    let done: Vec<Ticket> = {
-                        let mut q = inflight.lock();
-                        let mut done = Vec::new();
-                        while q.front().is_some_and(|e| e.0 <= up_to) {
-                            if let Some((_, _, t)) = q.pop_front() {
-                                done.push(t);
-                            }
-                        }
-                        done
-                    };
-                    for t in done {
-                        t.ack();
+                    if up_to > conn.acked.load(Ordering::Acquire) {
+                        conn.acked.store(up_to, Ordering::Release);
+                        conn.wake_up_to(up_to);
+                        conn.space.notify_one();
                     }
                 }
                 Kind::Bye => return FailReason::ReceiverLeft,
@@ -908,11 +949,10 @@ async fn drive(
         }
     };
 
-    let reason = tokio::select! {
+    tokio::select! {
         r = writer => r,
         r = reader => r,
-    };
-    reason
+    }
 }
 
 fn protocol(conn: &Conn, e: DecodeError) -> FailReason {
@@ -973,8 +1013,11 @@ impl Tracker {
                 backoff: Duration::from_millis(100),
                 retry_at: now,
             });
-            if k.conn.ready.load(Ordering::Acquire) {
-                // The previous connection worked: start the backoff afresh.
+            if k.conn.ready.load(Ordering::Acquire)
+                && k.conn.failure.get() != Some(&FailReason::TimedOut)
+            {
+                // The previous connection worked: start the backoff afresh. (A receiver
+                // that timed out is alive but slow: keep backing off from it.)
                 k.backoff = Duration::from_millis(100);
             }
             k.conn = conn;
