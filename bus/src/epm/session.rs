@@ -20,6 +20,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often a watching connection pings the EPM, so a dead EPM is noticed and an
 /// idle connection is not closed.
 const WATCH_PING: Duration = Duration::from_millis(2500);
+/// After watching again (an EPM restart), receivers missing from the new snapshot are
+/// kept this long: they are probably still re-registering.
+const REWATCH_GRACE: Duration = Duration::from_secs(6);
 
 /// Exponential backoff with jitter: each delay is drawn from [d/2, d], d doubling
 /// from 100 ms up to 5 s.
@@ -156,17 +159,73 @@ pub(crate) async fn watch(
 ) -> Result<watch::Receiver<RecordSet>, EpmError> {
     let mut client = epm.client().await?;
     let snapshot = client.watch(&handle).await?;
-    let set: HashMap<ReceiverId, Record> = snapshot.into_iter().map(|r| (r.receiver, r)).collect();
-    let (tx, rx) = watch::channel(Arc::new(set.values().cloned().collect()));
+    let set = Watched {
+        live: snapshot.into_iter().map(|r| (r.receiver, r)).collect(),
+        missing: HashMap::new(),
+    };
+    let (tx, rx) = watch::channel(set.records());
     tokio::spawn(keep_watching(epm, handle, client, set, tx, cancel));
     Ok(rx)
+}
+
+/// What a watch knows: the receivers the EPM reports, and those that were known
+/// before the EPM restarted and have not registered again yet (until a deadline).
+struct Watched {
+    live: HashMap<ReceiverId, Record>,
+    missing: HashMap<ReceiverId, (Record, Instant)>,
+}
+
+impl Watched {
+    fn records(&self) -> RecordSet {
+        Arc::new(
+            self.live
+                .values()
+                .chain(self.missing.values().map(|(r, _)| r))
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// A fresh snapshot after watching again.
+    fn resnapshot(&mut self, snap: Vec<Record>, now: Instant) {
+        let fresh: HashMap<ReceiverId, Record> =
+            snap.into_iter().map(|r| (r.receiver, r)).collect();
+        for (id, r) in self.live.drain() {
+            if !fresh.contains_key(&id) {
+                self.missing.insert(id, (r, now + REWATCH_GRACE));
+            }
+        }
+        self.missing.retain(|id, _| !fresh.contains_key(id));
+        self.live = fresh;
+    }
+
+    fn apply(&mut self, ev: WatchEvent) {
+        match ev {
+            WatchEvent::Added(r) => {
+                self.missing.remove(&r.receiver);
+                self.live.insert(r.receiver, r);
+            }
+            WatchEvent::Removed { receiver, .. } => {
+                self.live.remove(&receiver);
+                self.missing.remove(&receiver);
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.missing.values().map(|(_, t)| *t).min()
+    }
+
+    fn drop_overdue(&mut self, now: Instant) {
+        self.missing.retain(|_, (_, t)| *t > now);
+    }
 }
 
 async fn keep_watching(
     epm: Epm,
     handle: Handle,
     mut client: EpmClient,
-    mut set: HashMap<ReceiverId, Record>,
+    mut set: Watched,
     tx: watch::Sender<RecordSet>,
     cancel: CancellationToken,
 ) {
@@ -195,8 +254,8 @@ async fn keep_watching(
             match again {
                 Ok((c, snap)) => {
                     client = c;
-                    set = snap.into_iter().map(|r| (r.receiver, r)).collect();
-                    tx.send_replace(Arc::new(set.values().cloned().collect()));
+                    set.resnapshot(snap, Instant::now());
+                    tx.send_replace(set.records());
                     backoff.reset();
                     tracing::info!(epm = epm.addr(), %handle, "watching at the epm again");
                     break;
@@ -209,12 +268,22 @@ async fn keep_watching(
 
 async fn follow(
     client: &mut EpmClient,
-    set: &mut HashMap<ReceiverId, Record>,
+    set: &mut Watched,
     tx: &watch::Sender<RecordSet>,
 ) -> EpmError {
     let mut next = Instant::now() + WATCH_PING;
     loop {
+        let overdue = set.next_deadline();
         tokio::select! {
+            _ = async {
+                match overdue {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                set.drop_overdue(Instant::now());
+                tx.send_replace(set.records());
+            }
             _ = tokio::time::sleep_until(next) => {
                 if let Err(e) = client.keep_alive().await {
                     return e;
@@ -224,14 +293,9 @@ async fn follow(
             ev = client.next_event() => {
                 match ev {
                     Err(e) => return e,
-                    Ok(WatchEvent::Added(r)) => {
-                        set.insert(r.receiver, r);
-                    }
-                    Ok(WatchEvent::Removed { receiver, .. }) => {
-                        set.remove(&receiver);
-                    }
+                    Ok(ev) => set.apply(ev),
                 }
-                tx.send_replace(Arc::new(set.values().cloned().collect()));
+                tx.send_replace(set.records());
             }
         }
     }
@@ -240,6 +304,42 @@ async fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rec(n: u8) -> Record {
+        Record::new(
+            Handle::new("h").unwrap(),
+            std::net::SocketAddr::from(([127, 0, 0, 1], 1000 + u16::from(n))),
+            ReceiverId([n; 16]),
+        )
+    }
+
+    #[test]
+    fn receivers_missing_after_a_rewatch_are_kept_for_a_grace_period() {
+        let t0 = Instant::now();
+        let mut w = Watched {
+            live: [(ReceiverId([1; 16]), rec(1)), (ReceiverId([2; 16]), rec(2))].into(),
+            missing: HashMap::new(),
+        };
+        // The restarted EPM knows only receiver 2 so far.
+        w.resnapshot(vec![rec(2)], t0);
+        assert_eq!(w.records().len(), 2);
+        assert_eq!(w.next_deadline(), Some(t0 + REWATCH_GRACE));
+        // Receiver 1 registers again: it is live, no longer missing.
+        w.apply(WatchEvent::Added(rec(1)));
+        assert_eq!(w.next_deadline(), None);
+        // A receiver that never comes back is dropped after the grace period.
+        w.resnapshot(vec![rec(1)], t0);
+        w.drop_overdue(t0 + REWATCH_GRACE / 2);
+        assert_eq!(w.records().len(), 2);
+        w.drop_overdue(t0 + REWATCH_GRACE);
+        assert_eq!(w.records().len(), 1);
+        // A removal is immediate.
+        w.apply(WatchEvent::Removed {
+            handle: Handle::new("h").unwrap(),
+            receiver: ReceiverId([1; 16]),
+        });
+        assert!(w.records().is_empty());
+    }
 
     #[test]
     fn backoff_grows_with_jitter_and_caps() {

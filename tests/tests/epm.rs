@@ -1,0 +1,853 @@
+//! The endpoint manager as a real process (`epm-service`'s entry point, built here as
+//! `test-epm-service`), with in-process clients and `ipcbus-testpeer` processes.
+//!
+//! Every service listens on 127.0.0.1 port 0 and is found through its `listening
+//! on ADDR` log line; every process is killed by pid when its guard drops. The LAN
+//! test builds its own network namespaces and runs only as root with `ip`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use ipcbus::epm::WatchEvent;
+use ipcbus::proto::codec::{put_frame, CodecV1};
+use ipcbus::proto::epm::{Entry, ErrorCode, Op, Request, EPM_HANDLE};
+use ipcbus::proto::frame::{Flags, Hello, Kind, Mode, VERSION};
+use ipcbus::{
+    BindError, Epm, EpmError, Handle, HandshakeError, Key, Receiver, ReceiverId, Record,
+    RejectReason, SenderId,
+};
+use ipcbus_tests::{Proc, TempDir};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::codec::Decoder;
+
+const EPM_BIN: &str = env!("CARGO_BIN_EXE_test-epm-service");
+const PEER: &str = env!("CARGO_BIN_EXE_ipcbus-testpeer");
+const T: Duration = Duration::from_secs(10);
+
+/// A running `epm-service`: SIGKILLed and reaped when dropped. Its stderr (the log) is
+/// read by a thread line by line.
+struct Service {
+    child: Child,
+    log: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Service {
+    fn spawn(cmd: Command) -> Service {
+        let mut cmd = cmd;
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env("RUST_LOG", "info")
+            .env_remove("IPCBUS_EPM_PASSWORD")
+            .env_remove("IPCBUS_EPM_SALT");
+        let mut child = cmd.spawn().expect("spawn epm-service");
+        let err = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Service {
+            child,
+            log: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Starts the service with `args` and waits for its first `listening on` line.
+    fn start(args: &[&str]) -> (Service, SocketAddr) {
+        let mut cmd = Command::new(EPM_BIN);
+        cmd.args(args);
+        let mut s = Service::spawn(cmd);
+        let addr = s.listening();
+        (s, addr)
+    }
+
+    fn listening(&mut self) -> SocketAddr {
+        let line = self.wait_log("listening on ", T);
+        let rest = line
+            .split("listening on ")
+            .nth(1)
+            .expect("address after 'listening on'");
+        rest.split_whitespace()
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+    }
+
+    /// Waits up to `timeout` for a log line containing `needle` (also among the lines
+    /// seen before); returns it.
+    fn wait_log(&mut self, needle: &str, timeout: Duration) -> String {
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!(
+                    "no log line containing {needle:?} within {timeout:?}; log so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on the pid of our own child, not yet reaped.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// All log lines so far (waits briefly for the reader thread to catch up).
+    fn log_text(&mut self) -> String {
+        while let Ok(l) = self.log.recv_timeout(Duration::from_millis(200)) {
+            self.seen.push(l);
+        }
+        self.seen.join("\n")
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn h(s: &str) -> Handle {
+    Handle::new(s).unwrap()
+}
+
+fn record(handle: &str, port: u16) -> Record {
+    Record::new(
+        h(handle),
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        ReceiverId::random(),
+    )
+}
+
+/// Runs a blocking wait on the log from async code without stalling the runtime.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    tokio::task::block_in_place(f)
+}
+
+async fn next_event(c: &mut ipcbus::EpmClient) -> WatchEvent {
+    tokio::time::timeout(T, c.next_event())
+        .await
+        .expect("watch event in time")
+        .expect("watch event")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn register_lookup_watch_and_close_removes_at_once() {
+    let (_svc, addr) = Service::start(&["--bind", "127.0.0.1:0"]);
+    let epm = Epm::connect(addr.to_string()).await.unwrap();
+    let mut watcher = epm.client().await.unwrap();
+    assert!(watcher.watch(&h("orders")).await.unwrap().is_empty());
+
+    let mut reg = epm.client().await.unwrap();
+    let rec = record("orders", 7001);
+    let lease = reg.register(&rec, Duration::ZERO).await.unwrap();
+    assert_eq!(lease, Duration::from_secs(10), "the default lease");
+
+    assert_eq!(
+        next_event(&mut watcher).await,
+        WatchEvent::Added(rec.clone())
+    );
+    assert_eq!(epm.lookup(&h("orders")).await.unwrap(), vec![rec.clone()]);
+    let (handles, total) = epm.list().await.unwrap();
+    assert_eq!((handles.len(), total), (1, 1));
+    assert_eq!(handles[0].receivers, 1);
+    let st = epm.status().await.unwrap();
+    assert_eq!(st.registrations, 1);
+    assert_eq!(st.watches, 1);
+    assert!(st.connections >= 2);
+
+    // Closing the registering connection removes the registration at once.
+    let t = Instant::now();
+    reg.close().await;
+    assert_eq!(
+        next_event(&mut watcher).await,
+        WatchEvent::Removed {
+            handle: h("orders"),
+            receiver: rec.receiver
+        }
+    );
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert!(epm.lookup(&h("orders")).await.unwrap().is_empty());
+
+    // Unregister, and refusing to unregister what another connection owns.
+    let mut a = epm.client().await.unwrap();
+    let mut b = epm.client().await.unwrap();
+    let rec2 = record("orders", 7002);
+    a.register(&rec2, Duration::ZERO).await.unwrap();
+    assert!(matches!(
+        b.unregister(&rec2.handle, rec2.receiver).await,
+        Err(EpmError::Refused {
+            code: ErrorCode::NotFound,
+            ..
+        })
+    ));
+    a.unregister(&rec2.handle, rec2.receiver).await.unwrap();
+    assert!(matches!(
+        next_event(&mut watcher).await,
+        WatchEvent::Added(_)
+    ));
+    assert!(matches!(
+        next_event(&mut watcher).await,
+        WatchEvent::Removed { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unrenewed_registration_expires_after_its_lease() {
+    let (mut svc, addr) = Service::start(&["--bind", "127.0.0.1:0", "--lease-ms", "400"]);
+    let epm = Epm::builder(addr.to_string()).build();
+    let mut watcher = epm.client().await.unwrap();
+    watcher.watch(&h("lease")).await.unwrap();
+    // This connection stays open but never renews: like a host that vanished.
+    let mut silent = epm.client().await.unwrap();
+    let rec = record("lease", 7003);
+    let lease = silent.register(&rec, Duration::ZERO).await.unwrap();
+    assert_eq!(lease, Duration::from_millis(400));
+    let t = Instant::now();
+    assert!(matches!(
+        next_event(&mut watcher).await,
+        WatchEvent::Added(_)
+    ));
+    assert!(matches!(
+        next_event(&mut watcher).await,
+        WatchEvent::Removed { .. }
+    ));
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    blocking(|| svc.wait_log("registration expired", T));
+    drop(silent);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn receiver_and_sender_deliver_through_the_epm() {
+    let (_svc, addr) = Service::start(&["--bind", "127.0.0.1:0"]);
+    let epm = Epm::connect(addr.to_string()).await.unwrap();
+    let mut rx = Receiver::builder(h("deliver"))
+        .epm(epm.clone())
+        .bind()
+        .await
+        .unwrap();
+    // The EPM is on loopback, so the receiver registers loopback.
+    assert!(rx.local_addr().ip().is_loopback(), "{}", rx.local_addr());
+    let regs = epm.lookup(&h("deliver")).await.unwrap();
+    assert_eq!(regs.len(), 1);
+    assert_eq!(regs[0].endpoint, rx.local_addr());
+    assert_eq!(regs[0].receiver, rx.id());
+
+    let mut tx = ipcbus::Sender::builder(h("deliver"))
+        .epm(epm.clone())
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(tx.wait_for_receivers(1, T).await, 1);
+    // Acknowledged means the application took it: receive before awaiting the report.
+    let pending = tx.publish_bytes("over the epm").await.unwrap();
+    let m = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+    assert_eq!(&m.payload()[..], b"over the epm");
+    let report = pending.await;
+    assert_eq!(report.acked.len(), 1, "{report:?}");
+
+    // A receiver that joins later is seen by the watching sender.
+    let mut rx2 = Receiver::builder(h("deliver"))
+        .epm(epm.clone())
+        .bind()
+        .await
+        .unwrap();
+    assert_eq!(tx.wait_for_receivers(2, T).await, 2);
+    let pending = tx.publish_bytes("both").await.unwrap();
+    for r in [&mut rx, &mut rx2] {
+        let m = tokio::time::timeout(T, r.recv()).await.unwrap().unwrap();
+        assert_eq!(&m.payload()[..], b"both");
+    }
+    let report = pending.await;
+    assert_eq!(report.acked.len(), 2, "{report:?}");
+    // Closing a receiver unregisters it.
+    rx2.close().await;
+    let deadline = Instant::now() + T;
+    while epm.lookup(&h("deliver")).await.unwrap().len() != 1 {
+        assert!(Instant::now() < deadline, "receiver not unregistered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tx.close().await;
+    rx.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_of_a_receiver_process_removes_it() {
+    let (_svc, addr) = Service::start(&["--bind", "127.0.0.1:0"]);
+    let epm = Epm::connect(addr.to_string()).await.unwrap();
+    let mut watcher = epm.client().await.unwrap();
+    assert!(watcher.watch(&h("killme")).await.unwrap().is_empty());
+    let dir = TempDir::new("epm-kill");
+    let mut cmd = Command::new(PEER);
+    cmd.args(["recv", "--handle", "killme", "--timeout", "60"])
+        .env("IPCBUS_RUNTIME_DIR", dir.path())
+        .env("IPCBUS_EPM", addr.to_string())
+        .env_remove("IPCBUS_EPM_PASSWORD")
+        .env_remove("IPCBUS_EPM_SALT");
+    let mut peer = Proc::spawn(cmd);
+    let ready = blocking(|| peer.expect_line("ready ", T));
+    let WatchEvent::Added(rec) = next_event(&mut watcher).await else {
+        panic!("expected Added")
+    };
+    assert!(ready.starts_with(&rec.endpoint.to_string()), "{ready}");
+    let t = Instant::now();
+    peer.kill();
+    assert_eq!(
+        next_event(&mut watcher).await,
+        WatchEvent::Removed {
+            handle: h("killme"),
+            receiver: rec.receiver
+        }
+    );
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn epm_restart_receivers_register_again_within_2s_and_senders_deliver_again() {
+    let (svc, addr) = Service::start(&["--bind", "127.0.0.1:0"]);
+    let epm = Epm::builder(addr.to_string()).build();
+    let mut rx1 = Receiver::builder(h("restart"))
+        .epm(epm.clone())
+        .bind()
+        .await
+        .unwrap();
+    let mut tx = ipcbus::Sender::builder(h("restart"))
+        .epm(epm.clone())
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(tx.wait_for_receivers(1, T).await, 1);
+
+    // Kill the EPM hard and start a new one on the same port: it knows nothing.
+    drop(svc);
+    let bind = addr.to_string();
+    let (_svc2, addr2) = Service::start(&["--bind", &bind]);
+    assert_eq!(addr2, addr);
+    let restarted = Instant::now();
+    let deadline = restarted + T;
+    loop {
+        let regs = epm.lookup(&h("restart")).await.unwrap_or_default();
+        if regs.iter().any(|r| r.receiver == rx1.id()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "receiver never registered again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = restarted.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "registered again after {took:?}"
+    );
+
+    // The sender watches again: a receiver that joins after the restart is reached.
+    let mut rx2 = Receiver::builder(h("restart"))
+        .epm(epm.clone())
+        .bind()
+        .await
+        .unwrap();
+    assert_eq!(tx.wait_for_receivers(2, T).await, 2);
+    let pending = tx.publish_bytes("after restart").await.unwrap();
+    for r in [&mut rx1, &mut rx2] {
+        let m = tokio::time::timeout(T, r.recv()).await.unwrap().unwrap();
+        assert_eq!(&m.payload()[..], b"after restart");
+    }
+    let report = pending.await;
+    assert_eq!(report.acked.len(), 2, "{report:?}");
+    tx.close().await;
+}
+
+fn password_file(dir: &TempDir, pw: &str) -> String {
+    let p = dir.path().join("password");
+    std::fs::write(&p, format!("{pw}\n")).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_password_is_a_named_error_on_both_sides() {
+    let dir = TempDir::new("epm-pw");
+    let pwf = password_file(&dir, "right horse");
+    let (mut svc, addr) = Service::start(&[
+        "--bind",
+        "127.0.0.1:0",
+        "--password-file",
+        &pwf,
+        "--salt",
+        "{0x01,0x02,0x03}",
+    ]);
+    let wrong = Key::derive("wrong horse", [1u8, 2, 3]).unwrap();
+    let e = Epm::builder(addr.to_string())
+        .key(wrong.clone())
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(e.is_auth_failure(), "{e}");
+    assert!(
+        matches!(e, EpmError::Handshake(HandshakeError::AuthenticationFailed)),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("authentication failed"), "{e}");
+    let line = blocking(|| svc.wait_log("handshake failed", T));
+    assert!(line.contains("authentication failed"), "{line}");
+    assert!(line.contains("127.0.0.1:"), "peer address logged: {line}");
+
+    // No key at all against a password: also refused, also named.
+    let e = Epm::connect(addr.to_string()).await.unwrap_err();
+    assert!(e.is_auth_failure(), "{e}");
+
+    // A receiver with the wrong key fails to bind with the same named error.
+    let e = Receiver::builder(h("pw"))
+        .epm(Epm::builder(addr.to_string()).key(wrong).build())
+        .bind()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, BindError::Epm(epm) if epm.is_auth_failure()),
+        "{e}"
+    );
+
+    // The right key works, and data connections use it too.
+    let right = Key::derive("right horse", [1u8, 2, 3]).unwrap();
+    let epm = Epm::builder(addr.to_string())
+        .key(right)
+        .connect()
+        .await
+        .unwrap();
+    let mut rx = Receiver::builder(h("pw"))
+        .epm(epm.clone())
+        .bind()
+        .await
+        .unwrap();
+    let mut tx = ipcbus::Sender::builder(h("pw"))
+        .epm(epm)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(tx.wait_for_receivers(1, T).await, 1);
+    let pending = tx.publish_bytes("sealed").await.unwrap();
+    let m = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+    assert_eq!(&m.payload()[..], b"sealed");
+    assert_eq!(pending.await.acked.len(), 1);
+    tx.close().await;
+}
+
+/// Completes an open-mode handshake by hand, so the test can then send raw frames.
+async fn raw_handshake(addr: SocketAddr) -> (tokio::net::TcpStream, BytesMut) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut body = BytesMut::new();
+    Hello {
+        version: VERSION,
+        mode: Mode::Open,
+        handle: h(EPM_HANDLE),
+        sender: SenderId::random(),
+        nonce: [9; 32],
+    }
+    .encode(&mut body);
+    let mut out = BytesMut::new();
+    put_frame(&mut out, Kind::Hello, Flags(0), 0, &body);
+    s.write_all(&out).await.unwrap();
+    let mut codec = CodecV1::default();
+    let mut buf = BytesMut::new();
+    let mut kinds = Vec::new();
+    while kinds.len() < 2 {
+        while let Some(f) = codec.decode(&mut buf).unwrap() {
+            kinds.push(f.kind);
+            if f.kind == Kind::Welcome {
+                let mut out = BytesMut::new();
+                put_frame(&mut out, Kind::Proof, Flags(0), 0, &[]);
+                s.write_all(&out).await.unwrap();
+            }
+        }
+        if kinds.len() >= 2 {
+            break;
+        }
+        let n = tokio::time::timeout(T, s.read_buf(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed during handshake");
+    }
+    assert_eq!(kinds, vec![Kind::Welcome, Kind::Ready]);
+    (s, buf)
+}
+
+/// Reads until the service closes the connection; panics if it does not within T.
+async fn expect_closed(s: &mut tokio::net::TcpStream) {
+    let mut sink = vec![0u8; 4096];
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut sink)).await {
+            Err(_) => panic!("service did not close the connection"),
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_and_oversized_frames_leave_the_service_serving() {
+    let (mut svc, addr) = Service::start(&["--bind", "127.0.0.1:0", "--max-frame", "65536"]);
+    let epm = Epm::connect(addr.to_string()).await.unwrap();
+    // A registration that must survive everything below.
+    let mut keeper = epm.client().await.unwrap();
+    let rec = record("survivor", 7010);
+    keeper.register(&rec, Duration::ZERO).await.unwrap();
+
+    // Not the protocol at all.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    expect_closed(&mut s).await;
+    // A huge length prefix before the handshake.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(&[0xff, 0xff, 0xff, 0xff, 0x01]).await.unwrap();
+    expect_closed(&mut s).await;
+    // After a good handshake: an oversized frame ...
+    let (mut s, _) = raw_handshake(addr).await;
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&(1u32 << 20).to_be_bytes());
+    out.extend_from_slice(&[Kind::Data as u8, 0]);
+    s.write_all(&out).await.unwrap();
+    expect_closed(&mut s).await;
+    blocking(|| svc.wait_log("exceeds the maximum", T));
+    // ... a Data frame whose body is not a request ...
+    let (mut s, _) = raw_handshake(addr).await;
+    let mut out = BytesMut::new();
+    put_frame(
+        &mut out,
+        Kind::Data,
+        Flags(0),
+        1,
+        &[0xde, 0xad, 0xbe, 0xef, 0x99],
+    );
+    s.write_all(&out).await.unwrap();
+    expect_closed(&mut s).await;
+    let line = blocking(|| svc.wait_log("closing connection on bad input", T));
+    assert!(line.contains("127.0.0.1:"), "peer address logged: {line}");
+    // ... a replayed sequence number ...
+    let (mut s, _) = raw_handshake(addr).await;
+    let req = ipcbus::proto::epm::encode_body(&Request {
+        id: 1,
+        op: Op::Status,
+    });
+    let mut out = BytesMut::new();
+    put_frame(&mut out, Kind::Data, Flags(0), 1, &req);
+    put_frame(&mut out, Kind::Data, Flags(0), 1, &req);
+    s.write_all(&out).await.unwrap();
+    expect_closed(&mut s).await;
+    // ... a registration of an unspecified address is refused, not fatal.
+    let mut c = epm.client().await.unwrap();
+    let bad = Record::new(
+        h("survivor"),
+        "0.0.0.0:1".parse().unwrap(),
+        ReceiverId::random(),
+    );
+    assert!(matches!(
+        c.register(&bad, Duration::ZERO).await,
+        Err(EpmError::Refused {
+            code: ErrorCode::Invalid,
+            ..
+        })
+    ));
+    // ... and a stalled handshake times out without holding anything.
+    let _stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+
+    // Everyone else is still served, and the registration is intact.
+    assert_eq!(epm.lookup(&h("survivor")).await.unwrap(), vec![rec.clone()]);
+    let st = c.status().await.unwrap();
+    assert_eq!(st.registrations, 1);
+    let _ = Entry::from_record(&rec);
+    keeper.keep_alive().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_limit_refuses_with_busy() {
+    let (_svc, addr) = Service::start(&["--bind", "127.0.0.1:0", "--max-connections", "2"]);
+    let epm = Epm::builder(addr.to_string()).build();
+    let a = epm.client().await.unwrap();
+    let _b = epm.client().await.unwrap();
+    let e = epm.client().await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            EpmError::Handshake(HandshakeError::Rejected {
+                reason: RejectReason::Busy,
+                ..
+            })
+        ),
+        "{e:?}"
+    );
+    a.close().await;
+    let deadline = Instant::now() + T;
+    loop {
+        match epm.client().await {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "never admitted again: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn sigterm_shuts_down_gracefully() {
+    let (mut svc, _addr) = Service::start(&["--bind", "127.0.0.1:0"]);
+    svc.signal(libc::SIGTERM);
+    let st = svc.wait_exit(T).expect("exits after SIGTERM");
+    assert!(st.success(), "{st:?}");
+    let log = svc.log_text();
+    assert!(log.contains("SIGTERM received"), "{log}");
+    assert!(log.contains("stopped"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn classic_positional_form_and_its_malformed_salts() {
+    // PORT PASSWORD SALT, with --bind keeping it on loopback (a bare IP takes PORT).
+    let (mut svc, addr) =
+        Service::start(&["0", "classic", "{0x01,0x02,0x03}", "--bind", "127.0.0.1"]);
+    let line = blocking(|| svc.wait_log("command line", T));
+    assert!(line.contains("WARN"), "{line}");
+    let key = Key::derive("classic", [1u8, 2, 3]).unwrap();
+    Epm::builder(addr.to_string())
+        .key(key)
+        .connect()
+        .await
+        .unwrap();
+    drop(svc);
+
+    for bad in ["{0x01,0x02", "{0x01,,0x03}", "{0x1ff}", "{}", "xyz"] {
+        let mut cmd = Command::new(EPM_BIN);
+        cmd.args(["0", "classic", bad, "--bind", "127.0.0.1"]);
+        let mut svc = Service::spawn(cmd);
+        let st = blocking(|| svc.wait_exit(T)).expect("exits on a malformed salt");
+        assert!(!st.success(), "{bad}: {st:?}");
+        let log = svc.log_text();
+        assert!(log.contains("salt"), "{bad}: {log}");
+        assert!(!log.contains("listening on"), "{bad}: {log}");
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// LAN test with network namespaces.
+
+/// Network namespaces made by the test; deleted (with their veths and bridge) on
+/// drop.
+struct Lab {
+    namespaces: Vec<String>,
+}
+
+impl Lab {
+    fn ip(args: &[&str]) -> Result<(), String> {
+        let out = Command::new("ip")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("ip {args:?}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    fn add_ns(&mut self, name: &str) -> Result<(), String> {
+        Lab::ip(&["netns", "add", name])?;
+        self.namespaces.push(name.to_owned());
+        Lab::ip(&["-n", name, "link", "set", "lo", "up"])
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for ns in self.namespaces.iter().rev() {
+            let _ = Lab::ip(&["netns", "del", ns]);
+        }
+    }
+}
+
+fn skip(why: &str) {
+    // Written to the real stderr, not the captured test output, so it shows.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED lan_across_network_namespaces: {why}"
+    );
+}
+
+/// The EPM in one namespace, two receivers in two others and a sender in a fourth,
+/// joined by a bridge in a fifth; a password is set. Runs only as root with `ip`.
+#[test]
+fn lan_across_network_namespaces() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skip("needs root (network namespaces)");
+    }
+    if Lab::ip(&["netns", "list"]).is_err() {
+        return skip("the `ip` command (iproute2) is not available");
+    }
+    let tag = format!("ipcb{}", std::process::id());
+    let mut lab = Lab {
+        namespaces: Vec::new(),
+    };
+    let br = format!("{tag}-br");
+    if let Err(e) = lab.add_ns(&br) {
+        return skip(&format!("cannot create a network namespace: {e}"));
+    }
+    let setup = |lab: &mut Lab| -> Result<Vec<(String, String)>, String> {
+        Lab::ip(&["-n", &br, "link", "add", "br0", "type", "bridge"])?;
+        Lab::ip(&["-n", &br, "link", "set", "br0", "up"])?;
+        let mut hosts = Vec::new();
+        for (i, role) in ["epm", "r1", "r2", "s"].iter().enumerate() {
+            let ns = format!("{tag}-{role}");
+            lab.add_ns(&ns)?;
+            let port = format!("p{i}");
+            let ip = format!("10.77.0.{}", i + 1);
+            Lab::ip(&[
+                "-n", &br, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ])?;
+            Lab::ip(&["-n", &br, "link", "set", &port, "master", "br0"])?;
+            Lab::ip(&["-n", &br, "link", "set", &port, "up"])?;
+            Lab::ip(&["-n", &ns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+            Lab::ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            hosts.push((ns, ip));
+        }
+        Ok(hosts)
+    };
+    let hosts = match setup(&mut lab) {
+        Ok(h) => h,
+        Err(e) => panic!("network namespace setup failed: {e}"),
+    };
+    let dir = TempDir::new("epm-lan");
+    let pwf = password_file(&dir, "lan secret");
+    let salt = "{0x01,0x02,0x03}";
+    let epm_addr = format!("{}:4455", hosts[0].1);
+
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &hosts[0].0, EPM_BIN]).args([
+        "--bind",
+        &epm_addr,
+        "--password-file",
+        &pwf,
+        "--salt",
+        salt,
+    ]);
+    let mut svc = Service::spawn(cmd);
+    assert_eq!(svc.listening().to_string(), epm_addr);
+
+    let peer = |ns: &str, args: &[&str]| {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns, PEER])
+            .args(args)
+            .env("IPCBUS_RUNTIME_DIR", dir.path())
+            .env("IPCBUS_EPM", &epm_addr)
+            .env("IPCBUS_EPM_PASSWORD", "lan secret")
+            .env("IPCBUS_EPM_SALT", salt);
+        Proc::spawn(cmd)
+    };
+    let n = 20u64;
+    let receivers: Vec<Proc> = [&hosts[1], &hosts[2]]
+        .iter()
+        .map(|(ns, _)| {
+            peer(
+                ns,
+                &[
+                    "recv",
+                    "--handle",
+                    "lan",
+                    "--expect",
+                    &n.to_string(),
+                    "--timeout",
+                    "30",
+                ],
+            )
+        })
+        .collect();
+    for (p, (_, ip)) in receivers.iter().zip([&hosts[1], &hosts[2]]) {
+        let ready = p.expect_line("ready ", T);
+        // Registered the address of the interface that routes to the EPM.
+        assert!(ready.starts_with(&format!("{ip}:")), "{ready}");
+    }
+    let sender = peer(
+        &hosts[3].0,
+        &[
+            "send",
+            "--handle",
+            "lan",
+            "--count",
+            &n.to_string(),
+            "--wait-for",
+            "2",
+        ],
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&sender.expect_line("summary ", Duration::from_secs(30))).unwrap();
+    let per = summary.as_object().expect("per-receiver summary");
+    assert_eq!(per.len(), 2, "{summary}");
+    for (_, v) in per {
+        assert_eq!(v["acked"], n, "{summary}");
+        assert_eq!(v["failed"], 0, "{summary}");
+    }
+    for p in &receivers {
+        let s: serde_json::Value =
+            serde_json::from_str(&p.expect_line("summary ", Duration::from_secs(30))).unwrap();
+        let senders = s.as_object().expect("per-sender summary");
+        assert_eq!(senders.len(), 1, "{s}");
+        for (_, v) in senders {
+            assert_eq!(v["count"], n, "{s}");
+            assert_eq!(v["dups"], 0, "{s}");
+        }
+    }
+    let log = svc.log_text();
+    assert!(log.contains("registered"), "{log}");
+    drop(sender);
+    drop(receivers);
+    drop(svc);
+    drop(lab);
+}
