@@ -15,11 +15,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader as TBufReader, BufWriter}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    // PAIR_RT=current runs each process on a single-threaded runtime.
+    let rt = if std::env::var("PAIR_RT").as_deref() == Ok("current") {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
     if args.get(1).map(String::as_str) == Some("child") {
         rt.block_on(child(&args[2], &args[3], args[4].parse().expect("n")));
         return;
@@ -33,8 +41,18 @@ fn main() {
     let mut raw = Vec::new();
     let mut bus = Vec::new();
     for run in 1..=runs {
-        let r = rt.block_on(parent("raw", n, size));
-        let b = rt.block_on(parent("bus", n, size));
+        // PAIR_ONLY=bus (or raw) runs one side only, for profiling.
+        let only = std::env::var("PAIR_ONLY").unwrap_or_default();
+        let r = if only == "bus" {
+            f64::NAN
+        } else {
+            rt.block_on(parent("raw", n, size))
+        };
+        let b = if only == "raw" {
+            f64::NAN
+        } else {
+            rt.block_on(parent("bus", n, size))
+        };
         println!(
             "run {run}: raw tcp {:>12.0} ev/s   ipcbus {:>12.0} ev/s   ratio {:.2}",
             r,
@@ -94,6 +112,12 @@ async fn parent(mode: &str, n: u64, size: usize) -> f64 {
             let mut tx = Sender::builder(Handle::new("bench").expect("handle"))
                 .discovery(disc)
                 .compress(false)
+                .queue_capacity(
+                    std::env::var("PAIR_WINDOW")
+                        .ok()
+                        .and_then(|w| w.parse().ok())
+                        .unwrap_or(65536),
+                )
                 .build()
                 .await
                 .expect("sender");

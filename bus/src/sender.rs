@@ -847,6 +847,9 @@ async fn drive(conn: &Arc<Conn>, receiver_id: crate::ids::ReceiverId) -> FailRea
             };
             let Some(chunk) = chunk else {
                 notified.await;
+                // Give a publisher in full flow a moment to queue more, so one write
+                // carries many events rather than one.
+                tokio::task::yield_now().await;
                 continue;
             };
             conn.space.notify_one();
