@@ -33,7 +33,7 @@ pub struct Args {
     /// Messages to send, one event each [default: the lines of stdin]
     pub messages: Vec<OsString>,
 
-    /// Read events from stdin, one per line, even if MESSAGEs are given
+    /// Read events from stdin, one per line (what happens anyway without MESSAGEs)
     #[arg(long, conflicts_with = "messages")]
     pub stdin: bool,
 
