@@ -265,11 +265,11 @@ fn listen_timeout_with_count_exits_1() {
 #[test]
 fn broken_stdout_pipe_exits_quietly() {
     let rt = Tmp::new("pipe");
-    let (mut l, _) = listen(&rt, &["piped", "--count", "5"], &[]);
-    l.close_stdout();
-    // Give the reader thread a moment to drop its end of the pipe.
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let _ = send(&rt, &["piped", "a", "b"], &[], b"");
+    let mut c = ipcbus_cmd(rt.path());
+    c.args(["listen", "piped", "--count", "5"]);
+    let mut l = Proc::spawn_stdout_closed(c);
+    l.stderr_line("ready ");
+    let _ = send(&rt, &["piped", "a"], &[], b"");
     let st = l.wait(T).expect("listen exits when stdout is closed");
     assert!(st.success(), "{st:?}");
     let err = l.stderr_rest();

@@ -191,10 +191,20 @@ impl Proc {
         Proc { child, out, err }
     }
 
-    /// Stops reading stdout and closes it, so the child's next write meets a closed
-    /// pipe.
-    pub fn close_stdout(&mut self) {
-        self.out = None;
+    /// Spawns with stdout a pipe whose reading end is closed at once, so the child's
+    /// first write to stdout fails with a broken pipe; stderr is read.
+    pub fn spawn_stdout_closed(mut cmd: Command) -> Proc {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        drop(child.stdout.take());
+        let err = child.stderr.take().map(reader);
+        Proc {
+            child,
+            out: None,
+            err,
+        }
     }
 
     /// Waits for a line on stdout containing `needle`; returns it.
