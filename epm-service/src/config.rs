@@ -42,7 +42,7 @@ pub struct Args {
     /// [default: [::] and 0.0.0.0].
     #[arg(long = "bind", value_name = "ADDR")]
     pub bind: Vec<String>,
-    /// File holding the password (trailing newline ignored).
+    /// File holding the password (its first line).
     #[arg(long, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
     /// Salt for the password, like {0x01,0x02,0x03} or 010203.
@@ -467,9 +467,9 @@ fn read_password(path: &Path) -> Result<String, ConfigError> {
         path: path.to_owned(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"),
     })?;
-    let s = s.strip_suffix('\n').unwrap_or(&s);
-    let s = s.strip_suffix('\r').unwrap_or(s);
-    Ok(s.to_owned())
+    // The first line; a trailing "\r" (a file written on Windows) is not part of it.
+    let line = s.split('\n').next().unwrap_or("");
+    Ok(line.strip_suffix('\r').unwrap_or(line).to_owned())
 }
 
 /// Parses the TOML text of a config file.
@@ -689,6 +689,21 @@ mod tests {
         assert!(parse_file(p, b"port = 1\n[[[").is_err());
         assert!(parse_file(p, &[0xff, 0xfe]).is_err());
         assert_eq!(parse_file(p, b"").unwrap().port, None);
+    }
+
+    #[test]
+    fn the_installer_example_config_is_valid() {
+        let text = include_str!("../../installer/epm.toml");
+        let f = parse_file(Path::new("installer/epm.toml"), text.as_bytes()).unwrap();
+        assert_eq!(f.port, Some(4455));
+        assert!(parse_salt(f.salt.as_deref().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn password_file_is_its_first_line() {
+        let p = tmp("pw4", "first\r\nsecond\n");
+        assert_eq!(read_password(&p).unwrap(), "first");
+        let _ = std::fs::remove_file(p);
     }
 
     #[test]
