@@ -39,7 +39,7 @@ pub struct Args {
     #[arg(long, value_name = "PORT")]
     pub port: Option<u16>,
     /// Address to listen on, `IP` or `IP:PORT`; repeat for several
-    /// [default: [::] and 0.0.0.0].
+    /// [default: `[::]` and `0.0.0.0`].
     #[arg(long = "bind", value_name = "ADDR")]
     pub bind: Vec<String>,
     /// File holding the password (its first line).
