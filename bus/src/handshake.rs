@@ -361,3 +361,221 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     let sealed = sec.mode == Mode::Sealed;
     Ok((c.done(keys.filter(|_| sealed), false), hello.sender))
 }
+
+/// Both sides of the handshake over any byte stream, for the fuzz targets in `fuzz/`
+/// (feature `fuzzing`). Not a stable API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use tokio::io::{AsyncRead, AsyncWrite};
+
+    use super::HandshakeError;
+    use crate::handle::Handle;
+    use crate::ids::{ReceiverId, SenderId};
+    use crate::proto::crypto::Key;
+    use crate::proto::frame::Mode;
+    use crate::security::Resolved;
+
+    fn resolved(key: Option<Key>, sealed: bool) -> Resolved {
+        let mode = match (&key, sealed) {
+            (None, _) => Mode::Open,
+            (Some(_), false) => Mode::Authenticated,
+            (Some(_), true) => Mode::Sealed,
+        };
+        Resolved { mode, key }
+    }
+
+    /// Runs the accepting side against `io`; `Ok` when the peer completed it.
+    ///
+    /// # Errors
+    /// [`HandshakeError`], as a receiver sees it.
+    pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+        io: S,
+        handle: &Handle,
+        key: Option<Key>,
+        sealed: bool,
+        max_frame: usize,
+    ) -> Result<(), HandshakeError> {
+        let sec = resolved(key, sealed);
+        super::accept(io, handle, ReceiverId([7; 16]), &sec, max_frame)
+            .await
+            .map(|_| ())
+    }
+
+    /// Runs the connecting side against `io`; `Ok` when the peer completed it.
+    ///
+    /// # Errors
+    /// [`HandshakeError`], as a sender sees it.
+    pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
+        io: S,
+        handle: &Handle,
+        key: Option<Key>,
+        sealed: bool,
+        expect: Option<ReceiverId>,
+        max_frame: usize,
+    ) -> Result<(), HandshakeError> {
+        let sec = resolved(key, sealed);
+        super::connect(io, handle, SenderId([9; 16]), &sec, expect, max_frame)
+            .await
+            .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::crypto::Key;
+
+    fn sec(mode: Mode, key: Option<&Key>) -> Resolved {
+        Resolved {
+            mode,
+            key: key.cloned(),
+        }
+    }
+
+    async fn pair(
+        client_handle: &str,
+        client: Resolved,
+        server: Resolved,
+        expect: Option<ReceiverId>,
+    ) -> (
+        Result<bool, HandshakeError>,
+        Result<SenderId, HandshakeError>,
+    ) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let ch = Handle::new(client_handle).unwrap();
+        let sh = Handle::new("h").unwrap();
+        let rid = ReceiverId([7; 16]);
+        let sid = SenderId([8; 16]);
+        let (c, s) = tokio::join!(
+            connect(a, &ch, sid, &client, expect, 1 << 20),
+            accept(b, &sh, rid, &server, 1 << 20)
+        );
+        // The client side's result says whether its frames will be sealed.
+        (c.map(|e| e.tx.is_some()), s.map(|(_, sender)| sender))
+    }
+
+    #[tokio::test]
+    async fn succeeds_in_every_mode_with_matching_settings() {
+        let k = Key::from_bytes([1; 32]);
+        for (mode, key) in [
+            (Mode::Open, None),
+            (Mode::Authenticated, Some(&k)),
+            (Mode::Sealed, Some(&k)),
+        ] {
+            let (c, s) = pair(
+                "h",
+                sec(mode, key),
+                sec(mode, key),
+                Some(ReceiverId([7; 16])),
+            )
+            .await;
+            assert_eq!(c.unwrap(), mode == Mode::Sealed);
+            assert_eq!(s.unwrap(), SenderId([8; 16]));
+        }
+    }
+
+    #[tokio::test]
+    async fn wrong_key_is_named_on_both_sides() {
+        let a = Key::from_bytes([1; 32]);
+        let b = Key::from_bytes([2; 32]);
+        for mode in [Mode::Authenticated, Mode::Sealed] {
+            let (c, s) = pair("h", sec(mode, Some(&a)), sec(mode, Some(&b)), None).await;
+            assert!(
+                matches!(c, Err(HandshakeError::AuthenticationFailed)),
+                "{c:?}"
+            );
+            assert!(
+                matches!(s, Err(HandshakeError::AuthenticationFailed)),
+                "{s:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn security_mismatch_wrong_handle_and_wrong_receiver() {
+        let k = Key::from_bytes([1; 32]);
+        let (c, s) = pair(
+            "h",
+            sec(Mode::Open, None),
+            sec(Mode::Sealed, Some(&k)),
+            None,
+        )
+        .await;
+        assert!(matches!(c, Err(HandshakeError::SecurityMismatch)), "{c:?}");
+        assert!(matches!(s, Err(HandshakeError::SecurityMismatch)), "{s:?}");
+        assert!(c.unwrap_err().is_auth_failure());
+
+        let (c, s) = pair("other", sec(Mode::Open, None), sec(Mode::Open, None), None).await;
+        assert!(
+            matches!(
+                c,
+                Err(HandshakeError::Rejected {
+                    reason: RejectReason::WrongHandle,
+                    ..
+                })
+            ),
+            "{c:?}"
+        );
+        assert!(matches!(s, Err(HandshakeError::WrongHandle(h)) if h == "other"));
+
+        let (c, _) = pair(
+            "h",
+            sec(Mode::Open, None),
+            sec(Mode::Open, None),
+            Some(ReceiverId([9; 16])),
+        )
+        .await;
+        assert!(
+            matches!(c, Err(HandshakeError::WrongReceiver { .. })),
+            "{c:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn unsupported_version_and_garbage() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let sh = Handle::new("h").unwrap();
+        // A hello from a future version gets Reject(1).
+        let (mut a, b) = tokio::io::duplex(4096);
+        let server = tokio::spawn(async move {
+            accept(b, &sh, ReceiverId([7; 16]), &sec(Mode::Open, None), 1 << 20)
+                .await
+                .map(|_| ())
+        });
+        let mut body = BytesMut::new();
+        body.extend_from_slice(b"IPCB\x00\x02");
+        let mut out = BytesMut::new();
+        put_frame(&mut out, Kind::Hello, Flags(0), 0, &body);
+        a.write_all(&out).await.unwrap();
+        let mut got = vec![0u8; 64];
+        let n = a.read(&mut got).await.unwrap();
+        assert_eq!(got[4], Kind::Reject as u8);
+        assert_eq!(got[14], 1, "reason: unsupported version ({:?})", &got[..n]);
+        assert!(matches!(
+            server.await.unwrap(),
+            Err(HandshakeError::UnsupportedVersion(2))
+        ));
+
+        // Bytes that are not a frame close the handshake with a decode error.
+        let sh = Handle::new("h").unwrap();
+        let (mut a, b) = tokio::io::duplex(4096);
+        let server = tokio::spawn(async move {
+            accept(b, &sh, ReceiverId([7; 16]), &sec(Mode::Open, None), 1 << 20)
+                .await
+                .map(|_| ())
+        });
+        a.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").await.unwrap();
+        assert!(matches!(
+            server.await.unwrap(),
+            Err(HandshakeError::Decode(_))
+        ));
+
+        // A peer that hangs up mid-handshake.
+        let sh = Handle::new("h").unwrap();
+        let (a, b) = tokio::io::duplex(4096);
+        drop(a);
+        let r = accept(b, &sh, ReceiverId([7; 16]), &sec(Mode::Open, None), 1 << 20).await;
+        assert!(matches!(r, Err(HandshakeError::Closed)));
+    }
+}

@@ -263,3 +263,37 @@ async fn a_capture_of_encrypted_traffic_holds_no_plaintext() {
     std::fs::remove_dir_all(dir_rx).ok();
     std::fs::remove_dir_all(dir_tx).ok();
 }
+
+#[tokio::test]
+async fn allowed_ports_bind_the_first_free_one_and_say_when_all_are_taken() {
+    let (disc, dir) = registry("ports");
+    // Two ports we hold, then one we free again: the receiver must skip the held ones.
+    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let ports = [
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+        free.local_addr().unwrap().port(),
+    ];
+    drop(free);
+    let rx = Receiver::builder(handle("ports"))
+        .discovery(disc.clone())
+        .allowed_ports(ports)
+        .bind()
+        .await
+        .unwrap();
+    assert_eq!(rx.local_addr().port(), ports[2]);
+    let err = Receiver::builder(handle("ports"))
+        .discovery(disc)
+        .allowed_ports(ports)
+        .bind()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ipcbus::BindError::PortsExhausted { tried: 3, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("all 3 allowed ports"), "{err}");
+    std::fs::remove_dir_all(dir).ok();
+}

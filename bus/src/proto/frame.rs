@@ -463,3 +463,150 @@ pub fn parse_ack(b: &[u8]) -> Result<u64, DecodeError> {
     let arr: [u8; 8] = b.try_into().map_err(|_| DecodeError::Malformed("ack"))?;
     Ok(u64::from_be_bytes(arr))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> Hello {
+        Hello {
+            version: VERSION,
+            mode: Mode::Sealed,
+            handle: Handle::new("orders").unwrap(),
+            sender: SenderId([0x11; 16]),
+            nonce: [0x22; NONCE_LEN],
+        }
+    }
+
+    #[test]
+    fn pinned_hello_bytes_and_round_trip() {
+        let mut b = BytesMut::new();
+        hello().encode(&mut b);
+        let expect = String::from("49504342") // magic
+            + "0001" // version
+            + "02" // mode sealed
+            + "06" + &hex::encode("orders")
+            + &"11".repeat(16)
+            + &"22".repeat(32);
+        assert_eq!(hex::encode(&b), expect);
+        assert_eq!(Hello::parse(&b).unwrap(), HelloParse::Hello(hello()));
+    }
+
+    #[test]
+    fn hello_reject_paths() {
+        let mut good = BytesMut::new();
+        hello().encode(&mut good);
+        // wrong magic
+        let mut b = good.clone();
+        b[0] = b'X';
+        assert_eq!(Hello::parse(&b), Err(DecodeError::BadMagic));
+        assert_eq!(Hello::parse(b"IPC"), Err(DecodeError::BadMagic));
+        // another version is reported, not an error
+        let mut b = good.clone();
+        b[5] = 9;
+        assert_eq!(Hello::parse(&b), Ok(HelloParse::UnsupportedVersion(9)));
+        // unknown mode
+        let mut b = good.clone();
+        b[6] = 7;
+        assert_eq!(Hello::parse(&b), Err(DecodeError::Malformed("hello")));
+        // truncated at every length
+        for n in 6..good.len() {
+            assert!(Hello::parse(&good[..n]).is_err(), "prefix of {n} bytes");
+        }
+        // trailing bytes
+        let mut b = good.clone();
+        b.put_u8(0);
+        assert_eq!(Hello::parse(&b), Err(DecodeError::Malformed("hello")));
+        // bad handle on the wire
+        let mut b = good.clone();
+        b[8] = b'/';
+        assert!(matches!(Hello::parse(&b), Err(DecodeError::Handle(_))));
+        // empty handle
+        let mut b = BytesMut::new();
+        b.put_slice(&good[..7]);
+        b.put_u8(0);
+        b.put_slice(&good[14..]);
+        assert!(matches!(
+            Hello::parse(&b),
+            Err(DecodeError::Handle(HandleError::Empty))
+        ));
+    }
+
+    #[test]
+    fn welcome_round_trip_and_reject_paths() {
+        for proof in [None, Some([9u8; PROOF_LEN])] {
+            let w = Welcome {
+                receiver: ReceiverId([3; 16]),
+                nonce: [4; NONCE_LEN],
+                proof,
+            };
+            let mut b = BytesMut::new();
+            w.encode(&mut b);
+            assert_eq!(Welcome::parse(&b).unwrap(), w);
+            for n in 0..b.len() {
+                assert!(Welcome::parse(&b[..n]).is_err());
+            }
+        }
+        // proof length byte that disagrees with the body
+        let mut b = BytesMut::new();
+        Welcome {
+            receiver: ReceiverId([3; 16]),
+            nonce: [4; NONCE_LEN],
+            proof: None,
+        }
+        .encode(&mut b);
+        let last = b.len() - 1;
+        b[last] = 32;
+        assert_eq!(Welcome::parse(&b), Err(DecodeError::Malformed("welcome")));
+    }
+
+    #[test]
+    fn reject_proof_and_ack_bodies() {
+        let r = Reject {
+            reason: RejectReason::AuthenticationFailed,
+            text: "nope".into(),
+        };
+        let mut b = BytesMut::new();
+        r.encode(&mut b);
+        assert_eq!(hex::encode(&b), "030004".to_string() + &hex::encode("nope"));
+        assert_eq!(Reject::parse(&b).unwrap(), r);
+        assert_eq!(
+            Reject::parse(&b[..2]),
+            Err(DecodeError::Malformed("reject"))
+        );
+        assert_eq!(
+            Reject::parse(&b[..5]),
+            Err(DecodeError::Malformed("reject"))
+        );
+        // long texts are cut on a character boundary
+        let long = Reject {
+            reason: RejectReason::Other(42),
+            text: "é".repeat(600),
+        };
+        let mut b = BytesMut::new();
+        long.encode(&mut b);
+        let back = Reject::parse(&b).unwrap();
+        assert_eq!(back.reason, RejectReason::Other(42));
+        assert_eq!(back.text.len(), 1024);
+        for code in 0..=255u8 {
+            assert_eq!(RejectReason::from_code(code).code(), code);
+        }
+        assert_eq!(parse_proof(&[]), Ok(None));
+        assert_eq!(parse_proof(&[1; 32]), Ok(Some([1; 32])));
+        assert_eq!(parse_proof(&[1; 31]), Err(DecodeError::Malformed("proof")));
+        assert_eq!(parse_ack(&42u64.to_be_bytes()), Ok(42));
+        assert_eq!(parse_ack(&[0; 7]), Err(DecodeError::Malformed("ack")));
+        assert_eq!(parse_ack(&[0; 9]), Err(DecodeError::Malformed("ack")));
+    }
+
+    #[test]
+    fn kinds_and_flags() {
+        for b in 0..=255u8 {
+            if let Some(k) = Kind::from_u8(b) {
+                assert_eq!(k as u8, b);
+            }
+        }
+        assert!(Flags(3).compressed() && Flags(3).sealed());
+        assert!(!Flags(0).compressed() && !Flags(0).sealed());
+    }
+}
