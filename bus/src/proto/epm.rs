@@ -571,6 +571,76 @@ mod tests {
         }
     }
 
+    /// Round-trips pseudo-random messages through frames, plain and sealed.
+    #[test]
+    fn random_messages_round_trip() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut handle = |n: u64| {
+            let len = 1 + (n % 40) as usize;
+            let s: String = (0..len)
+                .map(|i| char::from(b'a' + ((n >> (i % 8)) as u8 % 26)))
+                .collect();
+            h(&s)
+        };
+        for sealed in [false, true] {
+            let (mut enc, mut dec) = frames(sealed);
+            let mut codec = CodecV1::new(1 << 20);
+            for _ in 0..500 {
+                let r = next();
+                let e = Entry {
+                    endpoint: if r % 2 == 0 {
+                        SocketAddr::from(((r as u32).to_be_bytes(), (r >> 32) as u16))
+                    } else {
+                        SocketAddr::from(((r as u128).to_be_bytes(), (r >> 40) as u16))
+                    },
+                    receiver: ReceiverId((r as u128 * 31).to_be_bytes()),
+                    pid: (r % 3 != 0).then_some((r >> 8) as u32),
+                    version: (r >> 16) as u16,
+                    since_ms: r >> 3,
+                };
+                let op = match r % 8 {
+                    0 => Op::Register {
+                        handle: handle(r),
+                        entry: e.clone(),
+                        lease_ms: (r >> 24) as u32,
+                    },
+                    1 => Op::Unregister {
+                        handle: handle(r),
+                        receiver: e.receiver,
+                    },
+                    2 => Op::KeepAlive,
+                    3 => Op::Lookup { handle: handle(r) },
+                    4 => Op::Watch { handle: handle(r) },
+                    5 => Op::Unwatch { handle: handle(r) },
+                    6 => Op::List,
+                    _ => Op::Status,
+                };
+                let req = Request {
+                    id: (r >> 5) as u32,
+                    op,
+                };
+                let resp = Response::Reply {
+                    id: r as u32,
+                    answer: Answer::Records(vec![e; (r % 50) as usize]),
+                };
+                let mut wire = BytesMut::new();
+                enc.encode(&req, &mut wire);
+                enc.encode(&resp, &mut wire);
+                let f = codec.decode(&mut wire).unwrap().unwrap();
+                assert_eq!(dec.decode::<Request>(f).unwrap(), req);
+                let f = codec.decode(&mut wire).unwrap().unwrap();
+                assert_eq!(dec.decode::<Response>(f).unwrap(), resp);
+                assert!(wire.is_empty());
+            }
+        }
+    }
+
     #[test]
     fn rejects_bad_bodies() {
         // unknown op
