@@ -581,7 +581,7 @@ mod tests {
             state ^= state << 17;
             state
         };
-        let mut handle = |n: u64| {
+        let handle = |n: u64| {
             let len = 1 + (n % 40) as usize;
             let s: String = (0..len)
                 .map(|i| char::from(b'a' + ((n >> (i % 8)) as u8 % 26)))
