@@ -4,17 +4,16 @@
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use futures::{FutureExt, Stream, StreamExt};
-use tokio::io::AsyncWriteExt;
+use bytes::{Buf, Bytes, BytesMut};
+use futures::Stream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify, Semaphore};
-use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -23,12 +22,12 @@ use crate::discovery::Discovery;
 use crate::epm::{Epm, EpmError};
 use crate::handle::Handle;
 use crate::handshake;
-use crate::ids::ReceiverId;
+use crate::ids::{ReceiverId, SenderId};
 use crate::message::Message;
 use crate::proto::codec::{put_frame, CodecV1};
 use crate::proto::compress::gunzip;
-use crate::proto::crypto::Sealer;
-use crate::proto::frame::{DecodeError, Flags, Kind, DEFAULT_MAX_FRAME};
+use crate::proto::crypto::{Sealer, TAG_LEN};
+use crate::proto::frame::{DecodeError, Flags, Kind, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX};
 use crate::registry::{Record, RegistryError};
 use crate::security::{Resolved, Security};
 
@@ -88,8 +87,9 @@ impl ReceiverBuilder {
         self
     }
 
-    /// About how many received events may wait for the application (default 1024):
-    /// events wait in up to `n / 32` batches of at most 128 events or 256 KiB each.
+    /// Sizes the queue of received events waiting for the application (default 1024):
+    /// events wait in up to `max(2, n / 256)` batches, each the frames of one read from
+    /// a socket (at most 256 KiB, or one larger frame), so memory stays bounded.
     /// When full, the receiver stops reading its sockets and senders feel
     /// backpressure.
     pub fn queue_capacity(mut self, n: usize) -> Self {
@@ -163,7 +163,7 @@ impl ReceiverBuilder {
             advertised.set_ip(discovery.advertise_ip().await?);
         }
         let id = ReceiverId::random();
-        let (tx, rx) = mpsc::channel((self.queue_capacity / 32).max(1));
+        let (tx, rx) = mpsc::channel((self.queue_capacity / 256).max(2));
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         let shared = Arc::new(Shared {
@@ -236,18 +236,228 @@ pub struct Receiver {
     tasks: TaskTracker,
 }
 
-/// Most events one connection hands over at once.
-const BATCH: usize = 128;
-/// A batch is handed over once its payloads reach this many bytes.
-const BATCH_BYTES: usize = 256 * 1024;
+/// Smallest free space a read is given.
+const MIN_READ: usize = 16 * 1024;
+/// Reads start at this size and double, up to [`MAX_READ`], while they fill the buffer.
+const FIRST_READ: usize = 64 * 1024;
+/// Largest read, and so (but for a single larger frame) the largest batch.
+const MAX_READ: usize = 256 * 1024;
 
-/// Events decoded from one connection in one go, handed to the application through
-/// the queue as one item; taking events from it touches no shared state but the ack
-/// counter.
+/// The frames of one read from one connection, handed to the application through the
+/// queue as one item. The frames were checked (kind, flags, order), opened and
+/// inflated by the connection task; taking an event parses its header again and
+/// slices its payload out of `data`, so it touches no shared state but the ack
+/// counter, and costs no reference-count traffic between threads.
 #[derive(Debug)]
 struct Batch {
-    msgs: std::vec::IntoIter<Message>,
+    /// Whole, checked Data frames; sealed ones opened in place (the tag left behind).
+    data: Bytes,
+    /// The inflated payloads of the compressed frames in `data`, in order.
+    inflated: std::vec::IntoIter<Bytes>,
+    sender: SenderId,
     ack: Arc<AckState>,
+}
+
+impl Batch {
+    /// The next event of the batch. `data` holds only frames the connection task
+    /// checked, so the checks here never fail; if they did, the batch just ends.
+    fn next_message(&mut self) -> Option<Message> {
+        let d = &self.data[..];
+        let prefix = d.first_chunk::<LEN_PREFIX>()?;
+        let end = LEN_PREFIX + u32::from_be_bytes(*prefix) as usize;
+        let header = d.get(LEN_PREFIX..LEN_PREFIX + HEADER_LEN)?;
+        if end > d.len() {
+            return None;
+        }
+        let flags = Flags(header[1]);
+        let seq = u64::from_be_bytes(*header[2..].first_chunk::<8>()?);
+        let body_end = if flags.sealed() { end - TAG_LEN } else { end };
+        let payload = if flags.compressed() {
+            self.inflated.next()?
+        } else {
+            self.data.slice(LEN_PREFIX + HEADER_LEN..body_end)
+        };
+        self.data.advance(end);
+        Some(Message {
+            payload,
+            sender: self.sender,
+            seq,
+        })
+    }
+}
+
+/// Read buffers of one connection that the application has finished with, kept for
+/// the next reads so their pages stay mapped and warm (a fresh buffer per read costs
+/// a page fault per 4 KiB). At most [`POOLED`] are kept.
+#[derive(Debug, Default)]
+struct Pool(Mutex<Vec<Vec<u8>>>);
+
+/// Most spare read buffers a connection keeps.
+const POOLED: usize = 4;
+
+impl Pool {
+    /// An empty buffer of at least `cap` bytes.
+    fn get(&self, cap: usize) -> Vec<u8> {
+        let found = lock(&self.0).pop();
+        match found {
+            Some(mut b) => {
+                b.reserve(cap);
+                b
+            }
+            None => Vec::with_capacity(cap),
+        }
+    }
+
+    fn put(&self, mut b: Vec<u8>) {
+        b.clear();
+        let mut pool = lock(&self.0);
+        if pool.len() < POOLED {
+            pool.push(b);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A read buffer shared by the events sliced out of it; back to the pool when the
+/// last of them is dropped.
+struct Pooled {
+    buf: Vec<u8>,
+    pool: Arc<Pool>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.pool.put(std::mem::take(&mut self.buf));
+    }
+}
+
+/// The read side of one sender connection: the read buffer, and how far into it the
+/// frames are checked.
+struct Input {
+    codec: CodecV1,
+    opener: Option<Sealer>,
+    buf: Vec<u8>,
+    /// `buf[..checked]` holds whole, checked frames.
+    checked: usize,
+    last_seq: u64,
+    inflated: Vec<Bytes>,
+    read_size: usize,
+    pool: Arc<Pool>,
+}
+
+impl Input {
+    fn new(codec: CodecV1, opener: Option<Sealer>, already: BytesMut) -> Input {
+        let mut buf = Vec::with_capacity(FIRST_READ.max(already.len()));
+        buf.extend_from_slice(&already);
+        Input {
+            codec,
+            opener,
+            buf,
+            checked: 0,
+            last_seq: 0,
+            inflated: Vec::new(),
+            read_size: FIRST_READ,
+            pool: Arc::new(Pool::default()),
+        }
+    }
+
+    /// Checks every complete frame after `checked`: a Data frame, in order, sealed
+    /// exactly when the connection is, opened in place, inflated if compressed. Then
+    /// checks what has arrived of the next, incomplete frame.
+    fn scan(&mut self) -> Result<(), DecodeError> {
+        loop {
+            let rest = &self.buf[self.checked..];
+            let Some(len) = self.codec.check_front(rest)? else {
+                return Ok(());
+            };
+            if rest.len() < LEN_PREFIX + len {
+                return Ok(());
+            }
+            let start = self.checked + LEN_PREFIX;
+            let frame = &mut self.buf[start..start + len];
+            let (header, body) = frame.split_at_mut(HEADER_LEN);
+            let kind = Kind::from_u8(header[0]).ok_or(DecodeError::UnknownKind(header[0]))?;
+            let flags = Flags(header[1]);
+            let mut seq_bytes = [0u8; 8];
+            seq_bytes.copy_from_slice(&header[2..]);
+            let seq = u64::from_be_bytes(seq_bytes);
+            if kind != Kind::Data {
+                return Err(DecodeError::Unexpected {
+                    got: kind,
+                    expected: "Data",
+                });
+            }
+            if seq <= self.last_seq {
+                return Err(DecodeError::OutOfOrder {
+                    seq,
+                    last: self.last_seq,
+                });
+            }
+            let body_len = match &self.opener {
+                Some(s) => s.open_in_place(kind, flags, seq, body)?,
+                None if flags.sealed() => return Err(DecodeError::SealMismatch),
+                None => body.len(),
+            };
+            if flags.compressed() {
+                let max = self.codec.max_frame();
+                self.inflated.push(gunzip(&body[..body_len], max)?.into());
+            }
+            self.last_seq = seq;
+            self.checked = start + len;
+        }
+    }
+
+    /// The checked frames as a batch, if there are any. The bytes of an incomplete
+    /// frame after them move to the next buffer.
+    fn take_batch(&mut self, sender: SenderId, ack: &Arc<AckState>) -> Option<Batch> {
+        if self.checked == 0 {
+            return None;
+        }
+        let tail = self.buf.len() - self.checked;
+        let mut next = self.pool.get(self.read_size.max(tail + MIN_READ));
+        next.extend_from_slice(&self.buf[self.checked..]);
+        self.buf.truncate(self.checked);
+        self.checked = 0;
+        let full = std::mem::replace(&mut self.buf, next);
+        Some(Batch {
+            data: Bytes::from_owner(Pooled {
+                buf: full,
+                pool: self.pool.clone(),
+            }),
+            inflated: std::mem::take(&mut self.inflated).into_iter(),
+            sender,
+            ack: ack.clone(),
+        })
+    }
+
+    /// Makes room for the next read: the whole of an incomplete frame whose length is
+    /// known (that length was checked against the maximum), else at least `MIN_READ`.
+    fn make_room(&mut self) -> Result<(), DecodeError> {
+        let want = match self.codec.check_front(&self.buf)? {
+            Some(len) => (LEN_PREFIX + len).saturating_sub(self.buf.len()),
+            None => 0,
+        };
+        if self.buf.capacity() - self.buf.len() < want.max(MIN_READ) {
+            self.buf.reserve(want.max(self.read_size));
+        }
+        Ok(())
+    }
+
+    /// Reads grow while they fill the space they are given, up to `MAX_READ`.
+    fn grow_if_full(&mut self, n: usize) {
+        if n >= self.read_size && self.read_size < MAX_READ {
+            self.read_size *= 2;
+        }
+    }
 }
 
 /// Shared between the application side (which takes events) and a connection's ack
@@ -307,7 +517,7 @@ impl Receiver {
 
     fn take_current(&mut self) -> Option<Message> {
         let b = self.current.as_mut()?;
-        match b.msgs.next() {
+        match b.next_message() {
             Some(m) => {
                 b.ack.take(m.seq);
                 Some(m)
@@ -454,88 +664,33 @@ async fn serve(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, tx: mpsc:
         shared.shutdown.clone(),
         conn_done.clone(),
     ));
-    let mut frames = FramedRead::with_capacity(rd, CodecV1::new(shared.max_frame), 64 * 1024);
-    frames.read_buffer_mut().extend_from_slice(&est.read_buf);
-    let mut last = 0u64;
-    let mut batch: Vec<Message> = Vec::with_capacity(BATCH);
-    let mut batch_bytes = 0usize;
+    let mut rd = rd;
+    let mut input = Input::new(CodecV1::new(shared.max_frame), est.rx, est.read_buf);
     let result: Result<(), DecodeError> = loop {
-        // Hand over what is decoded once no further frame is ready at once.
-        let next = if batch.is_empty() {
+        // Validate (and open, and inflate) every complete frame read so far, then hand
+        // them over as one batch: one queue item per read, not per event.
+        // Frames before a bad one still reach the application.
+        let scanned = input.scan();
+        if let Some(b) = input.take_batch(sender, &ack) {
             tokio::select! {
                 _ = shared.shutdown.cancelled() => break Ok(()),
-                f = frames.next() => f,
+                r = tx.send(b) => if r.is_err() { break Ok(()) },
             }
-        } else {
-            match frames.next().now_or_never() {
-                Some(f) if batch.len() < BATCH && batch_bytes < BATCH_BYTES => f,
-                not_ready => {
-                    let b = Batch {
-                        msgs: std::mem::replace(&mut batch, Vec::with_capacity(BATCH)).into_iter(),
-                        ack: ack.clone(),
-                    };
-                    batch_bytes = 0;
-                    tokio::select! {
-                        _ = shared.shutdown.cancelled() => break Ok(()),
-                        r = tx.send(b) => if r.is_err() { break Ok(()) },
-                    }
-                    match not_ready {
-                        Some(f) => f,
-                        None => continue,
-                    }
-                }
-            }
-        };
-        let mut f = match next {
-            None => break Ok(()),
-            Some(Err(e)) => break Err(e),
-            Some(Ok(f)) => f,
-        };
-        if f.kind != Kind::Data {
-            break Err(DecodeError::Unexpected {
-                got: f.kind,
-                expected: "Data",
-            });
         }
-        if f.seq <= last {
-            break Err(DecodeError::OutOfOrder { seq: f.seq, last });
+        if let Err(e) = scanned {
+            break Err(e);
         }
-        match &est.rx {
-            Some(s) => {
-                if let Err(e) = s.open(&mut f) {
-                    break Err(e);
-                }
-            }
-            None if f.flags.sealed() => break Err(DecodeError::SealMismatch),
-            None => {}
+        if let Err(e) = input.make_room() {
+            break Err(e);
         }
-        last = f.seq;
-        let payload: Bytes = if f.flags.compressed() {
-            match gunzip(&f.body, shared.max_frame) {
-                Ok(v) => v.into(),
-                Err(e) => break Err(e),
-            }
-        } else {
-            f.body.freeze()
-        };
-        batch_bytes += payload.len();
-        batch.push(Message {
-            payload,
-            sender,
-            seq: f.seq,
-        });
-    };
-    // Events decoded before the connection ended still reach the application.
-    if !batch.is_empty() && !shared.shutdown.is_cancelled() {
-        let b = Batch {
-            msgs: batch.into_iter(),
-            ack: ack.clone(),
-        };
         tokio::select! {
-            _ = shared.shutdown.cancelled() => {}
-            _ = tx.send(b) => {}
+            _ = shared.shutdown.cancelled() => break Ok(()),
+            r = rd.read_buf(&mut input.buf) => match r {
+                Ok(0) | Err(_) => break Ok(()),
+                Ok(n) => input.grow_if_full(n),
+            },
         }
-    }
+    };
     if let Err(e) = result {
         tracing::warn!(%peer, handle = %shared.handle, %sender, error = %e, "closing connection on bad input");
     }

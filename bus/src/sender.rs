@@ -36,7 +36,7 @@ use crate::epm::{Epm, EpmError};
 use crate::handle::Handle;
 use crate::handshake::{self, HandshakeError};
 use crate::ids::SenderId;
-use crate::proto::codec::{put_header, CodecV1};
+use crate::proto::codec::CodecV1;
 use crate::proto::compress::{gzip, DEFAULT_THRESHOLD};
 use crate::proto::crypto::{Sealer, TAG_LEN};
 use crate::proto::frame::{
@@ -228,7 +228,8 @@ impl SenderBuilder {
             targets: Arc::from(Vec::new()),
             updates: upd_rx,
             ready: ready_rx,
-            last: None,
+            last_seq: 0,
+            last_targets: None,
         };
         sender.apply_updates();
         Ok(sender)
@@ -249,7 +250,10 @@ pub struct Sender {
     targets: Arc<[Arc<Conn>]>,
     updates: mpsc::UnboundedReceiver<Update>,
     ready: watch::Receiver<usize>,
-    last: Option<PendingReport>,
+    /// The last event sent to at least one receiver, and its targets (kept without a
+    /// reference-count update per event: replaced only when the targets change).
+    last_seq: u64,
+    last_targets: Option<Arc<[Arc<Conn>]>>,
 }
 
 impl Sender {
@@ -346,28 +350,37 @@ impl Sender {
             },
             _ => (Flags(0), payload),
         };
+        // Encoded once for every receiver: the per-connection work is two copies.
+        let header = data_header(flags, seq, body.len());
         let mut deadline = None;
         for conn in self.targets.iter() {
-            if !conn.enqueue(seq, flags, &body) {
+            if !conn.enqueue(seq, &header, &body) {
                 let dl = *deadline.get_or_insert_with(|| Instant::now() + self.shared.send_timeout);
-                conn.enqueue_slow(seq, flags, &body, dl).await;
+                conn.enqueue_slow(seq, &header, &body, dl).await;
             }
         }
-        let pending = PendingReport {
+        self.last_seq = seq;
+        if !self
+            .last_targets
+            .as_ref()
+            .is_some_and(|t| Arc::ptr_eq(t, &self.targets))
+        {
+            self.last_targets = Some(self.targets.clone());
+        }
+        Ok(PendingReport {
             seq,
             targets: Some(self.targets.clone()),
-        };
-        self.last = Some(PendingReport {
-            seq,
-            targets: pending.targets.clone(),
-        });
-        Ok(pending)
+        })
     }
 
     /// Waits until every event sent so far is acknowledged or reported failed.
     pub async fn flush(&mut self) {
-        if let Some(last) = self.last.take() {
-            last.await;
+        if let Some(targets) = self.last_targets.take() {
+            PendingReport {
+                seq: self.last_seq,
+                targets: Some(targets),
+            }
+            .await;
         }
     }
 
@@ -525,9 +538,11 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-/// Encoded frames waiting for the writer, plus whether the writer sleeps.
+/// Encoded frames waiting for the writer, plus whether the writer sleeps. The writer
+/// swaps `buf` with its own emptied buffer, so the two allocations are reused and
+/// stay warm in the cache.
 struct Out {
-    buf: BytesMut,
+    buf: Vec<u8>,
     writer_waiting: bool,
 }
 
@@ -637,13 +652,13 @@ impl Conn {
         seq - base <= self.shared.window && out.buf.len() < self.shared.buffer_limit
     }
 
-    fn append(&self, out: &mut Out, seq: u64, flags: Flags, body: &[u8]) -> bool {
+    fn append(&self, out: &mut Out, seq: u64, header: &[u8], body: &[u8]) -> bool {
         if self.queued.load(Ordering::Relaxed) == 0 {
             // The first event this connection carries: the window starts here.
             self.acked.store(seq - 1, Ordering::Release);
         }
-        out.buf.reserve(LEN_PREFIX + HEADER_LEN + body.len());
-        put_header(&mut out.buf, Kind::Data, flags, seq, body.len());
+        out.buf.reserve(header.len() + body.len());
+        out.buf.extend_from_slice(header);
         out.buf.extend_from_slice(body);
         self.queued.store(seq, Ordering::Release);
         std::mem::take(&mut out.writer_waiting)
@@ -651,7 +666,7 @@ impl Conn {
 
     /// Queues an event if there is room; `false` if the caller must wait for room.
     /// A dead connection takes nothing: the event is failed for it by `outcome`.
-    fn enqueue(&self, seq: u64, flags: Flags, body: &[u8]) -> bool {
+    fn enqueue(&self, seq: u64, header: &[u8], body: &[u8]) -> bool {
         if let Some(reason) = self.failure.get() {
             self.note_skipped(seq, reason);
             return true;
@@ -661,7 +676,7 @@ impl Conn {
             if !self.has_room(&out, seq) {
                 return false;
             }
-            self.append(&mut out, seq, flags, body)
+            self.append(&mut out, seq, header, body)
         };
         if wake {
             self.writer_wake.notify_one();
@@ -670,12 +685,12 @@ impl Conn {
     }
 
     /// Waits for room until `deadline`; past it, fails the connection as timed out.
-    async fn enqueue_slow(&self, seq: u64, flags: Flags, body: &[u8], deadline: Instant) {
+    async fn enqueue_slow(&self, seq: u64, header: &[u8], body: &[u8], deadline: Instant) {
         loop {
             let notified = self.space.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.enqueue(seq, flags, body) {
+            if self.enqueue(seq, header, body) {
                 return;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -725,7 +740,7 @@ fn start_conn(
         },
         shared: shared.clone(),
         out: Mutex::new(Out {
-            buf: BytesMut::new(),
+            buf: Vec::new(),
             writer_waiting: false,
         }),
         writer_wake: Notify::new(),
@@ -749,7 +764,7 @@ fn start_conn(
         };
         c.fail(reason.clone());
         // Free the queued bytes now; the counters keep every outcome.
-        lock(&c.out).buf = BytesMut::new();
+        lock(&c.out).buf = Vec::new();
         if matches!(
             reason,
             FailReason::Refused
@@ -777,6 +792,20 @@ fn start_conn(
         shared.ended.notify_one();
     });
     conn
+}
+
+/// Output buffers larger than this are freed after a use that filled less than a
+/// quarter of them.
+const KEEP_BUFFER: usize = 1 << 20;
+
+/// The length prefix and header of a Data frame.
+fn data_header(flags: Flags, seq: u64, body_len: usize) -> [u8; LEN_PREFIX + HEADER_LEN] {
+    let mut h = [0u8; LEN_PREFIX + HEADER_LEN];
+    h[..4].copy_from_slice(&((HEADER_LEN + body_len) as u32).to_be_bytes());
+    h[4] = Kind::Data as u8;
+    h[5] = flags.0;
+    h[6..].copy_from_slice(&seq.to_be_bytes());
+    h
 }
 
 /// Re-encodes a buffer of plain frames as sealed frames.
@@ -832,20 +861,22 @@ async fn drive(conn: &Arc<Conn>, receiver_id: crate::ids::ReceiverId) -> FailRea
 
     let writer = async {
         let mut sealed = BytesMut::new();
+        let mut chunk: Vec<u8> = Vec::new();
         loop {
             let notified = conn.writer_wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let chunk = {
+            let took = {
                 let mut out = lock(&conn.out);
                 if out.buf.is_empty() {
                     out.writer_waiting = true;
-                    None
+                    false
                 } else {
-                    Some(out.buf.split())
+                    std::mem::swap(&mut out.buf, &mut chunk);
+                    true
                 }
             };
-            let Some(chunk) = chunk else {
+            if !took {
                 notified.await;
                 // Give a publisher in full flow a moment to queue more, so one write
                 // carries many events rather than one.
@@ -867,6 +898,12 @@ async fn drive(conn: &Arc<Conn>, receiver_id: crate::ids::ReceiverId) -> FailRea
                 tracing::debug!(receiver = %conn.info, error = %e, "write failed");
                 return FailReason::Disconnected;
             }
+            // Keep the buffer (its pages stay mapped), unless it is large and was mostly
+            // unused this time: after a burst, do not keep holding its memory.
+            if chunk.capacity() > KEEP_BUFFER && chunk.len() < chunk.capacity() / 4 {
+                chunk = Vec::new();
+            }
+            chunk.clear();
         }
     };
 

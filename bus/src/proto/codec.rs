@@ -33,6 +33,43 @@ impl CodecV1 {
     }
 }
 
+impl CodecV1 {
+    /// Checks the frame at the front of `src`, complete or not, as far as its bytes
+    /// go: the length field against the maximum and the header size, then the kind
+    /// and flags bytes as soon as they are there, so garbage is rejected without
+    /// waiting for a body that may never come. Returns the length field (bytes after
+    /// the prefix) once the prefix is in, `None` before.
+    ///
+    /// # Errors
+    /// [`DecodeError::TooLong`], [`DecodeError::TooShort`],
+    /// [`DecodeError::UnknownKind`], [`DecodeError::UnknownFlags`].
+    #[inline]
+    pub fn check_front(&self, src: &[u8]) -> Result<Option<usize>, DecodeError> {
+        let Some(prefix) = src.first_chunk::<LEN_PREFIX>() else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes(*prefix) as usize;
+        if len > self.max_frame {
+            return Err(DecodeError::TooLong {
+                len,
+                max: self.max_frame,
+            });
+        }
+        if len < HEADER_LEN {
+            return Err(DecodeError::TooShort { len });
+        }
+        if let Some(&k) = src.get(LEN_PREFIX) {
+            Kind::from_u8(k).ok_or(DecodeError::UnknownKind(k))?;
+        }
+        if let Some(&f) = src.get(LEN_PREFIX + 1) {
+            if f & !Flags::ALL != 0 {
+                return Err(DecodeError::UnknownFlags(f));
+            }
+        }
+        Ok(Some(len))
+    }
+}
+
 impl Default for CodecV1 {
     fn default() -> Self {
         CodecV1::new(DEFAULT_MAX_FRAME)
@@ -44,27 +81,9 @@ impl Decoder for CodecV1 {
     type Error = DecodeError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<RawFrame>, DecodeError> {
-        if src.len() < LEN_PREFIX {
+        let Some(len) = self.check_front(src)? else {
             return Ok(None);
-        }
-        let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
-        if len > self.max_frame {
-            return Err(DecodeError::TooLong {
-                len,
-                max: self.max_frame,
-            });
-        }
-        if len < HEADER_LEN {
-            return Err(DecodeError::TooShort { len });
-        }
-        // Reject garbage as soon as the kind and flags bytes are in, without waiting
-        // for a body that may never come.
-        if src.len() > LEN_PREFIX {
-            Kind::from_u8(src[4]).ok_or(DecodeError::UnknownKind(src[4]))?;
-        }
-        if src.len() > LEN_PREFIX + 1 && src[5] & !Flags::ALL != 0 {
-            return Err(DecodeError::UnknownFlags(src[5]));
-        }
+        };
         if src.len() < LEN_PREFIX + len {
             // `len` is bounded by `max_frame`, so this reservation is too.
             src.reserve(LEN_PREFIX + len - src.len());

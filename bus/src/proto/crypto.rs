@@ -244,6 +244,38 @@ impl Sealer {
         dst.put_slice(&tag);
     }
 
+    /// Opens the body of a sealed frame in place, given its header fields: on success
+    /// `body[..n]` is the plaintext, where `n` (returned) is `body.len() - TAG_LEN`.
+    /// Used by the receive path, which opens frames inside its read buffer.
+    ///
+    /// # Errors
+    /// As [`Sealer::open`].
+    pub fn open_in_place(
+        &self,
+        kind: Kind,
+        flags: Flags,
+        seq: u64,
+        body: &mut [u8],
+    ) -> Result<usize, DecodeError> {
+        if !flags.sealed() {
+            return Err(DecodeError::SealMismatch);
+        }
+        let n = body
+            .len()
+            .checked_sub(TAG_LEN)
+            .ok_or(DecodeError::OpenFailed)?;
+        let (text, tag) = body.split_at_mut(n);
+        self.0
+            .decrypt_in_place_detached(
+                GenericArray::from_slice(&gcm_nonce(seq)),
+                &aad(kind, flags, seq),
+                text,
+                GenericArray::from_slice(tag),
+            )
+            .map_err(|_| DecodeError::OpenFailed)?;
+        Ok(n)
+    }
+
     /// Opens a sealed frame in place, leaving the plaintext in `frame.body`.
     ///
     /// # Errors
@@ -278,9 +310,10 @@ mod tests {
     #[test]
     fn derive_is_cached_and_accepts_short_salts() {
         let a = Key::derive("pw", [1u8, 2, 3]).unwrap();
-        let t = std::time::Instant::now();
         let b = Key::derive("pw", [1u8, 2, 3]).unwrap();
-        assert!(t.elapsed() < std::time::Duration::from_millis(5));
+        // Cached: the very same allocation comes back (no timing, so no flakiness
+        // on a loaded machine).
+        assert!(Arc::ptr_eq(&a.0, &b.0));
         assert_eq!(a, b);
         assert_ne!(a, Key::derive("pw", [1u8, 2, 4]).unwrap());
         assert_ne!(a, Key::derive("pX", [1u8, 2, 3]).unwrap());
