@@ -337,6 +337,10 @@ impl Sender {
                 max: self.max_payload,
             });
         }
+        // Take part in tokio's cooperative scheduling: a publisher in full flow yields
+        // now and then, so on a single-threaded runtime the writer tasks get to write
+        // while it runs, rather than only once every window is full.
+        tokio::task::consume_budget().await;
         self.apply_updates();
         let seq = self.next_seq;
         self.next_seq += 1;
