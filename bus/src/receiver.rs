@@ -1,10 +1,11 @@
 //! The receiving end: binds a port, registers its handle, hands events to the
 //! application and acknowledges them once the application has taken them.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -192,6 +193,7 @@ impl ReceiverBuilder {
             local_addr: advertised,
             rx,
             current: None,
+            taken: HashMap::new(),
             registration: Some(registration),
             shutdown,
             tasks,
@@ -231,6 +233,9 @@ pub struct Receiver {
     local_addr: SocketAddr,
     rx: mpsc::Receiver<Batch>,
     current: Option<Batch>,
+    /// Per sender, the highest sequence the application has taken, and that batch's
+    /// connection (to forget senders whose connections are gone).
+    taken: HashMap<SenderId, (u64, Weak<AckState>)>,
     registration: Option<Announcement>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -256,6 +261,10 @@ struct Batch {
     inflated: std::vec::IntoIter<Bytes>,
     sender: SenderId,
     ack: Arc<AckState>,
+    /// The highest sequence of this sender taken so far: events at or below it come
+    /// from a connection the sender has given up (it reported them failed) and are
+    /// dropped, so a sender's events stay in order across its reconnects.
+    floor: u64,
 }
 
 impl Batch {
@@ -436,6 +445,7 @@ impl Input {
             inflated: std::mem::take(&mut self.inflated).into_iter(),
             sender,
             ack: ack.clone(),
+            floor: 0,
         })
     }
 
@@ -511,20 +521,38 @@ impl Receiver {
             if let Some(m) = self.take_current() {
                 return Some(m);
             }
-            self.current = Some(self.rx.try_recv().ok()?);
+            let b = self.rx.try_recv().ok()?;
+            self.start_batch(b);
         }
     }
 
+    fn start_batch(&mut self, mut b: Batch) {
+        b.floor = self.taken.get(&b.sender).map_or(0, |t| t.0);
+        self.current = Some(b);
+    }
+
     fn take_current(&mut self) -> Option<Message> {
-        let b = self.current.as_mut()?;
-        match b.next_message() {
-            Some(m) => {
-                b.ack.take(m.seq);
-                Some(m)
-            }
-            None => {
-                self.current = None;
-                None
+        loop {
+            let b = self.current.as_mut()?;
+            match b.next_message() {
+                // A late event from an older connection of this sender, which timed
+                // out and was reported failed: delivering it would break the order.
+                Some(m) if m.seq <= b.floor => continue,
+                Some(m) => {
+                    b.floor = m.seq;
+                    b.ack.take(m.seq);
+                    return Some(m);
+                }
+                None => {
+                    if let Some(b) = self.current.take() {
+                        self.taken
+                            .insert(b.sender, (b.floor, Arc::downgrade(&b.ack)));
+                        if self.taken.len() > 1024 {
+                            self.taken.retain(|_, (_, conn)| conn.strong_count() > 0);
+                        }
+                    }
+                    return None;
+                }
             }
         }
     }
@@ -535,7 +563,7 @@ impl Receiver {
                 return Poll::Ready(Some(m));
             }
             match self.rx.poll_recv(cx) {
-                Poll::Ready(Some(b)) => self.current = Some(b),
+                Poll::Ready(Some(b)) => self.start_batch(b),
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             }
