@@ -26,7 +26,7 @@ use crate::handshake;
 use crate::ids::{ReceiverId, SenderId};
 use crate::message::Message;
 use crate::proto::codec::{put_frame, CodecV1};
-use crate::proto::compress::gunzip;
+use crate::proto::compress::Gunzipper;
 use crate::proto::crypto::{Sealer, TAG_LEN};
 use crate::proto::frame::{DecodeError, Flags, Kind, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX};
 use crate::registry::{Record, RegistryError};
@@ -361,6 +361,8 @@ struct Input {
     inflated: Vec<Bytes>,
     read_size: usize,
     pool: Arc<Pool>,
+    /// Decompressor state kept across frames (set up on first use).
+    gunzipper: Option<Gunzipper>,
 }
 
 impl Input {
@@ -376,6 +378,7 @@ impl Input {
             inflated: Vec::new(),
             read_size: FIRST_READ,
             pool: Arc::new(Pool::default()),
+            gunzipper: None,
         }
     }
 
@@ -418,7 +421,11 @@ impl Input {
             };
             if flags.compressed() {
                 let max = self.codec.max_frame();
-                self.inflated.push(gunzip(&body[..body_len], max)?.into());
+                let inflated = self
+                    .gunzipper
+                    .get_or_insert_with(Gunzipper::default)
+                    .gunzip(&body[..body_len], max)?;
+                self.inflated.push(inflated.into());
             }
             self.last_seq = seq;
             self.checked = start + len;

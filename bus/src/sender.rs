@@ -37,7 +37,7 @@ use crate::handle::Handle;
 use crate::handshake::{self, HandshakeError};
 use crate::ids::SenderId;
 use crate::proto::codec::CodecV1;
-use crate::proto::compress::{gzip, DEFAULT_THRESHOLD};
+use crate::proto::compress::{Gzipper, DEFAULT_THRESHOLD};
 use crate::proto::crypto::{Sealer, TAG_LEN};
 use crate::proto::frame::{
     parse_ack, DecodeError, Flags, Kind, RejectReason, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX,
@@ -230,6 +230,7 @@ impl SenderBuilder {
             ready: ready_rx,
             last_seq: 0,
             last_targets: None,
+            gzipper: None,
         };
         sender.apply_updates();
         Ok(sender)
@@ -254,6 +255,8 @@ pub struct Sender {
     /// reference-count update per event: replaced only when the targets change).
     last_seq: u64,
     last_targets: Option<Arc<[Arc<Conn>]>>,
+    /// Compressor state kept across events (set up on first use).
+    gzipper: Option<Gzipper>,
 }
 
 impl Sender {
@@ -348,7 +351,11 @@ impl Sender {
             return Ok(PendingReport { seq, targets: None });
         }
         let (flags, body) = match self.compress {
-            Some((threshold, level)) if payload.len() >= threshold => match gzip(&payload, level) {
+            Some((threshold, level)) if payload.len() >= threshold => match self
+                .gzipper
+                .get_or_insert_with(|| Gzipper::new(level))
+                .gzip(&payload)
+            {
                 Some(z) => (Flags(Flags::COMPRESSED), Bytes::from(z)),
                 None => (Flags(0), payload),
             },
