@@ -1,47 +1,66 @@
-//! `ipcbus bench`: throughput figures from real processes.
+//! `ipcbus bench`: throughput and latency figures from real processes.
 //!
-//! The run is one sender (this process) to N receivers, each a child process (this
+//! Throughput: one sender (this process) to N receivers, each a child process (this
 //! same binary re-executed with the hidden `bench-receiver` command), on a private
 //! temporary registry unless an EPM is configured. Each receiver times its own events
 //! from the first to the last; the sender times from its first publish to the last
-//! report. Figures are printed, never asserted.
+//! report. Lists of receiver counts, sizes and compression/encryption settings run as
+//! a matrix of workloads, each `--runs` times (medians reported).
 //!
-//! Layout for later scenarios: [`Args`] names the run, [`Spawned`] owns the child
-//! processes (killed by pid when dropped), [`Figures`] is what gets printed.
+//! `--baseline` runs every workload again over plain tokio TCP (a u32 length prefix and
+//! the payload, nothing else; the same child processes in raw mode) in the same
+//! invocation, and shows our figure as a ratio of it. `--latency` adds a ping-pong
+//! between two processes over two handles (and over one raw TCP connection with
+//! `--baseline`): p50/p99/p999 round trips. Figures are printed, never asserted.
+//!
+//! Layout: [`Args`] names the run, [`Spawned`] owns the child processes (killed by pid
+//! when dropped), [`Figures`] is the one-workload report (the original output, kept
+//! as it was), [`Report`] the matrix report.
 
 use std::collections::VecDeque;
+use std::io::IsTerminal;
 use std::os::unix::ffi::OsStringExt;
 use std::path::Path;
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ipcbus::{Handle, PendingReport, Receiver, Sender};
+use ipcbus::{Handle, Key, PendingReport, Receiver, Security, Sender};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter, Lines};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, ChildStdout, Command};
 
-use crate::common::{parse_secs, Common, ConfigContext};
+use crate::common::{parse_secs, Common, ConfigContext, Salt};
 use crate::out;
 
-/// Measure throughput: one sender to N receiver processes
+/// Measure throughput (one sender to N receiver processes) and latency
 ///
 /// Prints the events per second each receiver took (minimum and median), the
 /// aggregate over all receivers, and the rate at which the sender saw events
-/// acknowledged by every receiver. Exit status 1 if any event was not acknowledged.
+/// acknowledged by every receiver. Lists (`-n 1,5,20 --size 64,1024`) run every
+/// combination and print a table; `--baseline` adds the same workloads over plain
+/// TCP and the ratio; `--latency` adds a ping-pong. Exit status 1 if any event was
+/// not acknowledged.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Receiver processes
-    #[arg(long, short = 'n', default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
-    pub receivers: u16,
+    /// Receiver processes; a comma-separated list runs each (e.g. 1,5,20)
+    #[arg(long, short = 'n', default_value = "2", value_delimiter = ',',
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub receivers: Vec<u16>,
 
-    /// Payload size of each event in bytes
-    #[arg(long, default_value_t = 64)]
-    pub size: usize,
+    /// Payload size of each event in bytes; a list runs each (e.g. 64,1024,65536)
+    #[arg(long, default_value = "64", value_delimiter = ',')]
+    pub size: Vec<usize>,
 
-    /// Events to send
+    /// Events to send (capped by --max-bytes for large payloads)
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub count: u64,
+
+    /// Most payload bytes one receiver gets in one workload; fewer events are sent
+    /// when count x size is more (at least 1000)
+    #[arg(long, value_name = "BYTES", default_value_t = 256 << 20)]
+    pub max_bytes: u64,
 
     /// Events in flight before the sender waits for the oldest report
     #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..))]
@@ -50,6 +69,118 @@ pub struct Args {
     /// Give up on a receiver that has not finished after SECS
     #[arg(long, value_name = "SECS", default_value = "120", value_parser = parse_secs)]
     pub timeout: Duration,
+
+    /// gzip compression of payloads of 512 bytes and more: off, on, or off,on
+    #[arg(long, value_enum, default_value = "off", value_delimiter = ',')]
+    pub compress: Vec<Toggle>,
+
+    /// AES-256-GCM sealing: off, on, or off,on (on uses the configured password, else
+    /// a random one for the run); with a password configured, the default is on
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub encrypt: Vec<Toggle>,
+
+    /// Run every workload this many times and report medians
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
+    pub runs: u64,
+
+    /// Also run every workload over plain tokio TCP with length-prefixed frames, and
+    /// show the ratio
+    #[arg(long)]
+    pub baseline: bool,
+
+    /// Also measure ping-pong round trips between two processes over two handles
+    #[arg(long)]
+    pub latency: bool,
+
+    /// Round trips per latency run (after 1000 for warm-up)
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub pings: u64,
+
+    /// The standard suite: -n 1,5,20 --size 64,1024,65536, plus 1 KiB with gzip and
+    /// AES on, --baseline and --latency (add --runs 5 for medians)
+    #[arg(long)]
+    pub suite: bool,
+
+    /// tokio runtime of the measuring process and of every child: current (one
+    /// thread per process) or multi (a worker per core)
+    #[arg(long, value_enum, default_value = "current")]
+    pub rt: Rt,
+}
+
+/// Which tokio runtime the bench processes run on.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rt {
+    /// One thread per process (`new_current_thread`).
+    Current,
+    /// The command's own multi-threaded runtime.
+    Multi,
+}
+
+impl Rt {
+    fn as_arg(self) -> &'static str {
+        match self {
+            Rt::Current => "current",
+            Rt::Multi => "multi",
+        }
+    }
+}
+
+/// Runs `fut` to completion: on this runtime, or on a current-thread runtime of its
+/// own in a dedicated thread.
+async fn on_runtime<F, T>(rt: Rt, make: F) -> anyhow::Result<T>
+where
+    F: FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<T>>>>
+        + Send
+        + 'static,
+    T: Send + 'static,
+{
+    if rt == Rt::Multi {
+        return make().await;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("bench".into())
+        .spawn(move || {
+            let r = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start a current-thread runtime")
+                .and_then(|rt| rt.block_on(make()));
+            let _ = tx.send(r);
+        })
+        .context("cannot start the bench thread")?;
+    rx.await
+        .context("the bench thread ended without a result")?
+}
+
+/// On or off, for `--compress` and `--encrypt`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Toggle {
+    /// Off.
+    Off,
+    /// On.
+    On,
+}
+
+impl Toggle {
+    fn on(self) -> bool {
+        self == Toggle::On
+    }
+}
+
+/// What a child process of a bench run does.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildMode {
+    /// Receive events on the handle.
+    Bus,
+    /// Accept one plain TCP connection and read length-prefixed frames.
+    Raw,
+    /// Receive events on the handle and send each back on `--reply`.
+    Pong,
+    /// Accept one plain TCP connection and echo each length-prefixed frame.
+    RawPong,
 }
 
 /// Arguments of one receiver process of a bench run (hidden command).
@@ -63,6 +194,15 @@ pub struct ReceiverArgs {
     /// Stop waiting after this long without an event.
     #[arg(long, default_value = "30", value_parser = parse_secs)]
     pub idle: Duration,
+    /// What to do.
+    #[arg(long, value_enum, default_value = "bus")]
+    pub mode: ChildMode,
+    /// Handle to send replies to (mode pong).
+    #[arg(long)]
+    pub reply: Option<Handle>,
+    /// tokio runtime to run on.
+    #[arg(long, value_enum, default_value = "multi")]
+    pub rt: Rt,
 }
 
 /// What one receiver process reports on stdout when done.
@@ -98,6 +238,71 @@ struct Figures {
     secs: f64,
 }
 
+/// One throughput workload of a matrix run.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Workload {
+    receivers: usize,
+    size: usize,
+    compress: bool,
+    encrypt: bool,
+    /// Events sent per run.
+    count: u64,
+}
+
+/// Medians over the runs of one workload on one transport.
+#[derive(Debug, Clone, Serialize)]
+struct Summary {
+    runs: usize,
+    /// Per-receiver events/s: the slowest receiver, and the median receiver.
+    min: f64,
+    median: f64,
+    /// Megabytes (10^6) of payload per second for the median receiver.
+    median_mb_s: f64,
+    /// Events taken by all receivers together per second.
+    aggregate: f64,
+    /// Events acknowledged by every receiver per second (plain TCP: delivered to every
+    /// receiver, there are no acknowledgements).
+    sender_rate: f64,
+    failed: u64,
+}
+
+/// One row of the matrix report.
+#[derive(Debug, Serialize)]
+struct Row {
+    #[serde(flatten)]
+    workload: Workload,
+    ipcbus: Summary,
+    baseline: Option<Summary>,
+    /// ipcbus median per-receiver rate / baseline's.
+    ratio: Option<f64>,
+}
+
+/// Round-trip percentiles in microseconds (medians over runs).
+#[derive(Debug, Clone, Serialize)]
+struct Latency {
+    size: usize,
+    pings: u64,
+    runs: usize,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+}
+
+/// The report of a matrix run.
+#[derive(Debug, Serialize)]
+struct Report {
+    throughput: Vec<Row>,
+    latency: Option<LatencyRow>,
+}
+
+#[derive(Debug, Serialize)]
+struct LatencyRow {
+    ipcbus: Latency,
+    baseline: Option<Latency>,
+    /// ipcbus p50 / baseline p50.
+    p50_ratio: Option<f64>,
+}
+
 /// The receiver processes of a run, killed by pid when dropped.
 struct Spawned {
     children: Vec<(Child, Lines<BufReader<ChildStdout>>)>,
@@ -111,96 +316,161 @@ impl Drop for Spawned {
     }
 }
 
+/// Password and salt for the processes of an encrypted workload.
+type Creds = Option<(Vec<u8>, Salt)>;
+
+/// Everything a run needs that does not change between workloads.
+struct Ctx<'a> {
+    common: &'a Common,
+    args: &'a Args,
+    dir: &'a Path,
+    /// The configured password, or one made up for `--encrypt on`.
+    creds: Creds,
+    key: Option<Key>,
+}
+
 /// Runs `ipcbus bench`.
 ///
 /// # Errors
 /// Configuration errors, or when receivers cannot be started.
 pub async fn run(common: &Common, args: Args) -> anyhow::Result<ExitCode> {
-    let key = common.key()?;
-    let creds = common.credentials()?;
-    let handle: Handle = format!("ipcbus-bench-{}-{:08x}", std::process::id(), rand_u32())
-        .parse()
-        .context("bench handle")?;
+    let common = common.clone();
+    on_runtime(args.rt, move || Box::pin(run_here(common, args))).await
+}
+
+async fn run_here(common: Common, mut args: Args) -> anyhow::Result<ExitCode> {
+    let common = &common;
+    let configured = common.credentials()?;
+    if args.encrypt.is_empty() {
+        args.encrypt = vec![if configured.is_some() {
+            Toggle::On
+        } else {
+            Toggle::Off
+        }];
+    }
+    if args.suite {
+        args.receivers = vec![1, 5, 20];
+        args.size = vec![64, 1024, 64 * 1024];
+        args.compress = vec![Toggle::Off];
+        args.encrypt = vec![Toggle::Off];
+        args.baseline = true;
+        args.latency = true;
+    }
+    let (creds, key) = match configured {
+        Some(c) => {
+            let key = common.key()?;
+            (Some(c), key)
+        }
+        None if args.encrypt.contains(&Toggle::On) || args.suite => {
+            let pw = format!("bench-{:08x}{:08x}", rand_u32(), rand_u32()).into_bytes();
+            let salt = Salt(b"ipcbus bench".to_vec());
+            let key = Key::derive(&pw, &salt.0).context("bench key")?;
+            (Some((pw, salt)), Some(key))
+        }
+        None => (None, None),
+    };
     let dir = tempfile::Builder::new()
         .prefix("ipcbus-bench-")
         .tempdir()
         .config("cannot create a temporary registry directory")?;
-    let discovery = match &common.epm {
-        Some(_) => common.discovery()?,
-        None => ipcbus::Discovery::local_at(dir.path()).config("cannot open the bench registry")?,
+    let ctx = Ctx {
+        common,
+        args: &args,
+        dir: dir.path(),
+        creds,
+        key,
     };
-    let n = usize::from(args.receivers);
 
-    let mut spawned = spawn_receivers(common, &args, &handle, dir.path(), creds).await?;
-
-    let mut b = Sender::builder(handle).discovery(discovery);
-    if let Some(k) = key {
-        b = b.key(k);
-    }
-    let mut tx = b.build().await?;
-    let found = tx.wait_for_receivers(n, Duration::from_secs(10)).await;
-    if found < n {
-        bail!("the sender reached {found} of {n} receivers");
-    }
-
-    let payload = bytes::Bytes::from(vec![0x5au8; args.size]);
-    let mut window: VecDeque<PendingReport> = VecDeque::new();
-    let (mut acked, mut failed) = (0u64, 0u64);
-    let mut tally = |r: ipcbus::SendReport| {
-        if r.all_acked() && r.acked.len() == n {
-            acked += 1;
-        } else {
-            failed += 1;
-        }
-    };
-    let t0 = Instant::now();
-    for _ in 0..args.count {
-        window.push_back(tx.publish_bytes(payload.clone()).await?);
-        while window.len() as u64 >= args.window {
-            if let Some(p) = window.pop_front() {
-                tally(p.await);
+    let mut workloads = Vec::new();
+    for &n in &args.receivers {
+        for &size in &args.size {
+            for &compress in &args.compress {
+                for &encrypt in &args.encrypt {
+                    workloads.push(ctx.workload(n, size, compress.on(), encrypt.on()));
+                }
             }
         }
     }
-    for p in window {
-        tally(p.await);
+    if args.suite {
+        workloads.push(ctx.workload(1, 1024, true, true));
     }
-    let secs = t0.elapsed().as_secs_f64();
-    tx.close().await;
 
-    let mut results = Vec::with_capacity(n);
-    let deadline = tokio::time::Instant::now() + args.timeout;
-    for (i, (child, lines)) in spawned.children.iter_mut().enumerate() {
-        let line = tokio::time::timeout_at(deadline, lines.next_line())
-            .await
-            .with_context(|| format!("receiver {i} did not report in time"))?
-            .with_context(|| format!("reading receiver {i}"))?
-            .with_context(|| format!("receiver {i} exited without a report"))?;
-        let r: ReceiverResult = serde_json::from_str(&line)
-            .with_context(|| format!("receiver {i} reported {line:?}"))?;
-        results.push(r);
-        let _ = tokio::time::timeout_at(deadline, child.wait()).await;
+    let single = workloads.len() == 1 && args.runs == 1 && !args.baseline && !args.latency;
+    if single {
+        let w = workloads[0];
+        let (fig, _) = ctx.bus_run(w).await?;
+        print(common, &fig)?;
+        return Ok(if fig.failed == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
     }
-    drop(spawned);
 
-    let mut rates: Vec<f64> = results.iter().map(ReceiverResult::rate).collect();
-    let per_receiver = rates.clone();
-    rates.sort_by(f64::total_cmp);
-    let received: u64 = results.iter().map(|r| r.received).sum();
-    let fig = Figures {
-        receivers: n,
-        size: args.size,
-        count: args.count,
-        per_receiver,
-        min: rates.first().copied().unwrap_or(0.0),
-        median: median(&rates),
-        aggregate: rate(received, secs),
-        sender_acked_rate: rate(acked, secs),
-        acked,
-        failed,
-        secs,
+    let per = if args.baseline { 2 } else { 1 };
+    let steps =
+        workloads.len() as u64 * args.runs * per + u64::from(args.latency) * args.runs * per;
+    let bar = progress(common, steps);
+    let mut rows = Vec::new();
+    let mut failed = 0u64;
+    for w in &workloads {
+        let mut bus = Vec::new();
+        let mut raw = Vec::new();
+        for _ in 0..args.runs {
+            // Interleaved, so both see the same machine load.
+            bar.set_message(format!("{} ipcbus", w.label()));
+            bus.push(ctx.bus_run(*w).await?.1);
+            bar.inc(1);
+            if args.baseline {
+                bar.set_message(format!("{} plain tcp", w.label()));
+                raw.push(ctx.raw_run(*w).await?);
+                bar.inc(1);
+            }
+        }
+        let ipcbus = summarize(&bus, w.size);
+        failed += ipcbus.failed;
+        let baseline = args.baseline.then(|| summarize(&raw, w.size));
+        let ratio = baseline.as_ref().map(|b| ipcbus.median / b.median);
+        rows.push(Row {
+            workload: *w,
+            ipcbus,
+            baseline,
+            ratio,
+        });
+    }
+    let latency = if args.latency {
+        let size = args.size.first().copied().unwrap_or(64);
+        let mut bus = Vec::new();
+        let mut raw = Vec::new();
+        for _ in 0..args.runs {
+            bar.set_message("ping-pong ipcbus");
+            bus.push(ctx.bus_latency(size).await?);
+            bar.inc(1);
+            if args.baseline {
+                bar.set_message("ping-pong plain tcp");
+                raw.push(ctx.raw_latency(size).await?);
+                bar.inc(1);
+            }
+        }
+        let ipcbus = median_latency(&bus, size, args.pings);
+        let baseline = args
+            .baseline
+            .then(|| median_latency(&raw, size, args.pings));
+        let p50_ratio = baseline.as_ref().map(|b| ipcbus.p50_us / b.p50_us);
+        Some(LatencyRow {
+            ipcbus,
+            baseline,
+            p50_ratio,
+        })
+    } else {
+        None
     };
-    print(common, &fig)?;
+    bar.finish_and_clear();
+    let report = Report {
+        throughput: rows,
+        latency,
+    };
+    print_report(common, &report)?;
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
@@ -208,23 +478,424 @@ pub async fn run(common: &Common, args: Args) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn spawn_receivers(
-    common: &Common,
-    args: &Args,
+impl Ctx<'_> {
+    fn workload(&self, n: u16, size: usize, compress: bool, encrypt: bool) -> Workload {
+        let cap = (self.args.max_bytes / size.max(1) as u64).max(1000);
+        Workload {
+            receivers: usize::from(n),
+            size,
+            compress,
+            encrypt,
+            count: self.args.count.min(cap),
+        }
+    }
+
+    fn discovery(&self) -> anyhow::Result<ipcbus::Discovery> {
+        Ok(match &self.common.epm {
+            Some(_) => self.common.discovery()?,
+            None => {
+                ipcbus::Discovery::local_at(self.dir).config("cannot open the bench registry")?
+            }
+        })
+    }
+
+    fn security(&self, encrypt: bool) -> Security {
+        match (&self.key, encrypt) {
+            (Some(k), true) => Security::Encrypt(k.clone()),
+            _ => Security::default(),
+        }
+    }
+
+    fn creds(&self, encrypt: bool) -> Creds {
+        if encrypt {
+            self.creds.clone()
+        } else {
+            None
+        }
+    }
+
+    /// One throughput run over the bus: the original one-workload figures, and the
+    /// summary form of the same run.
+    async fn bus_run(&self, w: Workload) -> anyhow::Result<(Figures, RunFigures)> {
+        let n = w.receivers;
+        let handle = bench_handle()?;
+        let mut spawned = spawn_children(
+            self,
+            n,
+            w.count,
+            &handle,
+            ChildMode::Bus,
+            None,
+            self.creds(w.encrypt),
+        )
+        .await?;
+
+        let mut tx = Sender::builder(handle)
+            .discovery(self.discovery()?)
+            .security(self.security(w.encrypt))
+            .compress(w.compress)
+            .build()
+            .await?;
+        let found = tx.wait_for_receivers(n, Duration::from_secs(10)).await;
+        if found < n {
+            bail!("the sender reached {found} of {n} receivers");
+        }
+
+        let payload = bytes::Bytes::from(payload(w.size));
+        let mut window: VecDeque<PendingReport> = VecDeque::new();
+        let (mut acked, mut failed) = (0u64, 0u64);
+        let mut tally = |r: ipcbus::SendReport| {
+            if r.all_acked() && r.acked.len() == n {
+                acked += 1;
+            } else {
+                failed += 1;
+            }
+        };
+        let t0 = Instant::now();
+        for _ in 0..w.count {
+            window.push_back(tx.publish_bytes(payload.clone()).await?);
+            while window.len() as u64 >= self.args.window {
+                if let Some(p) = window.pop_front() {
+                    tally(p.await);
+                }
+            }
+        }
+        for p in window {
+            tally(p.await);
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        tx.close().await;
+
+        let results = collect(&mut spawned, self.args.timeout).await?;
+        drop(spawned);
+        let run = RunFigures::new(&results, rate(acked, secs), secs, failed);
+        let fig = Figures {
+            receivers: n,
+            size: w.size,
+            count: w.count,
+            per_receiver: results.iter().map(ReceiverResult::rate).collect(),
+            min: run.min,
+            median: run.median,
+            aggregate: run.aggregate,
+            sender_acked_rate: run.sender_rate,
+            acked,
+            failed,
+            secs,
+        };
+        Ok((fig, run))
+    }
+
+    /// The same workload over plain TCP: one connection per receiver process, each
+    /// event written to each connection as a u32 length and the payload, through a
+    /// 64 KiB buffer; the run ends when every receiver says it has all events.
+    async fn raw_run(&self, w: Workload) -> anyhow::Result<RunFigures> {
+        let handle = bench_handle()?;
+        let mut spawned = spawn_children(
+            self,
+            w.receivers,
+            w.count,
+            &handle,
+            ChildMode::Raw,
+            None,
+            None,
+        )
+        .await?;
+        let mut conns = Vec::new();
+        for addr in &spawned.addrs {
+            let s = TcpStream::connect(addr)
+                .await
+                .with_context(|| format!("connecting to plain receiver {addr}"))?;
+            s.set_nodelay(true)?;
+            let (rd, wr) = s.into_split();
+            conns.push((rd, BufWriter::with_capacity(64 * 1024, wr)));
+        }
+        let payload = payload(w.size);
+        let len = u32::try_from(w.size).context("payload too large")?;
+        let t0 = Instant::now();
+        for _ in 0..w.count {
+            for (_, wr) in &mut conns {
+                wr.write_u32(len).await?;
+                wr.write_all(&payload).await?;
+            }
+        }
+        for (rd, wr) in &mut conns {
+            wr.flush().await?;
+            let mut done = [0u8; 1];
+            tokio::time::timeout(self.args.timeout, rd.read_exact(&mut done))
+                .await
+                .context("plain receiver did not finish in time")??;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        drop(conns);
+        let results = collect(&mut spawned.inner, self.args.timeout).await?;
+        Ok(RunFigures::new(&results, rate(w.count, secs), secs, 0))
+    }
+
+    /// Ping-pong over two handles: this process sends on one and receives the echo on
+    /// the other; a child process receives and sends back. Round trips in microseconds.
+    async fn bus_latency(&self, size: usize) -> anyhow::Result<Vec<f64>> {
+        let ping = bench_handle()?;
+        let pong = bench_handle()?;
+        let warm = 1000u64;
+        let mut rx = Receiver::builder(pong.clone())
+            .discovery(self.discovery()?)
+            .bind()
+            .await?;
+        let mut spawned = spawn_children(
+            self,
+            1,
+            warm + self.args.pings,
+            &ping,
+            ChildMode::Pong,
+            Some(&pong),
+            None,
+        )
+        .await?;
+        let mut tx = Sender::builder(ping)
+            .discovery(self.discovery()?)
+            .build()
+            .await?;
+        if tx.wait_for_receivers(1, Duration::from_secs(10)).await < 1 {
+            bail!("the ping sender found no receiver");
+        }
+        let payload = bytes::Bytes::from(payload(size));
+        let mut rtts = Vec::with_capacity(self.args.pings as usize);
+        for i in 0..warm + self.args.pings {
+            let t = Instant::now();
+            drop(tx.publish_bytes(payload.clone()).await?);
+            tokio::time::timeout(self.args.timeout, rx.recv())
+                .await
+                .context("no pong in time")?
+                .context("pong receiver closed")?;
+            if i >= warm {
+                rtts.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        tx.close().await;
+        rx.close().await;
+        let _ = collect(&mut spawned, self.args.timeout).await;
+        Ok(rtts)
+    }
+
+    /// Ping-pong over one plain TCP connection with length-prefixed frames.
+    async fn raw_latency(&self, size: usize) -> anyhow::Result<Vec<f64>> {
+        let warm = 1000u64;
+        let handle = bench_handle()?;
+        let mut spawned = spawn_children(
+            self,
+            1,
+            warm + self.args.pings,
+            &handle,
+            ChildMode::RawPong,
+            None,
+            None,
+        )
+        .await?;
+        let addr = spawned.addrs.first().context("no plain pong address")?;
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        let (mut rd, mut wr) = s.into_split();
+        let mut frame = Vec::with_capacity(4 + size);
+        frame.extend_from_slice(&u32::try_from(size)?.to_be_bytes());
+        frame.extend_from_slice(&payload(size));
+        let mut back = vec![0u8; frame.len()];
+        let mut rtts = Vec::with_capacity(self.args.pings as usize);
+        for i in 0..warm + self.args.pings {
+            let t = Instant::now();
+            wr.write_all(&frame).await?;
+            rd.read_exact(&mut back).await?;
+            if i >= warm {
+                rtts.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        drop((rd, wr));
+        let _ = collect(&mut spawned.inner, self.args.timeout).await;
+        Ok(rtts)
+    }
+}
+
+impl Workload {
+    fn label(&self) -> String {
+        format!(
+            "1->{} {} B{}{}",
+            self.receivers,
+            self.size,
+            if self.compress { " gzip" } else { "" },
+            if self.encrypt { " aes" } else { "" }
+        )
+    }
+}
+
+/// One run's figures, in the form the summary takes medians of.
+#[derive(Debug, Clone)]
+struct RunFigures {
+    min: f64,
+    median: f64,
+    aggregate: f64,
+    sender_rate: f64,
+    failed: u64,
+}
+
+impl RunFigures {
+    fn new(results: &[ReceiverResult], sender_rate: f64, secs: f64, failed: u64) -> RunFigures {
+        let mut rates: Vec<f64> = results.iter().map(ReceiverResult::rate).collect();
+        rates.sort_by(f64::total_cmp);
+        let received: u64 = results.iter().map(|r| r.received).sum();
+        RunFigures {
+            min: rates.first().copied().unwrap_or(0.0),
+            median: median(&rates),
+            aggregate: rate(received, secs),
+            sender_rate,
+            failed,
+        }
+    }
+}
+
+fn summarize(runs: &[RunFigures], size: usize) -> Summary {
+    let med = |f: fn(&RunFigures) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        median(&v)
+    };
+    let m = med(|r| r.median);
+    Summary {
+        runs: runs.len(),
+        min: med(|r| r.min),
+        median: m,
+        median_mb_s: m * size as f64 / 1e6,
+        aggregate: med(|r| r.aggregate),
+        sender_rate: med(|r| r.sender_rate),
+        failed: runs.iter().map(|r| r.failed).sum(),
+    }
+}
+
+fn median_latency(runs: &[Vec<f64>], size: usize, pings: u64) -> Latency {
+    let pick = |q: f64| {
+        let mut per: Vec<f64> = runs
+            .iter()
+            .map(|r| {
+                let mut v = r.clone();
+                v.sort_by(f64::total_cmp);
+                percentile(&v, q)
+            })
+            .collect();
+        per.sort_by(f64::total_cmp);
+        median(&per)
+    };
+    Latency {
+        size,
+        pings,
+        runs: runs.len(),
+        p50_us: pick(0.50),
+        p99_us: pick(0.99),
+        p999_us: pick(0.999),
+    }
+}
+
+/// The `q` quantile of sorted values (nearest rank).
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// Text-like payload bytes (gzip shrinks them about 3x, as it would JSON or logs).
+fn payload(n: usize) -> Vec<u8> {
+    const WORDS: [&str; 12] = [
+        "{\"order\":",
+        "\"price\":",
+        "\"qty\":",
+        "\"side\":\"buy\"",
+        "\"side\":\"sell\"",
+        "\"ts\":1763700000,",
+        "\"EUR\",",
+        "\"status\":\"filled\"",
+        "12.50,",
+        "3,",
+        "},",
+        " ",
+    ];
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut out = Vec::with_capacity(n + 24);
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(WORDS[(x % WORDS.len() as u64) as usize].as_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
+fn bench_handle() -> anyhow::Result<Handle> {
+    format!("ipcbus-bench-{}-{:08x}", std::process::id(), rand_u32())
+        .parse()
+        .context("bench handle")
+}
+
+fn progress(common: &Common, steps: u64) -> indicatif::ProgressBar {
+    if common.json || !std::io::stderr().is_terminal() || steps < 2 {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(steps);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+/// Children of one run, with the addresses the plain-TCP ones listen on.
+struct Children {
+    inner: Spawned,
+    addrs: Vec<String>,
+}
+
+impl std::ops::Deref for Children {
+    type Target = Spawned;
+    fn deref(&self) -> &Spawned {
+        &self.inner
+    }
+}
+
+impl std::ops::DerefMut for Children {
+    fn deref_mut(&mut self) -> &mut Spawned {
+        &mut self.inner
+    }
+}
+
+async fn spawn_children(
+    ctx: &Ctx<'_>,
+    n: usize,
+    count: u64,
     handle: &Handle,
-    dir: &Path,
-    creds: Option<(Vec<u8>, crate::common::Salt)>,
-) -> anyhow::Result<Spawned> {
+    mode: ChildMode,
+    reply: Option<&Handle>,
+    creds: Creds,
+) -> anyhow::Result<Children> {
+    let common = ctx.common;
     let exe = std::env::current_exe().context("cannot find the ipcbus executable")?;
     let mut spawned = Spawned {
         children: Vec::new(),
     };
-    for _ in 0..args.receivers {
+    for _ in 0..n {
         let mut cmd = Command::new(&exe);
         cmd.arg("bench-receiver")
             .arg(handle.as_str())
             .arg("--count")
-            .arg(args.count.to_string())
+            .arg(count.to_string())
+            .arg("--mode")
+            .arg(match mode {
+                ChildMode::Bus => "bus",
+                ChildMode::Raw => "raw",
+                ChildMode::Pong => "pong",
+                ChildMode::RawPong => "raw-pong",
+            })
+            .arg("--rt")
+            .arg(ctx.args.rt.as_arg())
             .env_remove("IPCBUS_PASSWORD_FILE")
             .env_remove("IPCBUS_PASSWORD")
             .env_remove("IPCBUS_SALT")
@@ -232,12 +903,16 @@ async fn spawn_receivers(
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
+        if let Some(r) = reply {
+            cmd.arg("--reply").arg(r.as_str());
+        }
         match &common.epm {
             Some(epm) => {
                 cmd.arg("--epm").arg(epm);
             }
             None => {
-                cmd.env("IPCBUS_RUNTIME_DIR", dir).env_remove("IPCBUS_EPM");
+                cmd.env("IPCBUS_RUNTIME_DIR", ctx.dir)
+                    .env_remove("IPCBUS_EPM");
             }
         }
         if let Some(ip) = common.ip {
@@ -260,26 +935,64 @@ async fn spawn_receivers(
             .children
             .push((child, BufReader::new(stdout).lines()));
     }
+    let mut addrs = Vec::new();
     for (i, (_, lines)) in spawned.children.iter_mut().enumerate() {
         let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
             .await
             .with_context(|| format!("receiver {i} did not start in time"))?
             .with_context(|| format!("reading receiver {i}"))?
             .with_context(|| format!("receiver {i} exited before it was ready"))?;
-        if !line.starts_with("ready ") {
-            bail!("receiver {i} said {line:?} instead of ready");
+        match line.strip_prefix("ready ") {
+            Some(addr) => addrs.push(addr.trim().to_string()),
+            None => bail!("receiver {i} said {line:?} instead of ready"),
         }
     }
-    Ok(spawned)
+    Ok(Children {
+        inner: spawned,
+        addrs,
+    })
 }
 
-/// Runs one receiver process of a bench: prints `ready ADDR`, takes `count` events,
-/// prints a JSON [`ReceiverResult`].
+/// Reads every child's result line and waits for it to exit.
+async fn collect(spawned: &mut Spawned, timeout: Duration) -> anyhow::Result<Vec<ReceiverResult>> {
+    let mut results = Vec::with_capacity(spawned.children.len());
+    let deadline = tokio::time::Instant::now() + timeout;
+    for (i, (child, lines)) in spawned.children.iter_mut().enumerate() {
+        let line = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .with_context(|| format!("receiver {i} did not report in time"))?
+            .with_context(|| format!("reading receiver {i}"))?
+            .with_context(|| format!("receiver {i} exited without a report"))?;
+        let r: ReceiverResult = serde_json::from_str(&line)
+            .with_context(|| format!("receiver {i} reported {line:?}"))?;
+        results.push(r);
+        let _ = tokio::time::timeout_at(deadline, child.wait()).await;
+    }
+    Ok(results)
+}
+
+/// Runs one child process of a bench: prints `ready ADDR`, does its part, prints a
+/// JSON [`ReceiverResult`].
 ///
 /// # Errors
 /// When it cannot bind, or stdout is closed.
 pub async fn run_receiver(common: &Common, args: ReceiverArgs) -> anyhow::Result<ExitCode> {
-    let mut b = Receiver::builder(args.handle)
+    let common = common.clone();
+    on_runtime(args.rt, move || Box::pin(run_receiver_here(common, args))).await
+}
+
+async fn run_receiver_here(common: Common, args: ReceiverArgs) -> anyhow::Result<ExitCode> {
+    let common = &common;
+    let result = match args.mode {
+        ChildMode::Bus | ChildMode::Pong => bus_child(common, &args).await?,
+        ChildMode::Raw | ChildMode::RawPong => raw_child(common, &args).await?,
+    };
+    out::line(serde_json::to_string(&result)?)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn bus_child(common: &Common, args: &ReceiverArgs) -> anyhow::Result<ReceiverResult> {
+    let mut b = Receiver::builder(args.handle.clone())
         .discovery(common.discovery()?)
         .security(common.security()?)
         .queue_capacity(8192);
@@ -290,24 +1003,90 @@ pub async fn run_receiver(common: &Common, args: ReceiverArgs) -> anyhow::Result
         b = b.allowed_ports(p.0.iter().copied());
     }
     let mut rx = b.bind().await?;
+    let mut reply = match (&args.reply, args.mode) {
+        (Some(h), ChildMode::Pong) => {
+            let mut tx = Sender::builder(h.clone())
+                .discovery(common.discovery()?)
+                .security(common.security()?)
+                .build()
+                .await?;
+            if tx.wait_for_receivers(1, Duration::from_secs(10)).await < 1 {
+                bail!("the pong sender found no receiver");
+            }
+            Some(tx)
+        }
+        _ => None,
+    };
     out::line(format!("ready {}", rx.local_addr()))?;
     let mut received = 0u64;
     let mut first: Option<Instant> = None;
     let mut last = Instant::now();
     while received < args.count {
         match tokio::time::timeout(args.idle, rx.recv()).await {
-            Ok(Some(_)) => {
+            Ok(Some(m)) => {
                 last = Instant::now();
                 first.get_or_insert(last);
                 received += 1;
+                if let Some(tx) = &mut reply {
+                    drop(tx.publish_bytes(m.into_payload()).await?);
+                }
             }
             _ => break,
         }
     }
+    if let Some(tx) = reply {
+        tx.close().await;
+    }
     rx.close().await;
     let secs = first.map_or(0.0, |f| last.duration_since(f).as_secs_f64());
-    out::line(serde_json::to_string(&ReceiverResult { received, secs })?)?;
-    Ok(ExitCode::SUCCESS)
+    Ok(ReceiverResult { received, secs })
+}
+
+/// Plain TCP: accept one connection, read (and with raw-pong echo) `count`
+/// length-prefixed frames, then write one byte.
+async fn raw_child(common: &Common, args: &ReceiverArgs) -> anyhow::Result<ReceiverResult> {
+    let ip = common
+        .ip
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    let l = TcpListener::bind((ip, 0)).await?;
+    out::line(format!("ready {}", l.local_addr()?))?;
+    let (s, _) = tokio::time::timeout(args.idle, l.accept())
+        .await
+        .context("no plain connection in time")??;
+    s.set_nodelay(true)?;
+    let (rd, mut wr) = s.into_split();
+    let mut rd = tokio::io::BufReader::with_capacity(64 * 1024, rd);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut received = 0u64;
+    let mut first: Option<Instant> = None;
+    let mut last = Instant::now();
+    while received < args.count {
+        let len = match tokio::time::timeout(args.idle, rd.read_u32()).await {
+            Ok(Ok(n)) => n as usize,
+            _ => break,
+        };
+        if len > 16 << 20 {
+            bail!("plain frame of {len} bytes");
+        }
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        rd.read_exact(&mut buf[..len]).await?;
+        if args.mode == ChildMode::RawPong {
+            let mut frame = Vec::with_capacity(4 + len);
+            frame.extend_from_slice(&(len as u32).to_be_bytes());
+            frame.extend_from_slice(&buf[..len]);
+            wr.write_all(&frame).await?;
+        }
+        last = Instant::now();
+        first.get_or_insert(last);
+        received += 1;
+    }
+    if args.mode == ChildMode::Raw {
+        wr.write_all(&[1]).await?;
+    }
+    let secs = first.map_or(0.0, |f| last.duration_since(f).as_secs_f64());
+    Ok(ReceiverResult { received, secs })
 }
 
 fn print(common: &Common, f: &Figures) -> anyhow::Result<()> {
@@ -339,6 +1118,77 @@ fn print(common: &Common, f: &Figures) -> anyhow::Result<()> {
         out::note(format!(
             "{} events were not acknowledged by every receiver",
             f.failed
+        ));
+    }
+    Ok(())
+}
+
+fn print_report(common: &Common, r: &Report) -> anyhow::Result<()> {
+    if common.json {
+        out::line(serde_json::to_string(r)?)?;
+        return Ok(());
+    }
+    let runs = r.throughput.first().map_or(1, |row| row.ipcbus.runs);
+    out::line(format!(
+        "throughput (msgs/s; medians of {runs} run{}):",
+        if runs == 1 { "" } else { "s" }
+    ))?;
+    out::line(format!(
+        "{:<22} {:>8} {:>12} {:>12} {:>9} {:>12} {:>12} {:>12} {:>6}",
+        "workload",
+        "events",
+        "recv min",
+        "recv median",
+        "MB/s",
+        "aggregate",
+        "sender acked",
+        "plain tcp",
+        "ratio"
+    ))?;
+    for row in &r.throughput {
+        let w = &row.workload;
+        let b = &row.ipcbus;
+        out::line(format!(
+            "{:<22} {:>8} {:>12} {:>12} {:>9.1} {:>12} {:>12} {:>12} {:>6}",
+            w.label(),
+            w.count,
+            human(b.min),
+            human(b.median),
+            b.median_mb_s,
+            human(b.aggregate),
+            human(b.sender_rate),
+            row.baseline
+                .as_ref()
+                .map_or("-".to_string(), |x| human(x.median)),
+            row.ratio.map_or("-".to_string(), |x| format!("{x:.2}")),
+        ))?;
+    }
+    if let Some(l) = &r.latency {
+        out::line(format!(
+            "latency (round trip, {} B, {} pings; medians of {} run{}):",
+            l.ipcbus.size,
+            l.ipcbus.pings,
+            l.ipcbus.runs,
+            if l.ipcbus.runs == 1 { "" } else { "s" }
+        ))?;
+        let line = |name: &str, x: &Latency| {
+            format!(
+                "  {name:<10} p50 {:>8.1} us   p99 {:>8.1} us   p999 {:>8.1} us",
+                x.p50_us, x.p99_us, x.p999_us
+            )
+        };
+        out::line(line("ipcbus", &l.ipcbus))?;
+        if let Some(b) = &l.baseline {
+            out::line(line("plain tcp", b))?;
+        }
+        if let Some(x) = l.p50_ratio {
+            out::line(format!("  p50 ratio {x:.2}"))?;
+        }
+    }
+    let failed: u64 = r.throughput.iter().map(|row| row.ipcbus.failed).sum();
+    if failed > 0 {
+        out::note(format!(
+            "{failed} events were not acknowledged by every receiver"
         ));
     }
     Ok(())
@@ -403,5 +1253,25 @@ mod tests {
         assert_eq!(human(999.4), "999");
         assert_eq!(human(1000.0), "1 000");
         assert_eq!(human(1234567.0), "1 234 567");
+    }
+
+    #[test]
+    fn percentiles_nearest_rank() {
+        let v: Vec<f64> = (1..=1000).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 500.0);
+        assert_eq!(percentile(&v, 0.99), 990.0);
+        assert_eq!(percentile(&v, 0.999), 999.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+        assert_eq!(percentile(&[7.0], 0.999), 7.0);
+    }
+
+    #[test]
+    fn payload_is_compressible_text_of_the_size_asked() {
+        for n in [0, 1, 64, 1024, 65536] {
+            assert_eq!(payload(n).len(), n);
+        }
+        let p = payload(1024);
+        let z = ipcbus::proto::compress::gzip(&p, 1).map_or(p.len(), |z| z.len());
+        assert!(z < p.len() / 2, "{z}");
     }
 }
