@@ -45,11 +45,11 @@ mod sender;
 pub use discovery::{Discovery, DiscoveryError};
 pub use epm::{Epm, EpmBuilder, EpmClient, EpmError};
 pub use handle::{Handle, HandleError};
-pub use handshake::HandshakeError;
 /// Handshake entry points for the fuzz targets (feature `fuzzing`); not a stable API.
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub use handshake::fuzzing;
+pub use handshake::HandshakeError;
 pub use ids::{ReceiverId, SenderId};
 pub use message::{Message, PayloadError};
 pub use proto::crypto::{Key, KeyError};
