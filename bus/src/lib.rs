@@ -13,6 +13,8 @@
 //! - [`epm`]: the client of the endpoint manager service (registrations with
 //!   leases, watches, reconnects); [`proto::epm`] holds its I/O-free messages.
 //! - `sender` / `receiver`: the async layer — connections, writer tasks, discovery.
+//! - [`gate`]: admission of half-open connections (oldest evicted when full), shared by
+//!   receivers and the endpoint manager.
 //!
 //! ```no_run
 //! use ipcbus::{Handle, Receiver, Sender};
@@ -30,6 +32,7 @@
 
 mod discovery;
 pub mod epm;
+pub mod gate;
 mod handle;
 mod handshake;
 mod ids;
@@ -44,6 +47,7 @@ mod sender;
 
 pub use discovery::{Discovery, DiscoveryError};
 pub use epm::{Epm, EpmBuilder, EpmClient, EpmError};
+pub use gate::{HandshakeGate, HandshakeSlot};
 pub use handle::{Handle, HandleError};
 /// Handshake entry points for the fuzz targets (feature `fuzzing`); not a stable API.
 #[cfg(feature = "fuzzing")]

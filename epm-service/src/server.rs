@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use ipcbus::epm::link::{self, LinkWriter};
 use ipcbus::proto::epm::{Answer, ErrorCode, Op, Request, Response, Status};
-use ipcbus::{ReceiverId, RejectReason};
+use ipcbus::{HandshakeGate, HandshakeSlot, ReceiverId, RejectReason};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
@@ -30,6 +30,8 @@ const OUTBOX: usize = 1024;
 /// Refusals (`Busy`) being written at once; past it, excess connections are just
 /// closed.
 const MAX_REFUSING: usize = 64;
+/// Connections that may be in their handshake at once; past it the oldest is evicted.
+const HALF_OPEN: usize = 64;
 
 /// Binds every address. One that fails is logged and skipped (so `[::]` failing on
 /// a host without IPv6 does not stop `0.0.0.0`); IPv6 sockets are IPv6-only so both
@@ -110,6 +112,8 @@ struct Shared {
     hub: Mutex<Hub>,
     conn_limit: Arc<Semaphore>,
     refusing: Arc<Semaphore>,
+    /// Connections still in their handshake; the oldest is evicted when full.
+    half_open: HandshakeGate,
     next_conn: AtomicU64,
     server_id: ReceiverId,
     started: Instant,
@@ -138,6 +142,7 @@ impl Shared {
             }),
             conn_limit: Arc::new(Semaphore::new(config.limits.max_connections)),
             refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
+            half_open: HandshakeGate::new(HALF_OPEN),
             next_conn: AtomicU64::new(1),
             server_id: ReceiverId::random(),
             started: Instant::now(),
@@ -180,7 +185,25 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, token: Cancella
         match accepted {
             Ok((sock, peer)) => {
                 backoff = Duration::from_millis(10);
-                let Ok(permit) = shared.conn_limit.clone().try_acquire_owned() else {
+                // Admit it among the half-open connections first: a flood of
+                // handshakes that never finish evicts itself, not the clients.
+                let (slot, evicted) = shared.half_open.admit();
+                if evicted {
+                    tracing::warn!(%peer, "too many unfinished handshakes; evicted the oldest");
+                }
+                let permit = match shared.conn_limit.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    // The evicted connection's task hands its permit back shortly.
+                    Err(_) if evicted => tokio::time::timeout(
+                        Duration::from_millis(100),
+                        shared.conn_limit.clone().acquire_owned(),
+                    )
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
+                    Err(_) => None,
+                };
+                let Some(permit) = permit else {
                     tracing::warn!(%peer, "connection limit reached; refusing");
                     if let Ok(p) = shared.refusing.clone().try_acquire_owned() {
                         shared.tasks.spawn(async move {
@@ -200,7 +223,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, token: Cancella
                 let s = shared.clone();
                 let t = token.child_token();
                 shared.tasks.spawn(async move {
-                    serve(sock, peer, s, t).await;
+                    serve(sock, peer, s, t, slot).await;
                     drop(permit);
                 });
             }
@@ -241,10 +264,20 @@ async fn sweep_leases(shared: Arc<Shared>, token: CancellationToken) {
     }
 }
 
-async fn serve(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, token: CancellationToken) {
+async fn serve(
+    sock: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    token: CancellationToken,
+    slot: HandshakeSlot,
+) {
     let cfg = &shared.config;
     let hs = tokio::select! {
         _ = token.cancelled() => return,
+        _ = slot.evicted() => {
+            tracing::warn!(%peer, "handshake evicted by newer connections; closed");
+            return;
+        }
         r = tokio::time::timeout(
             cfg.handshake_timeout,
             link::accept(sock, shared.server_id, cfg.key.as_ref(), cfg.limits.max_frame),
@@ -261,6 +294,7 @@ async fn serve(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, token: Ca
             return;
         }
     };
+    drop(slot);
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::channel(OUTBOX);
     {
