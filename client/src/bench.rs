@@ -1022,8 +1022,17 @@ async fn bus_child(common: &Common, args: &ReceiverArgs) -> anyhow::Result<Recei
     let mut first: Option<Instant> = None;
     let mut last = Instant::now();
     while received < args.count {
-        match tokio::time::timeout(args.idle, rx.recv()).await {
-            Ok(Some(m)) => {
+        // A timer only when nothing is ready: a timer per event would cost more than
+        // taking the event (the plain TCP child does the same).
+        let next = match rx.try_recv() {
+            Some(m) => Some(m),
+            None => tokio::time::timeout(args.idle, rx.recv())
+                .await
+                .ok()
+                .flatten(),
+        };
+        match next {
+            Some(m) => {
                 last = Instant::now();
                 first.get_or_insert(last);
                 received += 1;
@@ -1031,7 +1040,7 @@ async fn bus_child(common: &Common, args: &ReceiverArgs) -> anyhow::Result<Recei
                     drop(tx.publish_bytes(m.into_payload()).await?);
                 }
             }
-            _ => break,
+            None => break,
         }
     }
     if let Some(tx) = reply {
@@ -1061,9 +1070,13 @@ async fn raw_child(common: &Common, args: &ReceiverArgs) -> anyhow::Result<Recei
     let mut first: Option<Instant> = None;
     let mut last = Instant::now();
     while received < args.count {
-        let len = match tokio::time::timeout(args.idle, rd.read_u32()).await {
-            Ok(Ok(n)) => n as usize,
-            _ => break,
+        let len = if rd.buffer().len() >= 4 {
+            rd.read_u32().await? as usize
+        } else {
+            match tokio::time::timeout(args.idle, rd.read_u32()).await {
+                Ok(Ok(n)) => n as usize,
+                _ => break,
+            }
         };
         if len > 16 << 20 {
             bail!("plain frame of {len} bytes");
