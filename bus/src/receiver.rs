@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::discovery::Announcement;
 use crate::discovery::Discovery;
 use crate::epm::{Epm, EpmError};
+use crate::gate::{HandshakeGate, HandshakeSlot};
 use crate::handle::Handle;
 use crate::handshake;
 use crate::ids::{ReceiverId, SenderId};
@@ -176,6 +177,7 @@ impl ReceiverBuilder {
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
             conn_limit: Arc::new(Semaphore::new(self.max_connections)),
+            half_open: HandshakeGate::new((self.max_connections / 4).clamp(1, 64)),
         });
         tasks.spawn(accept_loop(listener, shared, tx));
         let record = Record::new(self.handle.clone(), advertised, id);
@@ -247,6 +249,9 @@ const MIN_READ: usize = 16 * 1024;
 const FIRST_READ: usize = 64 * 1024;
 /// Largest read, and so (but for a single larger frame) the largest batch.
 const MAX_READ: usize = 256 * 1024;
+/// A batch stops taking compressed frames once they inflate to this many bytes in all
+/// (one frame may overshoot it by up to the maximum frame length).
+const INFLATE_BUDGET: usize = 4 << 20;
 
 /// The frames of one read from one connection, handed to the application through the
 /// queue as one item. The frames were checked (kind, flags, order), opened and
@@ -385,14 +390,23 @@ impl Input {
     /// Checks every complete frame after `checked`: a Data frame, in order, sealed
     /// exactly when the connection is, opened in place, inflated if compressed. Then
     /// checks what has arrived of the next, incomplete frame.
-    fn scan(&mut self) -> Result<(), DecodeError> {
+    ///
+    /// Returns `true` when it stopped early because the batch already holds
+    /// [`INFLATE_BUDGET`] inflated bytes: complete frames are left to scan after this
+    /// batch is handed over, so a burst of small frames that each inflate to the
+    /// maximum cannot pile up in one batch.
+    fn scan(&mut self) -> Result<bool, DecodeError> {
+        let mut inflated_bytes: usize = self.inflated.iter().map(Bytes::len).sum();
         loop {
             let rest = &self.buf[self.checked..];
             let Some(len) = self.codec.check_front(rest)? else {
-                return Ok(());
+                return Ok(false);
             };
             if rest.len() < LEN_PREFIX + len {
-                return Ok(());
+                return Ok(false);
+            }
+            if inflated_bytes >= INFLATE_BUDGET {
+                return Ok(true);
             }
             let start = self.checked + LEN_PREFIX;
             let frame = &mut self.buf[start..start + len];
@@ -425,6 +439,7 @@ impl Input {
                     .gunzipper
                     .get_or_insert_with(Gunzipper::default)
                     .gunzip(&body[..body_len], max)?;
+                inflated_bytes += inflated.len();
                 self.inflated.push(inflated.into());
             }
             self.last_seq = seq;
@@ -628,6 +643,8 @@ struct Shared {
     shutdown: CancellationToken,
     tasks: TaskTracker,
     conn_limit: Arc<Semaphore>,
+    /// Connections still in their handshake; the oldest is evicted when full.
+    half_open: HandshakeGate,
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sender<Batch>) {
@@ -640,7 +657,25 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sende
         match accepted {
             Ok((sock, peer)) => {
                 backoff = Duration::from_millis(10);
-                let Ok(permit) = shared.conn_limit.clone().try_acquire_owned() else {
+                // Admit it among the half-open connections first: a flood of
+                // handshakes that never finish evicts itself, not the senders.
+                let (slot, evicted) = shared.half_open.admit();
+                if evicted {
+                    tracing::warn!(%peer, handle = %shared.handle, "too many unfinished handshakes; evicted the oldest");
+                }
+                let permit = match shared.conn_limit.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    // The evicted connection's task hands its permit back shortly.
+                    Err(_) if evicted => tokio::time::timeout(
+                        Duration::from_millis(100),
+                        shared.conn_limit.clone().acquire_owned(),
+                    )
+                    .await
+                    .ok()
+                    .and_then(Result::ok),
+                    Err(_) => None,
+                };
+                let Some(permit) = permit else {
                     tracing::warn!(%peer, handle = %shared.handle, "connection limit reached; closing new connection");
                     continue;
                 };
@@ -648,7 +683,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sende
                 let shared2 = shared.clone();
                 let tx = tx.clone();
                 shared.tasks.spawn(async move {
-                    serve(sock, peer, shared2, tx).await;
+                    serve(sock, peer, shared2, tx, slot).await;
                     drop(permit);
                 });
             }
@@ -665,18 +700,30 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sende
     }
 }
 
-async fn serve(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, tx: mpsc::Sender<Batch>) {
-    let hs = tokio::time::timeout(
-        shared.handshake_timeout,
-        handshake::accept(
-            sock,
-            &shared.handle,
-            shared.id,
-            &shared.sec,
-            shared.max_frame,
-        ),
-    )
-    .await;
+async fn serve(
+    sock: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Batch>,
+    slot: HandshakeSlot,
+) {
+    let hs = tokio::select! {
+        _ = slot.evicted() => {
+            tracing::warn!(%peer, handle = %shared.handle, "handshake evicted by newer connections; closed");
+            return;
+        }
+        r = tokio::time::timeout(
+            shared.handshake_timeout,
+            handshake::accept(
+                sock,
+                &shared.handle,
+                shared.id,
+                &shared.sec,
+                shared.max_frame,
+            ),
+        ) => r,
+    };
+    drop(slot);
     let (est, sender) = match hs {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
@@ -712,8 +759,11 @@ async fn serve(sock: TcpStream, peer: SocketAddr, shared: Arc<Shared>, tx: mpsc:
                 r = tx.send(b) => if r.is_err() { break Ok(()) },
             }
         }
-        if let Err(e) = scanned {
-            break Err(e);
+        match scanned {
+            Err(e) => break Err(e),
+            // Complete frames are still waiting behind the inflate budget.
+            Ok(true) => continue,
+            Ok(false) => {}
         }
         if let Err(e) = input.make_room() {
             break Err(e);
@@ -790,5 +840,48 @@ async fn ack_writer(
             let _ = wr.shutdown().await;
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::codec::put_frame;
+    use crate::proto::compress::gzip;
+
+    #[test]
+    fn a_batch_stops_at_the_inflate_budget() {
+        // Ten small frames that each inflate to 1 MiB: one read's worth of bytes.
+        let one_mib = gzip(&vec![0u8; 1 << 20], 9).expect("compressible");
+        let mut wire = BytesMut::new();
+        for seq in 1..=10u64 {
+            put_frame(
+                &mut wire,
+                Kind::Data,
+                Flags(Flags::COMPRESSED),
+                seq,
+                &one_mib,
+            );
+        }
+        let mut input = Input::new(CodecV1::new(DEFAULT_MAX_FRAME), None, wire);
+        let ack = Arc::new(AckState::default());
+        let sender = SenderId([1; 16]);
+        let mut sizes = Vec::new();
+        for _ in 0..10 {
+            let more = input.scan().expect("valid frames");
+            let inflated: usize = input.inflated.iter().map(Bytes::len).sum();
+            assert!(
+                inflated <= INFLATE_BUDGET,
+                "batch holds {inflated} inflated bytes"
+            );
+            let Some(b) = input.take_batch(sender, &ack) else {
+                break;
+            };
+            sizes.push(b.inflated.len());
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(sizes, vec![4, 4, 2], "batches of at most 4 MiB inflated");
     }
 }

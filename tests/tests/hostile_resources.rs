@@ -239,6 +239,12 @@ fn start_receiver() -> Rx {
 impl Rx {
     /// A legitimate sender delivers one event and gets its acknowledgement.
     async fn serves(&self, what: &str) {
+        self.serves_within(what, T).await
+    }
+
+    /// A legitimate sender connects and gets an event acknowledged within `limit`.
+    async fn serves_within(&self, what: &str, limit: Duration) {
+        let t = Instant::now();
         let mut tx = Sender::builder(Handle::new("victim").unwrap())
             .discovery(self.disc.clone())
             .security(Security::Encrypt(self.key.clone()))
@@ -255,6 +261,11 @@ impl Rx {
             .unwrap_or_else(|_| panic!("{what}: no report"))
             .unwrap();
         assert_eq!(r.acked.len(), 1, "{what}: {r:?}");
+        assert!(
+            t.elapsed() < limit,
+            "{what}: served only after {:?}",
+            t.elapsed()
+        );
         tx.close().await;
     }
 
@@ -288,6 +299,11 @@ async fn receiver_process_under_attack_stays_bounded_and_serving() {
         "only {} connections opened",
         flood.len()
     );
+    // The half-open flood evicts itself (oldest first), so a sender is served while
+    // the attacker's connections are still open.
+    // Within 3 s: well before the 5 s handshake timeout would free the slots anyway.
+    rx.serves_within("during the handshake flood", Duration::from_secs(3))
+        .await;
     let t = Instant::now();
     let left = fds_fall_to(pid, base_fds + 16, Duration::from_secs(8)).await;
     eprintln!("flood: receiver fds back to {left} after {:?}", t.elapsed());
