@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 /// Bounded set of half-open connections; cheap to clone.
@@ -69,6 +70,30 @@ impl HandshakeGate {
             },
             evicted,
         )
+    }
+
+    /// Admits a new connection under a connection limit: a half-open slot (evicting
+    /// the oldest half-open connection if the gate is full) and a permit of `limit`.
+    /// After an eviction it waits up to 100 ms for the evicted connection to hand its
+    /// permit back. `None` when the connection limit is reached. The flag says
+    /// whether someone was evicted.
+    pub async fn admit_under(
+        &self,
+        limit: &Arc<Semaphore>,
+    ) -> Option<(HandshakeSlot, OwnedSemaphorePermit, bool)> {
+        let (slot, evicted) = self.admit();
+        let permit = match limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) if evicted => tokio::time::timeout(
+                std::time::Duration::from_millis(100),
+                limit.clone().acquire_owned(),
+            )
+            .await
+            .ok()?
+            .ok()?,
+            Err(_) => return None,
+        };
+        Some((slot, permit, evicted))
     }
 
     /// How many connections are in their handshake now.

@@ -659,26 +659,15 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sende
                 backoff = Duration::from_millis(10);
                 // Admit it among the half-open connections first: a flood of
                 // handshakes that never finish evicts itself, not the senders.
-                let (slot, evicted) = shared.half_open.admit();
-                if evicted {
-                    tracing::warn!(%peer, handle = %shared.handle, "too many unfinished handshakes; evicted the oldest");
-                }
-                let permit = match shared.conn_limit.clone().try_acquire_owned() {
-                    Ok(p) => Some(p),
-                    // The evicted connection's task hands its permit back shortly.
-                    Err(_) if evicted => tokio::time::timeout(
-                        Duration::from_millis(100),
-                        shared.conn_limit.clone().acquire_owned(),
-                    )
-                    .await
-                    .ok()
-                    .and_then(Result::ok),
-                    Err(_) => None,
-                };
-                let Some(permit) = permit else {
+                let Some((slot, permit, evicted)) =
+                    shared.half_open.admit_under(&shared.conn_limit).await
+                else {
                     tracing::warn!(%peer, handle = %shared.handle, "connection limit reached; closing new connection");
                     continue;
                 };
+                if evicted {
+                    tracing::warn!(%peer, handle = %shared.handle, "too many unfinished handshakes; evicted the oldest");
+                }
                 let _ = sock.set_nodelay(true);
                 let shared2 = shared.clone();
                 let tx = tx.clone();

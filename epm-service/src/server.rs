@@ -187,23 +187,11 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, token: Cancella
                 backoff = Duration::from_millis(10);
                 // Admit it among the half-open connections first: a flood of
                 // handshakes that never finish evicts itself, not the clients.
-                let (slot, evicted) = shared.half_open.admit();
-                if evicted {
+                let admitted = shared.half_open.admit_under(&shared.conn_limit).await;
+                if admitted.as_ref().is_some_and(|a| a.2) {
                     tracing::warn!(%peer, "too many unfinished handshakes; evicted the oldest");
                 }
-                let permit = match shared.conn_limit.clone().try_acquire_owned() {
-                    Ok(p) => Some(p),
-                    // The evicted connection's task hands its permit back shortly.
-                    Err(_) if evicted => tokio::time::timeout(
-                        Duration::from_millis(100),
-                        shared.conn_limit.clone().acquire_owned(),
-                    )
-                    .await
-                    .ok()
-                    .and_then(Result::ok),
-                    Err(_) => None,
-                };
-                let Some(permit) = permit else {
+                let Some((slot, permit, _)) = admitted else {
                     tracing::warn!(%peer, "connection limit reached; refusing");
                     if let Ok(p) = shared.refusing.clone().try_acquire_owned() {
                         shared.tasks.spawn(async move {
