@@ -121,3 +121,58 @@ impl Proc {
         s
     }
 }
+
+/// `--name value` command-line arguments of the test programs (`ipcbus-testpeer`,
+/// `soak`): tiny on purpose, so the programs have no parser to test.
+#[derive(Debug)]
+pub struct Args(pub Vec<String>);
+
+impl Args {
+    /// This process's arguments after the program name.
+    pub fn from_env() -> Args {
+        Args(std::env::args().skip(1).collect())
+    }
+
+    /// The value after `name`, if present.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .position(|a| a == name)
+            .and_then(|i| self.0.get(i + 1))
+            .map(String::as_str)
+    }
+
+    /// The value after `name`, or an error naming it.
+    pub fn req(&self, name: &str) -> anyhow::Result<&str> {
+        use anyhow::Context;
+        self.get(name)
+            .with_context(|| format!("{name} is required"))
+    }
+
+    /// The number after `name`, or `default` when absent.
+    pub fn num(&self, name: &str, default: u64) -> anyhow::Result<u64> {
+        use anyhow::Context;
+        match self.get(name) {
+            Some(v) => v.parse().with_context(|| format!("{name} {v}")),
+            None => Ok(default),
+        }
+    }
+
+    /// Whether the flag `name` is present.
+    pub fn has(&self, name: &str) -> bool {
+        self.0.iter().any(|a| a == name)
+    }
+
+    /// The first argument (the mode).
+    pub fn mode(&self) -> Option<&str> {
+        self.0.first().map(String::as_str)
+    }
+}
+
+/// Prints one line on stdout and flushes it (tests read these lines as they come).
+pub fn say(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}

@@ -13,36 +13,20 @@
 //! The registry is the one of `IPCBUS_RUNTIME_DIR`.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ipcbus::{Handle, Key, Receiver, Security, Sender};
+use ipcbus_tests::{say, Args};
 use serde::Serialize;
 
-struct Args(Vec<String>);
-
-impl Args {
-    fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .position(|a| a == name)
-            .and_then(|i| self.0.get(i + 1))
-            .map(String::as_str)
-    }
-    fn num(&self, name: &str, default: u64) -> anyhow::Result<u64> {
-        match self.get(name) {
-            Some(v) => v.parse().with_context(|| format!("{name} {v}")),
-            None => Ok(default),
-        }
-    }
-    fn security(&self) -> anyhow::Result<Security> {
-        Ok(match (self.get("--password"), self.get("--salt")) {
-            (Some(p), Some(s)) => Security::Encrypt(Key::derive(p, s.as_bytes())?),
-            _ => Security::LocalUser,
-        })
-    }
+/// Security from `--password` and `--salt`, else the local-user default.
+fn security(a: &Args) -> anyhow::Result<Security> {
+    Ok(match (a.get("--password"), a.get("--salt")) {
+        (Some(p), Some(s)) => Security::Encrypt(Key::derive(p, s.as_bytes())?),
+        _ => Security::LocalUser,
+    })
 }
 
 #[derive(Serialize, Default)]
@@ -61,12 +45,6 @@ struct PerReceiver {
     reasons: BTreeMap<String, u64>,
 }
 
-fn say(line: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
-}
-
 async fn recv(a: &Args) -> anyhow::Result<()> {
     let handle = Handle::new(a.get("--handle").context("--handle")?)?;
     let expect = a.num("--expect", u64::MAX)?;
@@ -74,7 +52,7 @@ async fn recv(a: &Args) -> anyhow::Result<()> {
     let stall_after = a.num("--stall-after", u64::MAX)?;
     let timeout = Duration::from_secs(a.num("--timeout", 60)?);
     let mut rx = Receiver::builder(handle)
-        .security(a.security()?)
+        .security(security(a)?)
         .bind()
         .await?;
     say(&format!("ready {} {}", rx.local_addr(), rx.id()));
@@ -117,7 +95,7 @@ async fn send(a: &Args) -> anyhow::Result<()> {
     let size = a.num("--size", 16)? as usize;
     let interval = Duration::from_micros(a.num("--interval-us", 0)?);
     let mut tx = Sender::builder(handle)
-        .security(a.security()?)
+        .security(security(a)?)
         .build()
         .await?;
     let got = tx
@@ -167,7 +145,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args(std::env::args().skip(1).collect());
+    let args = Args::from_env();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -176,7 +154,7 @@ fn main() -> ExitCode {
         }
     };
     let r = rt.block_on(async {
-        match args.0.first().map(String::as_str) {
+        match args.mode() {
             Some("recv") => recv(&args).await,
             Some("send") => send(&args).await,
             _ => bail!("usage: ipcbus-testpeer recv|send ..."),

@@ -42,6 +42,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use ipcbus::{Epm, Handle, Receiver, Sender};
+use ipcbus_tests::{say, Args};
 
 const HANDLE: &str = "soak";
 /// An event sent this long after a receiver said it is registered must reach it.
@@ -58,37 +59,6 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-struct Args(Vec<String>);
-
-impl Args {
-    fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .position(|a| a == name)
-            .and_then(|i| self.0.get(i + 1))
-            .map(String::as_str)
-    }
-    fn req(&self, name: &str) -> anyhow::Result<&str> {
-        self.get(name)
-            .with_context(|| format!("{name} is required"))
-    }
-    fn num(&self, name: &str, default: u64) -> anyhow::Result<u64> {
-        match self.get(name) {
-            Some(v) => v.parse().with_context(|| format!("{name} {v}")),
-            None => Ok(default),
-        }
-    }
-    fn has(&self, name: &str) -> bool {
-        self.0.iter().any(|a| a == name)
-    }
-}
-
-fn say(line: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
 }
 
 // ---------------------------------------------------------------------------------
@@ -902,7 +872,7 @@ fn check(d: &Driver, sender_logs: &[PathBuf], secs: u64) -> anyhow::Result<Verdi
 }
 
 fn main() -> ExitCode {
-    let args = Args(std::env::args().skip(1).collect());
+    let args = Args::from_env();
     let mode = args.0.first().cloned().unwrap_or_default();
     if mode != "run" {
         tracing_subscriber::fmt()
