@@ -202,6 +202,7 @@ impl SenderBuilder {
             events: events.clone(),
             ready: ready_tx,
             updates: upd_tx,
+            updates_pending: AtomicBool::new(false),
             ended: Notify::new(),
             shutdown: shutdown.clone(),
             tasks: TaskTracker::new(),
@@ -344,7 +345,9 @@ impl Sender {
         // now and then, so on a single-threaded runtime the writer tasks get to write
         // while it runs, rather than only once every window is full.
         tokio::task::consume_budget().await;
-        self.apply_updates();
+        if self.shared.updates_pending.load(Ordering::Relaxed) {
+            self.apply_updates();
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         if self.targets.is_empty() {
@@ -445,6 +448,11 @@ impl Sender {
     }
 
     fn apply_updates(&mut self) {
+        // A swap, not a store: it reads the latest set, so every update sent before
+        // that set is visible to the drain below.
+        if !self.shared.updates_pending.swap(false, Ordering::AcqRel) {
+            return;
+        }
         let mut changed = false;
         while let Ok(u) = self.updates.try_recv() {
             changed = true;
@@ -535,9 +543,20 @@ struct Shared {
     events: broadcast::Sender<SenderEvent>,
     ready: watch::Sender<usize>,
     updates: mpsc::UnboundedSender<Update>,
+    /// Set after every update is sent, so `publish` checks one flag (a plain load)
+    /// instead of polling the channel for each event.
+    updates_pending: AtomicBool,
     ended: Notify,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+}
+
+impl Shared {
+    /// Hands a change of the receiver set to the `Sender`.
+    fn update(&self, u: Update) {
+        let _ = self.updates.send(u);
+        self.updates_pending.store(true, Ordering::Release);
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -764,7 +783,7 @@ fn start_conn(
         ready: AtomicBool::new(false),
         finished: AtomicBool::new(false),
     });
-    let _ = shared.updates.send(Update::Add(conn.clone()));
+    shared.update(Update::Add(conn.clone()));
     let c = conn.clone();
     let receiver_id = record.receiver;
     shared.tasks.spawn(async move {
@@ -797,7 +816,7 @@ fn start_conn(
         // that dropped stays a target (its events fail at once with the reason) until
         // discovery reconnects it or sees its registration go.
         if reason == FailReason::ReceiverLeft || reason == FailReason::SenderClosed {
-            let _ = shared.updates.send(Update::Remove(c.clone()));
+            shared.update(Update::Remove(c.clone()));
         }
         c.finished.store(true, Ordering::Release);
         shared.ended.notify_one();
@@ -1054,7 +1073,7 @@ impl Tracker {
             let conn = match self.known.get(&rec.receiver) {
                 None => self.connect(&rec),
                 Some(k) if k.conn.finished.load(Ordering::Acquire) && now >= k.retry_at => {
-                    let _ = self.shared.updates.send(Update::Remove(k.conn.clone()));
+                    self.shared.update(Update::Remove(k.conn.clone()));
                     self.connect(&rec)
                 }
                 Some(_) => continue,
@@ -1080,7 +1099,7 @@ impl Tracker {
             if seen.contains(id) {
                 return true;
             }
-            let _ = k.conn.shared.updates.send(Update::Remove(k.conn.clone()));
+            k.conn.shared.update(Update::Remove(k.conn.clone()));
             false
         });
     }
