@@ -580,7 +580,7 @@ struct Out {
 struct Conn {
     info: ReceiverInfo,
     shared: Arc<Shared>,
-    out: Mutex<Out>,
+    out: SpinMutex<Out>,
     /// Wakes the writer when frames were queued while it slept.
     writer_wake: Notify,
     /// Wakes a publisher waiting for window or buffer space.
@@ -605,6 +605,29 @@ impl std::fmt::Debug for Conn {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The output buffer's lock. It is taken for every event and every receiver, and
+/// is almost never contended (the publisher appends, the writer swaps buffers, both
+/// in a few instructions, mostly on the same thread), so it is a spin lock: its
+/// release is a plain store, where `std::sync::Mutex` needs a second atomic
+/// read-modify-write (a full barrier on x86) per event and receiver. Contended, it
+/// spins briefly, then yields the thread, so a holder that was preempted gets the CPU.
+type SpinMutex<T> = spin::mutex::SpinMutex<T>;
+
+fn lock_out(m: &SpinMutex<Out>) -> spin::mutex::SpinMutexGuard<'_, Out> {
+    let mut spins = 0u32;
+    loop {
+        if let Some(g) = m.try_lock() {
+            return g;
+        }
+        if spins < 64 {
+            spins += 1;
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
 }
 
 impl Conn {
@@ -702,7 +725,7 @@ impl Conn {
             return true;
         }
         let wake = {
-            let mut out = lock(&self.out);
+            let mut out = lock_out(&self.out);
             if !self.has_room(&out, seq) {
                 return false;
             }
@@ -769,7 +792,7 @@ fn start_conn(
             addr: record.endpoint,
         },
         shared: shared.clone(),
-        out: Mutex::new(Out {
+        out: SpinMutex::new(Out {
             buf: Vec::new(),
             writer_waiting: false,
         }),
@@ -794,7 +817,7 @@ fn start_conn(
         };
         c.fail(reason.clone());
         // Free the queued bytes now; the counters keep every outcome.
-        lock(&c.out).buf = Vec::new();
+        lock_out(&c.out).buf = Vec::new();
         if matches!(
             reason,
             FailReason::Refused
@@ -897,7 +920,7 @@ async fn drive(conn: &Arc<Conn>, receiver_id: crate::ids::ReceiverId) -> FailRea
             tokio::pin!(notified);
             notified.as_mut().enable();
             let took = {
-                let mut out = lock(&conn.out);
+                let mut out = lock_out(&conn.out);
                 if out.buf.is_empty() {
                     out.writer_waiting = true;
                     false
