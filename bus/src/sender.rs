@@ -334,6 +334,27 @@ impl Sender {
         &mut self,
         payload: impl Into<Bytes>,
     ) -> Result<PendingReport, SendError> {
+        let seq = self.queue_bytes(payload).await?;
+        Ok(PendingReport {
+            seq,
+            targets: (!self.targets.is_empty()).then(|| self.targets.clone()),
+        })
+    }
+
+    /// Queues raw bytes for every known receiver, like [`Sender::publish_bytes`], but
+    /// returns the event's sequence number instead of a report: the cheapest way to
+    /// send many events (no report handle per event). Nothing is lost by it: every
+    /// event a receiver did not acknowledge is reported by [`Sender::events`]
+    /// (`SendFailed`, with the reason), [`Sender::flush`] waits until every event is
+    /// acknowledged or failed, and [`Sender::last_report`] gives the outcome of the
+    /// latest event.
+    ///
+    /// # Errors
+    /// [`SendError::TooLarge`].
+    ///
+    /// # Cancel safety
+    /// As [`Sender::publish_bytes`].
+    pub async fn queue_bytes(&mut self, payload: impl Into<Bytes>) -> Result<u64, SendError> {
         let payload: Bytes = payload.into();
         if payload.len() > self.max_payload {
             return Err(SendError::TooLarge {
@@ -351,7 +372,7 @@ impl Sender {
         let seq = self.next_seq;
         self.next_seq += 1;
         if self.targets.is_empty() {
-            return Ok(PendingReport { seq, targets: None });
+            return Ok(seq);
         }
         let (flags, body) = match self.compress {
             Some((threshold, level)) if payload.len() >= threshold => match self
@@ -381,20 +402,25 @@ impl Sender {
         {
             self.last_targets = Some(self.targets.clone());
         }
-        Ok(PendingReport {
-            seq,
-            targets: Some(self.targets.clone()),
-        })
+        Ok(seq)
+    }
+
+    /// A future of the report of the latest event that was sent to at least one
+    /// receiver (an empty report with sequence number 0 if there was none).
+    /// Receivers acknowledge in order, so a receiver it lists as acknowledged has
+    /// taken every earlier event queued for it since it connected; any earlier event
+    /// that one did not take was reported by [`Sender::events`] (`SendFailed`).
+    pub fn last_report(&self) -> PendingReport {
+        PendingReport {
+            seq: self.last_seq,
+            targets: self.last_targets.clone(),
+        }
     }
 
     /// Waits until every event sent so far is acknowledged or reported failed.
     pub async fn flush(&mut self) {
-        if let Some(targets) = self.last_targets.take() {
-            PendingReport {
-                seq: self.last_seq,
-                targets: Some(targets),
-            }
-            .await;
+        if self.last_targets.is_some() {
+            self.last_report().await;
         }
     }
 

@@ -297,3 +297,70 @@ async fn allowed_ports_bind_the_first_free_one_and_say_when_all_are_taken() {
     assert!(err.to_string().contains("all 3 allowed ports"), "{err}");
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[tokio::test]
+async fn queue_bytes_without_reports_delivers_in_order_and_reports_failures() {
+    let (disc, dir) = registry("queue");
+    let mut keep = Receiver::builder(handle("queue"))
+        .discovery(disc.clone())
+        .bind()
+        .await
+        .unwrap();
+    let mut gone = Some(
+        Receiver::builder(handle("queue"))
+            .discovery(disc.clone())
+            .bind()
+            .await
+            .unwrap(),
+    );
+    let mut tx = Sender::builder(handle("queue"))
+        .discovery(disc)
+        .queue_capacity(64)
+        .build()
+        .await
+        .unwrap();
+    // Nothing sent yet: an empty report.
+    let r = tx.last_report().await;
+    assert_eq!((r.seq, r.targeted()), (0, 0));
+    assert_eq!(tx.wait_for_receivers(2, T).await, 2);
+    let mut events = Box::pin(tx.events());
+    let n = 5_000u64;
+    let reader = tokio::spawn(async move {
+        for expect in 1..=n {
+            let m = tokio::time::timeout(T, keep.next()).await.unwrap().unwrap();
+            assert_eq!(m.seq(), expect);
+            assert_eq!(&m.payload()[..], expect.to_be_bytes());
+        }
+        keep
+    });
+    // `gone` takes nothing and is dropped after 50 events (inside its window of 64).
+    for i in 1..=n {
+        if i == 51 {
+            drop(gone.take());
+        }
+        assert_eq!(tx.queue_bytes(i.to_be_bytes().to_vec()).await.unwrap(), i);
+    }
+    let r = tokio::time::timeout(T, tx.last_report()).await.unwrap();
+    assert_eq!(r.seq, n);
+    assert_eq!(r.acked.len(), 1, "{r:?}");
+    assert!(r.failed.len() <= 1, "{r:?}");
+    tokio::time::timeout(T, tx.flush()).await.unwrap();
+    // The events the dropped receiver did not take are reported failed, from 1.
+    loop {
+        let ev = tokio::time::timeout(T, events.next())
+            .await
+            .unwrap()
+            .unwrap();
+        if let ipcbus::SenderEvent::SendFailed {
+            first_seq: 1,
+            last_seq,
+            ..
+        } = ev
+        {
+            assert!(last_seq >= 50, "{last_seq}");
+            break;
+        }
+    }
+    tokio::time::timeout(T, reader).await.unwrap().unwrap();
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -17,7 +17,6 @@
 //! when dropped), [`Figures`] is the one-workload report (the original output, kept
 //! as it was), [`Report`] the matrix report.
 
-use std::collections::VecDeque;
 use std::io::IsTerminal;
 use std::os::unix::ffi::OsStringExt;
 use std::path::Path;
@@ -25,7 +24,8 @@ use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ipcbus::{Handle, Key, PendingReport, Receiver, Security, Sender};
+use futures::{FutureExt, StreamExt};
+use ipcbus::{Handle, Key, Receiver, Security, Sender};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter, Lines};
 use tokio::net::{TcpListener, TcpStream};
@@ -530,10 +530,14 @@ impl Ctx<'_> {
         )
         .await?;
 
+        // `--window` events in flight per receiver: the sender's own queue capacity,
+        // so `queue_bytes` waits for acknowledgements exactly as a window of reports
+        // would, without a report handle per event.
         let mut tx = Sender::builder(handle)
             .discovery(self.discovery()?)
             .security(self.security(w.encrypt))
             .compress(w.compress)
+            .queue_capacity(usize::try_from(self.args.window).unwrap_or(usize::MAX))
             .build()
             .await?;
         let found = tx.wait_for_receivers(n, Duration::from_secs(10)).await;
@@ -542,28 +546,32 @@ impl Ctx<'_> {
         }
 
         let payload = bytes::Bytes::from(payload(w.size));
-        let mut window: VecDeque<PendingReport> = VecDeque::new();
-        let (mut acked, mut failed) = (0u64, 0u64);
-        let mut tally = |r: ipcbus::SendReport| {
-            if r.all_acked() && r.acked.len() == n {
-                acked += 1;
-            } else {
-                failed += 1;
-            }
-        };
+        // Every event a receiver did not acknowledge is reported here.
+        let mut events = Box::pin(tx.events());
         let t0 = Instant::now();
         for _ in 0..w.count {
-            window.push_back(tx.publish_bytes(payload.clone()).await?);
-            while window.len() as u64 >= self.args.window {
-                if let Some(p) = window.pop_front() {
-                    tally(p.await);
-                }
+            tx.queue_bytes(payload.clone()).await?;
+        }
+        // Acknowledgements are cumulative: the last event acknowledged by all n
+        // receivers, with no failure reported, means every event was.
+        let last = tx.last_report().await;
+        let secs = t0.elapsed().as_secs_f64();
+        let mut failed = 0u64;
+        while let Some(Some(ev)) = events.next().now_or_never() {
+            if let ipcbus::SenderEvent::SendFailed {
+                first_seq,
+                last_seq,
+                ..
+            } = ev
+            {
+                failed += last_seq - first_seq + 1;
             }
         }
-        for p in window {
-            tally(p.await);
+        if !(last.all_acked() && last.acked.len() == n) {
+            failed = failed.max(1);
         }
-        let secs = t0.elapsed().as_secs_f64();
+        let failed = failed.min(w.count);
+        let acked = w.count - failed;
         tx.close().await;
 
         let results = collect(&mut spawned, self.args.timeout).await?;
