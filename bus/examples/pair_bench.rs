@@ -127,7 +127,7 @@ async fn parent(mode: &str, n: u64, size: usize) -> f64 {
             let bytes = bytes::Bytes::from_static(payload.leak());
             let t = Instant::now();
             for _ in 0..n {
-                tx.queue_bytes(bytes.clone()).await.expect("queue");
+                tx.queue_bytes(&bytes).await.expect("queue");
             }
             let r = tx.last_report().await;
             assert_eq!(r.acked.len(), 1, "{r:?}");

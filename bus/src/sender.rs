@@ -334,7 +334,8 @@ impl Sender {
         &mut self,
         payload: impl Into<Bytes>,
     ) -> Result<PendingReport, SendError> {
-        let seq = self.queue_bytes(payload).await?;
+        let payload: Bytes = payload.into();
+        let seq = self.queue_bytes(&payload).await?;
         Ok(PendingReport {
             seq,
             targets: (!self.targets.is_empty()).then(|| self.targets.clone()),
@@ -354,8 +355,11 @@ impl Sender {
     ///
     /// # Cancel safety
     /// As [`Sender::publish_bytes`].
-    pub async fn queue_bytes(&mut self, payload: impl Into<Bytes>) -> Result<u64, SendError> {
-        let payload: Bytes = payload.into();
+    ///
+    /// The payload is only read (it is copied into each receiver's buffer), so a
+    /// borrowed slice will do: no reference count traffic for a shared payload.
+    pub async fn queue_bytes(&mut self, payload: impl AsRef<[u8]>) -> Result<u64, SendError> {
+        let payload: &[u8] = payload.as_ref();
         if payload.len() > self.max_payload {
             return Err(SendError::TooLarge {
                 len: payload.len(),
@@ -374,13 +378,17 @@ impl Sender {
         if self.targets.is_empty() {
             return Ok(seq);
         }
+        let zipped;
         let (flags, body) = match self.compress {
             Some((threshold, level)) if payload.len() >= threshold => match self
                 .gzipper
                 .get_or_insert_with(|| Gzipper::new(level))
-                .gzip(&payload)
+                .gzip(payload)
             {
-                Some(z) => (Flags(Flags::COMPRESSED), Bytes::from(z)),
+                Some(z) => {
+                    zipped = z;
+                    (Flags(Flags::COMPRESSED), &zipped[..])
+                }
                 None => (Flags(0), payload),
             },
             _ => (Flags(0), payload),
@@ -389,9 +397,9 @@ impl Sender {
         let header = data_header(flags, seq, body.len());
         let mut deadline = None;
         for conn in self.targets.iter() {
-            if !conn.enqueue(seq, &header, &body) {
+            if !conn.enqueue(seq, &header, body) {
                 let dl = *deadline.get_or_insert_with(|| Instant::now() + self.shared.send_timeout);
-                conn.enqueue_slow(seq, &header, &body, dl).await;
+                conn.enqueue_slow(seq, &header, body, dl).await;
             }
         }
         self.last_seq = seq;

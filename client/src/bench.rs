@@ -550,7 +550,7 @@ impl Ctx<'_> {
         let mut events = Box::pin(tx.events());
         let t0 = Instant::now();
         for _ in 0..w.count {
-            tx.queue_bytes(payload.clone()).await?;
+            tx.queue_bytes(&payload).await?;
         }
         // Acknowledgements are cumulative: the last event acknowledged by all n
         // receivers, with no failure reported, means every event was.
