@@ -3,9 +3,9 @@
 //! Throughput: one sender (this process) to N receivers, each a child process (this
 //! same binary re-executed with the hidden `bench-receiver` command), on a private
 //! temporary registry unless an EPM is configured. Each receiver times its own events
-//! from the first to the last; the sender times from its first publish to the last
-//! report. Lists of receiver counts, sizes and compression/encryption settings run as
-//! a matrix of workloads, each `--runs` times (medians reported).
+//! from the first to the last; the sender times from its first event to the last
+//! acknowledgement. Lists of receiver counts, sizes and compression/encryption
+//! settings run as a matrix of workloads, each `--runs` times (medians reported).
 //!
 //! `--baseline` runs every workload again over plain tokio TCP (a u32 length prefix and
 //! the payload, nothing else; the same child processes in raw mode) in the same
@@ -62,7 +62,7 @@ pub struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = 256 << 20)]
     pub max_bytes: u64,
 
-    /// Events in flight before the sender waits for the oldest report
+    /// Events in flight per receiver (unacknowledged) before the sender waits
     #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..))]
     pub window: u64,
 
