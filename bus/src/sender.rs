@@ -1022,6 +1022,8 @@ async fn drive(conn: &Arc<Conn>, receiver_id: crate::ids::ReceiverId) -> FailRea
             };
             let mut f = match next {
                 None => return FailReason::Disconnected,
+                // A reset or other socket error is a lost connection, not bad input.
+                Some(Err(DecodeError::Io(_))) => return FailReason::Disconnected,
                 Some(Err(e)) => return protocol(conn, e),
                 Some(Ok(f)) => f,
             };

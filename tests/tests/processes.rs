@@ -4,7 +4,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ipcbus::{Discovery, FailReason, Handle, Sender};
+use futures::StreamExt;
+use ipcbus::{Discovery, FailReason, Handle, Sender, SenderEvent};
 use ipcbus_tests::{Proc, TempDir};
 use serde_json::Value;
 
@@ -138,6 +139,26 @@ async fn sigkilled_receiver_is_reported_failed_fast_and_others_lose_nothing() {
         (v, rs)
     };
     let victim_rid = victim.1.clone();
+    // The sender says the victim failed through its event stream (its connection
+    // ended, and any events it had not acknowledged failed); reports name it failed
+    // for the events it had in flight. When it had acknowledged everything at the
+    // moment of the kill and discovery drops its registration before the next send,
+    // no report needs to name it, so the event stream is what is timed.
+    let mut events = Box::pin(tx.events());
+    let vid = victim_rid.clone();
+    let left = tokio::spawn(async move {
+        while let Some(ev) = events.next().await {
+            match ev {
+                SenderEvent::ReceiverLeft { receiver, reason }
+                    if receiver.id.to_string() == vid =>
+                {
+                    return Some((Instant::now(), reason));
+                }
+                _ => {}
+            }
+        }
+        None
+    });
     // Collect reports concurrently, noting when the first failure for the victim lands.
     let (rep_tx, mut rep_rx) = tokio::sync::mpsc::unbounded_channel();
     let collector = tokio::spawn(async move {
@@ -166,11 +187,22 @@ async fn sigkilled_receiver_is_reported_failed_fast_and_others_lose_nothing() {
     }
     drop(rep_tx);
     let (reports, first_fail) = collector.await.unwrap();
-    let detect = first_fail.expect("victim reported failed") - killed_at.unwrap();
+    let (left_at, why) = tokio::time::timeout(T, left)
+        .await
+        .expect("event stream")
+        .unwrap()
+        .expect("the victim's departure is reported");
+    assert_eq!(why, FailReason::Disconnected);
+    let killed_at = killed_at.unwrap();
+    let detect = left_at.saturating_duration_since(killed_at);
     assert!(
         detect < Duration::from_secs(1),
         "failure reported after {detect:?}"
     );
+    if let Some(t) = first_fail {
+        let d = t.saturating_duration_since(killed_at);
+        assert!(d < Duration::from_secs(1), "failed report after {d:?}");
+    }
     let victim_id_s = victim.1.clone();
     for (p, rid) in &survivors {
         let s = summary(p);
