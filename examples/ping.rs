@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use ipcbus::{Handle, Receiver, Sender};
+use ipcbus::Handle;
 use ipcbus_examples::Opts;
 
 /// Measure round trips through `pong`.
@@ -29,18 +29,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let ping: Handle = format!("{}.ping", args.name).parse()?;
     let pong: Handle = format!("{}.pong", args.name).parse()?;
-    let disc = args.opts.discovery()?;
-    let sec = args.opts.security()?;
-    let mut rx = Receiver::builder(pong.clone())
-        .discovery(disc.clone())
-        .security(sec.clone())
-        .bind()
-        .await?;
-    let mut tx = Sender::builder(ping.clone())
-        .discovery(disc)
-        .security(sec)
-        .build()
-        .await?;
+    let mut rx = args.opts.receiver(pong.clone())?.bind().await?;
+    let mut tx = args.opts.sender(ping.clone())?.build().await?;
     anyhow::ensure!(
         tx.wait_for_receivers(1, Duration::from_secs(10)).await >= 1,
         "no pong is listening on \"{ping}\" (start the pong example first)"

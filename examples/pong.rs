@@ -7,7 +7,7 @@
 //! ```
 
 use clap::Parser;
-use ipcbus::{Handle, Receiver, Sender};
+use ipcbus::Handle;
 use ipcbus_examples::Opts;
 
 /// Echo every event of NAME.ping back on NAME.pong.
@@ -29,18 +29,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let ping: Handle = format!("{}.ping", args.name).parse()?;
     let pong: Handle = format!("{}.pong", args.name).parse()?;
-    let disc = args.opts.discovery()?;
-    let sec = args.opts.security()?;
-    let mut rx = Receiver::builder(ping.clone())
-        .discovery(disc.clone())
-        .security(sec.clone())
-        .bind()
-        .await?;
-    let mut tx = Sender::builder(pong.clone())
-        .discovery(disc)
-        .security(sec)
-        .build()
-        .await?;
+    let mut rx = args.opts.receiver(ping.clone())?.bind().await?;
+    let mut tx = args.opts.sender(pong.clone())?.build().await?;
     println!(
         "pong: answering \"{ping}\" on \"{pong}\" ({})",
         rx.local_addr()

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use ipcbus::{Handle, Sender};
+use ipcbus::Handle;
 use ipcbus_examples::Opts;
 
 /// Publish N events and print the acknowledged rate.
@@ -36,11 +36,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     ipcbus_examples::init_tracing();
     let args = Args::parse();
-    let mut tx = Sender::builder(args.handle.clone())
-        .discovery(args.opts.discovery()?)
-        .security(args.opts.security()?)
-        .build()
-        .await?;
+    let mut tx = args.opts.sender(args.handle.clone())?.build().await?;
     let n = tx
         .wait_for_receivers(args.receivers, Duration::from_secs(10))
         .await;

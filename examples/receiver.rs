@@ -6,7 +6,7 @@
 //! ```
 
 use clap::Parser;
-use ipcbus::{Handle, Receiver};
+use ipcbus::Handle;
 use ipcbus_examples::Opts;
 
 /// Print every event sent to a handle.
@@ -26,11 +26,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     ipcbus_examples::init_tracing();
     let args = Args::parse();
-    let mut rx = Receiver::builder(args.handle.clone())
-        .discovery(args.opts.discovery()?)
-        .security(args.opts.security()?)
-        .bind()
-        .await?;
+    let mut rx = args.opts.receiver(args.handle.clone())?.bind().await?;
     println!(
         "receiving \"{}\" on {} via {}",
         args.handle,

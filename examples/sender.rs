@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use ipcbus::{Handle, Sender};
+use ipcbus::Handle;
 use ipcbus_examples::Opts;
 
 /// Send "Foo1", "Foo2", … once a second and print each report.
@@ -32,11 +32,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     ipcbus_examples::init_tracing();
     let args = Args::parse();
-    let mut tx = Sender::builder(args.handle.clone())
-        .discovery(args.opts.discovery()?)
-        .security(args.opts.security()?)
-        .build()
-        .await?;
+    let mut tx = args.opts.sender(args.handle.clone())?.build().await?;
     println!(
         "sending to \"{}\" via {}",
         args.handle,

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use ipcbus::{Handle, Receiver};
+use ipcbus::Handle;
 use ipcbus_examples::Opts;
 
 /// Receive N events and print the rate.
@@ -31,9 +31,9 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     ipcbus_examples::init_tracing();
     let args = Args::parse();
-    let mut rx = Receiver::builder(args.handle.clone())
-        .discovery(args.opts.discovery()?)
-        .security(args.opts.security()?)
+    let mut rx = args
+        .opts
+        .receiver(args.handle.clone())?
         .queue_capacity(8192)
         .bind()
         .await?;

@@ -7,7 +7,9 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 use anyhow::Context;
-use ipcbus::{Discovery, Epm, Key, Security};
+use ipcbus::{
+    Discovery, Epm, Handle, Key, Receiver, ReceiverBuilder, Security, Sender, SenderBuilder,
+};
 
 /// Options every example takes.
 #[derive(clap::Args, Debug, Clone)]
@@ -68,6 +70,26 @@ impl Opts {
             Some(k) => Security::Encrypt(k),
             None => Security::default(),
         })
+    }
+
+    /// A receiver builder for `handle` with these options' discovery and security.
+    ///
+    /// # Errors
+    /// As [`Opts::discovery`].
+    pub fn receiver(&self, handle: Handle) -> anyhow::Result<ReceiverBuilder> {
+        Ok(Receiver::builder(handle)
+            .discovery(self.discovery()?)
+            .security(self.security()?))
+    }
+
+    /// A sender builder for `handle` with these options' discovery and security.
+    ///
+    /// # Errors
+    /// As [`Opts::discovery`].
+    pub fn sender(&self, handle: Handle) -> anyhow::Result<SenderBuilder> {
+        Ok(Sender::builder(handle)
+            .discovery(self.discovery()?)
+            .security(self.security()?))
     }
 
     /// Where events go, for the examples' first line of output.
