@@ -18,7 +18,7 @@ use ipcbus::proto::epm::{Entry, ErrorCode, Op, Request, EPM_HANDLE};
 use ipcbus::proto::frame::{Flags, Hello, Kind, Mode, VERSION};
 use ipcbus::{
     BindError, Epm, EpmError, Handle, HandshakeError, Key, Receiver, ReceiverId, Record,
-    RejectReason, SenderId,
+    RejectReason, Sender, SenderId,
 };
 use ipcbus_tests::{Proc, TempDir};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -164,6 +164,31 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
     tokio::task::block_in_place(f)
 }
 
+/// A second receiver of `handle` registers at the EPM; the watching sender `tx`
+/// reaches it and `first` with one event, which both acknowledge. Returns the second.
+async fn second_receiver_is_reached(
+    epm: &Epm,
+    handle: &str,
+    tx: &mut Sender,
+    first: &mut Receiver,
+    payload: &str,
+) -> Receiver {
+    let mut second = Receiver::builder(h(handle))
+        .epm(epm.clone())
+        .bind()
+        .await
+        .unwrap();
+    assert_eq!(tx.wait_for_receivers(2, T).await, 2);
+    let pending = tx.publish_bytes(payload.to_string()).await.unwrap();
+    for r in [&mut *first, &mut second] {
+        let m = tokio::time::timeout(T, r.recv()).await.unwrap().unwrap();
+        assert_eq!(&m.payload()[..], payload.as_bytes());
+    }
+    let report = pending.await;
+    assert_eq!(report.acked.len(), 2, "{report:?}");
+    second
+}
+
 async fn next_event(c: &mut ipcbus::EpmClient) -> WatchEvent {
     tokio::time::timeout(T, c.next_event())
         .await
@@ -291,19 +316,7 @@ async fn receiver_and_sender_deliver_through_the_epm() {
     assert_eq!(report.acked.len(), 1, "{report:?}");
 
     // A receiver that joins later is seen by the watching sender.
-    let mut rx2 = Receiver::builder(h("deliver"))
-        .epm(epm.clone())
-        .bind()
-        .await
-        .unwrap();
-    assert_eq!(tx.wait_for_receivers(2, T).await, 2);
-    let pending = tx.publish_bytes("both").await.unwrap();
-    for r in [&mut rx, &mut rx2] {
-        let m = tokio::time::timeout(T, r.recv()).await.unwrap().unwrap();
-        assert_eq!(&m.payload()[..], b"both");
-    }
-    let report = pending.await;
-    assert_eq!(report.acked.len(), 2, "{report:?}");
+    let rx2 = second_receiver_is_reached(&epm, "deliver", &mut tx, &mut rx, "both").await;
     // Closing a receiver unregisters it.
     rx2.close().await;
     let deadline = Instant::now() + T;
@@ -384,19 +397,8 @@ async fn epm_restart_receivers_register_again_within_2s_and_senders_deliver_agai
     );
 
     // The sender watches again: a receiver that joins after the restart is reached.
-    let mut rx2 = Receiver::builder(h("restart"))
-        .epm(epm.clone())
-        .bind()
-        .await
-        .unwrap();
-    assert_eq!(tx.wait_for_receivers(2, T).await, 2);
-    let pending = tx.publish_bytes("after restart").await.unwrap();
-    for r in [&mut rx1, &mut rx2] {
-        let m = tokio::time::timeout(T, r.recv()).await.unwrap().unwrap();
-        assert_eq!(&m.payload()[..], b"after restart");
-    }
-    let report = pending.await;
-    assert_eq!(report.acked.len(), 2, "{report:?}");
+    let _rx2 =
+        second_receiver_is_reached(&epm, "restart", &mut tx, &mut rx1, "after restart").await;
     tx.close().await;
 }
 
