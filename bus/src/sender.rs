@@ -232,6 +232,7 @@ impl SenderBuilder {
             last_seq: 0,
             last_targets: None,
             gzipper: None,
+            unyielded: 0,
         };
         sender.apply_updates();
         Ok(sender)
@@ -258,7 +259,17 @@ pub struct Sender {
     last_targets: Option<Arc<[Arc<Conn>]>>,
     /// Compressor state kept across events (set up on first use).
     gzipper: Option<Gzipper>,
+    /// Encoded bytes queued per receiver since `queue_bytes` last yielded.
+    unyielded: usize,
 }
+
+/// A publisher in full flow yields to the runtime after queuing this many bytes for
+/// each receiver, so the writer tasks run and write them: on a single-threaded
+/// runtime the yield sets the size of each write. Measured at 1 -> 5 and 1 -> 20 with
+/// 64 B events: yielding every 128 events (tokio's cooperative budget, ~10 KiB per
+/// write) gave 0.53 and 0.50 of plain TCP, every 64 KiB 0.74 and 0.59, every 128 KiB
+/// 0.89 and 0.60, every 256 KiB 0.75 and 0.62.
+const YIELD_BYTES: usize = 128 * 1024;
 
 impl Sender {
     /// Starts configuring a sender for `handle`.
@@ -366,16 +377,20 @@ impl Sender {
                 max: self.max_payload,
             });
         }
-        // Take part in tokio's cooperative scheduling: a publisher in full flow yields
-        // now and then, so on a single-threaded runtime the writer tasks get to write
-        // while it runs, rather than only once every window is full.
-        tokio::task::consume_budget().await;
+        // Give the writer tasks a turn once a good write's worth is queued for each
+        // receiver (and the rest of the runtime, as tokio's cooperative budget would).
+        if self.unyielded >= YIELD_BYTES {
+            self.unyielded = 0;
+            tokio::task::yield_now().await;
+        }
         if self.shared.updates_pending.load(Ordering::Relaxed) {
             self.apply_updates();
         }
         let seq = self.next_seq;
         self.next_seq += 1;
         if self.targets.is_empty() {
+            // Nothing to write, but discovery must get its turn.
+            tokio::task::consume_budget().await;
             return Ok(seq);
         }
         let zipped;
@@ -395,6 +410,7 @@ impl Sender {
         };
         // Encoded once for every receiver: the per-connection work is two copies.
         let header = data_header(flags, seq, body.len());
+        self.unyielded += header.len() + body.len();
         let mut deadline = None;
         for conn in self.targets.iter() {
             if !conn.enqueue(seq, &header, body) {
