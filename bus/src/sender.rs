@@ -981,9 +981,6 @@ async fn drive(conn: &Arc<Conn>, receiver_id: crate::ids::ReceiverId) -> FailRea
             };
             if !took {
                 notified.await;
-                // Give a publisher in full flow a moment to queue more, so one write
-                // carries many events rather than one.
-                tokio::task::yield_now().await;
                 continue;
             };
             conn.space.notify_one();
