@@ -37,6 +37,7 @@ mod handle;
 mod handshake;
 mod ids;
 mod message;
+mod pool;
 pub mod proto;
 mod receiver;
 pub mod registry;

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ use crate::handle::Handle;
 use crate::handshake;
 use crate::ids::{ReceiverId, SenderId};
 use crate::message::Message;
+use crate::pool::Pool;
 use crate::proto::codec::{put_frame, CodecV1};
 use crate::proto::compress::Gunzipper;
 use crate::proto::crypto::{Sealer, TAG_LEN};
@@ -300,59 +301,9 @@ impl Batch {
     }
 }
 
-/// Read buffers of one connection that the application has finished with, kept for
-/// the next reads so their pages stay mapped and warm (a fresh buffer per read costs
-/// a page fault per 4 KiB). At most [`POOLED`] are kept.
-#[derive(Debug, Default)]
-struct Pool(Mutex<Vec<Vec<u8>>>);
-
-/// Most spare read buffers a connection keeps.
+/// Spare read buffers a connection keeps for its next reads.
 const POOLED: usize = 4;
 
-impl Pool {
-    /// An empty buffer of at least `cap` bytes.
-    fn get(&self, cap: usize) -> Vec<u8> {
-        let found = lock(&self.0).pop();
-        match found {
-            Some(mut b) => {
-                b.reserve(cap);
-                b
-            }
-            None => Vec::with_capacity(cap),
-        }
-    }
-
-    fn put(&self, mut b: Vec<u8>) {
-        b.clear();
-        let mut pool = lock(&self.0);
-        if pool.len() < POOLED {
-            pool.push(b);
-        }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A read buffer shared by the events sliced out of it; back to the pool when the
-/// last of them is dropped.
-struct Pooled {
-    buf: Vec<u8>,
-    pool: Arc<Pool>,
-}
-
-impl AsRef<[u8]> for Pooled {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf
-    }
-}
-
-impl Drop for Pooled {
-    fn drop(&mut self) {
-        self.pool.put(std::mem::take(&mut self.buf));
-    }
-}
 
 /// The read side of one sender connection: the read buffer, and how far into it the
 /// frames are checked.
@@ -382,7 +333,7 @@ impl Input {
             last_seq: 0,
             inflated: Vec::new(),
             read_size: FIRST_READ,
-            pool: Arc::new(Pool::default()),
+            pool: Pool::new(POOLED, usize::MAX),
             gunzipper: None,
         }
     }
@@ -460,10 +411,7 @@ impl Input {
         self.checked = 0;
         let full = std::mem::replace(&mut self.buf, next);
         Some(Batch {
-            data: Bytes::from_owner(Pooled {
-                buf: full,
-                pool: self.pool.clone(),
-            }),
+            data: self.pool.share(full),
             inflated: std::mem::take(&mut self.inflated).into_iter(),
             sender,
             ack: ack.clone(),
