@@ -2,15 +2,17 @@
 //! writer task per receiver, and fans each event out to all of them.
 //!
 //! Hot path: `publish` assigns the sequence number, compresses once, and appends the
-//! encoded frame to each receiver connection's output buffer under a short,
-//! uncontended lock; nothing is allocated per event. Each connection's writer task
-//! takes the whole buffer at once (write batching), seals it if the connection is
-//! encrypted, and writes it with one call. Receivers acknowledge cumulatively, so a
-//! connection's state is two counters: the highest sequence queued and the highest
-//! acknowledged. A [`PendingReport`] is resolved from those counters: acknowledged
-//! when the receiver's ack reaches the event, failed when the connection died first.
-//! Nothing is kept per in-flight event, so memory is bounded by the per-receiver
-//! window and buffer limits.
+//! encoded frame to the sender's stage under a short, uncontended lock; nothing is
+//! allocated per event and nothing is done per receiver. Whole chunks of the stage
+//! (up to 128 KiB) are handed to every receiver connection as one shared `Bytes`
+//! (see [`Stage`] for when). Each connection's writer task takes every chunk queued
+//! for it at once (write batching), seals them if the connection is encrypted (the
+//! one per-connection transform), and writes them with one vectored call. Receivers
+//! acknowledge cumulatively, so a connection's state is two counters: the highest
+//! sequence queued and the highest acknowledged. A [`PendingReport`] is resolved from
+//! those counters: acknowledged when the receiver's ack reaches the event, failed when
+//! the connection died first. Nothing is kept per in-flight event, so memory is
+//! bounded by the per-receiver window and buffer limits.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -36,6 +38,7 @@ use crate::epm::{Epm, EpmError};
 use crate::handle::Handle;
 use crate::handshake::{self, HandshakeError};
 use crate::ids::SenderId;
+use crate::pool::Pool;
 use crate::proto::codec::CodecV1;
 use crate::proto::compress::{Gzipper, DEFAULT_THRESHOLD};
 use crate::proto::crypto::{Sealer, TAG_LEN};
@@ -206,6 +209,7 @@ impl SenderBuilder {
             ended: Notify::new(),
             shutdown: shutdown.clone(),
             tasks: TaskTracker::new(),
+            stage: SpinMutex::new(Stage::new()),
         });
         match discovery {
             Discovery::Local(reg) => {
@@ -381,6 +385,7 @@ impl Sender {
         // receiver (and the rest of the runtime, as tokio's cooperative budget would).
         if self.unyielded >= YIELD_BYTES {
             self.unyielded = 0;
+            lock_stage(&self.shared.stage).hand_over(&self.shared);
             tokio::task::yield_now().await;
         }
         if self.shared.updates_pending.load(Ordering::Relaxed) {
@@ -408,16 +413,19 @@ impl Sender {
             },
             _ => (Flags(0), payload),
         };
-        // Encoded once for every receiver: the per-connection work is two copies.
+        // Encoded once, into the stage every receiver's writer takes from: the work per
+        // event does not grow with the number of receivers.
         let header = data_header(flags, seq, body.len());
-        self.unyielded += header.len() + body.len();
-        let mut deadline = None;
-        for conn in self.targets.iter() {
-            if !conn.enqueue(seq, &header, body) {
-                let dl = *deadline.get_or_insert_with(|| Instant::now() + self.shared.send_timeout);
-                conn.enqueue_slow(seq, &header, body, dl).await;
-            }
+        let frame_len = header.len() + body.len();
+        self.unyielded += frame_len;
+        let mut stage = lock_stage(&self.shared.stage);
+        if !stage.has_room(seq) {
+            drop(stage);
+            self.wait_for_room(seq).await;
+            stage = lock_stage(&self.shared.stage);
         }
+        stage.push(&self.shared, seq, &header, body);
+        drop(stage);
         self.last_seq = seq;
         if !self
             .last_targets
@@ -507,12 +515,63 @@ impl Sender {
         while let Ok(u) = self.updates.try_recv() {
             changed = true;
             match u {
-                Update::Add(c) => self.conns.push(c),
+                Update::Add(c) => {
+                    // Its window starts at the next event.
+                    c.acked.store(self.next_seq - 1, Ordering::Release);
+                    c.queued.store(self.next_seq - 1, Ordering::Release);
+                    self.conns.push(c);
+                }
                 Update::Remove(c) => self.conns.retain(|x| !Arc::ptr_eq(x, &c)),
             }
         }
         if changed {
             self.targets = Arc::from(self.conns.clone());
+            // What is staged goes to the receivers it was published for.
+            let mut stage = lock_stage(&self.shared.stage);
+            stage.hand_over(&self.shared);
+            stage.targets = self.targets.clone();
+            stage.room_until = 0;
+        }
+    }
+
+    /// Waits until every target has room for event `seq` in its window and buffer, at
+    /// most the send timeout in all; a target still full then is failed as timed out.
+    async fn wait_for_room(&mut self, seq: u64) {
+        let shared = &self.shared;
+        let mut deadline = None;
+        loop {
+            let blocker = {
+                let mut stage = lock_stage(&shared.stage);
+                // Whatever is staged goes to the writers first, so they have work.
+                stage.hand_over(shared);
+                stage.over = false;
+                let mut room_until = u64::MAX;
+                let mut blocker = None;
+                for c in stage.targets.iter() {
+                    if c.failure.get().is_some() {
+                        continue;
+                    }
+                    let until = c.acked.load(Ordering::Acquire) + shared.window;
+                    room_until = room_until.min(until);
+                    if blocker.is_none() && !c.has_room(seq) {
+                        blocker = Some(c.clone());
+                    }
+                }
+                stage.room_until = room_until;
+                blocker
+            };
+            let Some(c) = blocker else { return };
+            let notified = c.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if c.failure.get().is_some() || c.has_room(seq) {
+                continue;
+            }
+            let dl = *deadline.get_or_insert_with(|| Instant::now() + shared.send_timeout);
+            if tokio::time::timeout_at(dl, notified).await.is_err() {
+                tracing::warn!(handle = %shared.handle, receiver = %c.info, "receiver's queue stayed full past the send timeout; dropping it");
+                c.fail(FailReason::TimedOut);
+            }
         }
     }
 }
@@ -520,6 +579,8 @@ impl Sender {
 impl Drop for Sender {
     fn drop(&mut self) {
         self.shared.shutdown.cancel();
+        // The stage's targets hold the connections, which hold `Shared`.
+        lock_stage(&self.shared.stage).targets = Arc::from(Vec::new());
     }
 }
 
@@ -599,6 +660,8 @@ struct Shared {
     ended: Notify,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Events encoded once for every receiver, not yet handed to the connections.
+    stage: SpinMutex<Stage>,
 }
 
 impl Shared {
@@ -618,11 +681,116 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-/// Encoded frames waiting for the writer, plus whether the writer sleeps. The writer
-/// swaps `buf` with its own emptied buffer, so the two allocations are reused and
-/// stay warm in the cache.
-struct Out {
+/// Most bytes staged before they are handed to the connections: about one good
+/// write's worth (a single larger frame makes a larger chunk).
+const STAGE_CHUNK: usize = 128 * 1024;
+
+/// Events encoded once for every receiver: the publisher appends each frame here, and
+/// whole chunks are handed to every target connection's queue as one shared `Bytes`
+/// (a reference each, not a copy). A hand-over happens when a writer has run dry
+/// (the publisher sees `idle_writers`, or the writer finds events staged before it
+/// sleeps), when the stage reaches [`STAGE_CHUNK`], when the publisher yields, and
+/// before the targets change. So staged events never wait for a next publish: a writer
+/// only sleeps with the stage empty.
+struct Stage {
     buf: Vec<u8>,
+    first_seq: u64,
+    last_seq: u64,
+    targets: Arc<[Arc<Conn>]>,
+    /// Writers asleep with nothing to write since the last hand-over.
+    idle_writers: usize,
+    /// Every live target had window for events up to this sequence number when last
+    /// checked (acknowledgements only move it up): the publisher's fast check.
+    room_until: u64,
+    /// A target's queue went over the buffer limit at a hand-over.
+    over: bool,
+    pool: Arc<Pool>,
+}
+
+/// Spare stage buffers kept, and the largest kept.
+const STAGE_POOL: usize = 8;
+const STAGE_POOL_MAX: usize = 1 << 20;
+
+impl Stage {
+    fn new() -> Stage {
+        Stage {
+            buf: Vec::new(),
+            first_seq: 0,
+            last_seq: 0,
+            targets: Arc::from(Vec::new()),
+            idle_writers: 0,
+            room_until: 0,
+            over: false,
+            pool: Pool::new(STAGE_POOL, STAGE_POOL_MAX),
+        }
+    }
+
+    /// Whether event `seq` fits without a closer look.
+    fn has_room(&self, seq: u64) -> bool {
+        seq <= self.room_until && !self.over
+    }
+
+    fn push(&mut self, shared: &Shared, seq: u64, header: &[u8], body: &[u8]) {
+        let len = header.len() + body.len();
+        if !self.buf.is_empty() && self.buf.len() + len > STAGE_CHUNK {
+            self.hand_over(shared);
+        }
+        if self.buf.is_empty() {
+            self.first_seq = seq;
+            self.buf.reserve(len.max(STAGE_CHUNK.min(4 * 1024)));
+        }
+        self.buf.extend_from_slice(header);
+        self.buf.extend_from_slice(body);
+        self.last_seq = seq;
+        if self.idle_writers > 0 {
+            self.hand_over(shared);
+        }
+    }
+
+    /// Hands what is staged to every target as one shared chunk, and wakes the
+    /// writers that sleep. A target already failed takes nothing: the events are
+    /// reported failed for it.
+    fn hand_over(&mut self, shared: &Shared) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let next = self.pool.get(0);
+        let chunk = self.pool.share(std::mem::replace(&mut self.buf, next));
+        let (first, last) = (self.first_seq, self.last_seq);
+        for c in self.targets.iter() {
+            let wake = {
+                let mut out = lock_out(&c.out);
+                if let Some(reason) = c.failure.get() {
+                    drop(out);
+                    c.note_skipped(first, last, reason);
+                    continue;
+                }
+                out.bytes += chunk.len();
+                out.chunks.push_back((chunk.clone(), last));
+                c.queued.store(last, Ordering::Release);
+                if out.bytes >= shared.buffer_limit {
+                    self.over = true;
+                }
+                std::mem::take(&mut out.writer_waiting)
+            };
+            if wake {
+                c.writer_wake.notify_one();
+            }
+        }
+        self.idle_writers = 0;
+    }
+}
+
+fn lock_stage(m: &SpinMutex<Stage>) -> spin::mutex::SpinMutexGuard<'_, Stage> {
+    spin_lock(m)
+}
+
+/// Chunks handed to a connection and not yet taken by its writer.
+struct Out {
+    /// Each chunk with the sequence number of its last event.
+    chunks: VecDeque<(Bytes, u64)>,
+    /// Bytes in `chunks`.
+    bytes: usize,
     writer_waiting: bool,
 }
 
@@ -657,15 +825,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The output buffer's lock. It is taken for every event and every receiver, and
-/// is almost never contended (the publisher appends, the writer swaps buffers, both
-/// in a few instructions, mostly on the same thread), so it is a spin lock: its
-/// release is a plain store, where `std::sync::Mutex` needs a second atomic
-/// read-modify-write (a full barrier on x86) per event and receiver. Contended, it
-/// spins briefly, then yields the thread, so a holder that was preempted gets the CPU.
+/// The stage's and the output queues' lock. The stage's is taken for every event, and
+/// both are almost never contended (the publisher appends, a writer takes, both in a
+/// few instructions, mostly on the same thread), so it is a spin lock: its release is
+/// a plain store, where `std::sync::Mutex` needs a second atomic read-modify-write (a
+/// full barrier on x86) per event. Contended, it spins briefly, then yields the
+/// thread, so a holder that was preempted gets the CPU.
 type SpinMutex<T> = spin::mutex::SpinMutex<T>;
 
 fn lock_out(m: &SpinMutex<Out>) -> spin::mutex::SpinMutexGuard<'_, Out> {
+    spin_lock(m)
+}
+
+fn spin_lock<T>(m: &SpinMutex<T>) -> spin::mutex::SpinMutexGuard<'_, T> {
     let mut spins = 0u32;
     loop {
         if let Some(g) = m.try_lock() {
@@ -732,7 +904,12 @@ impl Conn {
     fn fail(&self, reason: FailReason) {
         if self.failure.set(reason.clone()).is_ok() {
             let first = self.acked.load(Ordering::Acquire) + 1;
-            let last = self.queued.load(Ordering::Acquire);
+            // Under the queue's lock: a hand-over either queued its chunk before this
+            // (counted here) or sees the failure (and reports the chunk itself).
+            let last = {
+                let _out = lock_out(&self.out);
+                self.queued.load(Ordering::Acquire)
+            };
             if last >= first {
                 let _ = self.shared.events.send(SenderEvent::SendFailed {
                     first_seq: first,
@@ -747,67 +924,16 @@ impl Conn {
         self.space.notify_one();
     }
 
-    fn has_room(&self, out: &Out, seq: u64) -> bool {
-        let base = match self.queued.load(Ordering::Relaxed) {
-            0 => seq - 1,
-            _ => self.acked.load(Ordering::Acquire),
-        };
-        seq - base <= self.shared.window && out.buf.len() < self.shared.buffer_limit
+    /// Whether event `seq` fits this connection's window and buffer.
+    fn has_room(&self, seq: u64) -> bool {
+        seq - self.acked.load(Ordering::Acquire) <= self.shared.window
+            && lock_out(&self.out).bytes < self.shared.buffer_limit
     }
 
-    fn append(&self, out: &mut Out, seq: u64, header: &[u8], body: &[u8]) -> bool {
-        if self.queued.load(Ordering::Relaxed) == 0 {
-            // The first event this connection carries: the window starts here.
-            self.acked.store(seq - 1, Ordering::Release);
-        }
-        out.buf.reserve(header.len() + body.len());
-        out.buf.extend_from_slice(header);
-        out.buf.extend_from_slice(body);
-        self.queued.store(seq, Ordering::Release);
-        std::mem::take(&mut out.writer_waiting)
-    }
-
-    /// Queues an event if there is room; `false` if the caller must wait for room.
-    /// A dead connection takes nothing: the event is failed for it by `outcome`.
-    fn enqueue(&self, seq: u64, header: &[u8], body: &[u8]) -> bool {
-        if let Some(reason) = self.failure.get() {
-            self.note_skipped(seq, reason);
-            return true;
-        }
-        let wake = {
-            let mut out = lock_out(&self.out);
-            if !self.has_room(&out, seq) {
-                return false;
-            }
-            self.append(&mut out, seq, header, body)
-        };
-        if wake {
-            self.writer_wake.notify_one();
-        }
-        true
-    }
-
-    /// Waits for room until `deadline`; past it, fails the connection as timed out.
-    async fn enqueue_slow(&self, seq: u64, header: &[u8], body: &[u8], deadline: Instant) {
-        loop {
-            let notified = self.space.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.enqueue(seq, header, body) {
-                return;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                tracing::warn!(handle = %self.shared.handle, receiver = %self.info, "receiver's queue stayed full past the send timeout; dropping it");
-                self.fail(FailReason::TimedOut);
-                return;
-            }
-        }
-    }
-
-    fn note_skipped(&self, seq: u64, reason: &FailReason) {
+    fn note_skipped(&self, first: u64, last: u64, reason: &FailReason) {
         let _ = self.shared.events.send(SenderEvent::SendFailed {
-            first_seq: seq,
-            last_seq: seq,
+            first_seq: first,
+            last_seq: last,
             receiver: self.info,
             reason: reason.clone(),
         });
@@ -843,7 +969,8 @@ fn start_conn(
         },
         shared: shared.clone(),
         out: SpinMutex::new(Out {
-            buf: Vec::new(),
+            chunks: VecDeque::new(),
+            bytes: 0,
             writer_waiting: false,
         }),
         writer_wake: Notify::new(),
@@ -866,8 +993,9 @@ fn start_conn(
             r = drive(&c, receiver_id) => r,
         };
         c.fail(reason.clone());
-        // Free the queued bytes now; the counters keep every outcome.
-        lock_out(&c.out).buf = Vec::new();
+        // Free the queued chunks now; the counters keep every outcome.
+        let dropped = std::mem::take(&mut lock_out(&c.out).chunks);
+        drop(dropped);
         if matches!(
             reason,
             FailReason::Refused
@@ -897,10 +1025,6 @@ fn start_conn(
     conn
 }
 
-/// Output buffers larger than this are freed after a use that filled less than a
-/// quarter of them.
-const KEEP_BUFFER: usize = 1 << 20;
-
 /// The length prefix and header of a Data frame.
 fn data_header(flags: Flags, seq: u64, body_len: usize) -> [u8; LEN_PREFIX + HEADER_LEN] {
     let mut h = [0u8; LEN_PREFIX + HEADER_LEN];
@@ -909,6 +1033,41 @@ fn data_header(flags: Flags, seq: u64, body_len: usize) -> [u8; LEN_PREFIX + HEA
     h[5] = flags.0;
     h[6..].copy_from_slice(&seq.to_be_bytes());
     h
+}
+
+/// Writes every chunk, with as few calls as the socket allows.
+async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut W,
+    chunks: &[Bytes],
+) -> std::io::Result<()> {
+    if let [one] = chunks {
+        return wr.write_all(one).await;
+    }
+    // (chunk, bytes of it written so far)
+    let (mut i, mut off) = (0, 0);
+    loop {
+        while i < chunks.len() && chunks[i].len() == off {
+            i += 1;
+            off = 0;
+        }
+        if i == chunks.len() {
+            return Ok(());
+        }
+        let slices: Vec<std::io::IoSlice<'_>> = std::iter::once(&chunks[i][off..])
+            .chain(chunks[i + 1..].iter().map(|c| &c[..]))
+            .map(std::io::IoSlice::new)
+            .collect();
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 && n >= chunks[i].len() - off {
+            n -= chunks[i].len() - off;
+            i += 1;
+            off = 0;
+        }
+        off += n;
+    }
 }
 
 /// Re-encodes a buffer of plain frames as sealed frames.
@@ -964,46 +1123,57 @@ async fn drive(conn: &Arc<Conn>, receiver_id: crate::ids::ReceiverId) -> FailRea
 
     let writer = async {
         let mut sealed = BytesMut::new();
-        let mut chunk: Vec<u8> = Vec::new();
+        let mut batch: Vec<Bytes> = Vec::new();
         loop {
             let notified = conn.writer_wake.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let took = {
                 let mut out = lock_out(&conn.out);
-                if out.buf.is_empty() {
-                    out.writer_waiting = true;
-                    false
-                } else {
-                    std::mem::swap(&mut out.buf, &mut chunk);
-                    true
-                }
+                let last = out.chunks.back().map(|c| c.1);
+                out.bytes = 0;
+                batch.extend(out.chunks.drain(..).map(|c| c.0));
+                last
             };
-            if !took {
-                notified.await;
+            let Some(last) = took else {
+                // Nothing queued: take what the publisher staged, or sleep until a
+                // hand-over. Both under the stage's lock, so none is missed.
+                let sleep = {
+                    let mut stage = lock_stage(&shared.stage);
+                    if stage.buf.is_empty() {
+                        let mut out = lock_out(&conn.out);
+                        if out.chunks.is_empty() {
+                            out.writer_waiting = true;
+                            stage.idle_writers += 1;
+                        }
+                        out.writer_waiting
+                    } else {
+                        stage.hand_over(shared);
+                        false
+                    }
+                };
+                if sleep {
+                    notified.await;
+                }
                 continue;
             };
             conn.space.notify_one();
-            let last = conn.queued.load(Ordering::Acquire);
             lock(&batches).push_back((last, Instant::now()));
-            let bytes: &[u8] = match &tx_sealer {
+            let written = match &tx_sealer {
                 Some(s) => {
                     sealed.clear();
-                    seal_all(s, &chunk, &mut sealed);
-                    &sealed
+                    for chunk in &batch {
+                        seal_all(s, chunk, &mut sealed);
+                    }
+                    wr.write_all(&sealed).await
                 }
-                None => &chunk,
+                None => write_all_vectored(&mut wr, &batch).await,
             };
-            if let Err(e) = wr.write_all(bytes).await {
+            batch.clear();
+            if let Err(e) = written {
                 tracing::debug!(receiver = %conn.info, error = %e, "write failed");
                 return FailReason::Disconnected;
             }
-            // Keep the buffer (its pages stay mapped), unless it is large and was mostly
-            // unused this time: after a burst, do not keep holding its memory.
-            if chunk.capacity() > KEEP_BUFFER && chunk.len() < chunk.capacity() / 4 {
-                chunk = Vec::new();
-            }
-            chunk.clear();
         }
     };
 
@@ -1298,5 +1468,33 @@ impl EpmDiscovery {
             let current = self.records.borrow_and_update().to_vec();
             self.tracker.apply(current);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn write_all_vectored_survives_short_writes() {
+        // A 7-byte pipe: every write is cut short, often inside a chunk.
+        let (mut a, mut b) = tokio::io::duplex(7);
+        let chunks: Vec<Bytes> = [&b"abc"[..], b"", b"defghijklmnop", b"q", b"rstuvwxyz"]
+            .iter()
+            .map(|c| Bytes::copy_from_slice(c))
+            .collect();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        write_all_vectored(&mut a, &chunks).await.unwrap();
+        write_all_vectored(&mut a, &chunks[1..2]).await.unwrap();
+        write_all_vectored(&mut a, &[Bytes::new(), Bytes::new()])
+            .await
+            .unwrap();
+        drop(a);
+        assert_eq!(reader.await.unwrap(), b"abcdefghijklmnopqrstuvwxyz");
     }
 }

@@ -84,18 +84,76 @@ async fn no_receivers_is_not_an_error() {
 
 #[tokio::test]
 async fn pipelined_fan_out_in_order() {
-    let (disc, dir) = registry("fan");
+    fan_out_in_order("fan").await;
+}
+
+/// The same on a multi-threaded runtime: the publisher, the writers (which hand the
+/// stage over when they run dry) and the readers run on different threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_fan_out_in_order_across_threads() {
+    fan_out_in_order("fanmt").await;
+}
+
+/// A burst queued without a wait, then no more publishing: the last events staged
+/// must still reach every receiver (a writer that runs dry takes them).
+#[tokio::test]
+async fn a_burst_then_silence_delivers_everything() {
+    let (disc, dir) = registry("burst");
+    let mut rxs = Vec::new();
+    for _ in 0..2 {
+        rxs.push(
+            Receiver::builder(handle("burst"))
+                .discovery(disc.clone())
+                .queue_capacity(1 << 16)
+                .bind()
+                .await
+                .unwrap(),
+        );
+    }
+    let mut tx = Sender::builder(handle("burst"))
+        .discovery(disc)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(tx.wait_for_receivers(2, T).await, 2);
+    let n = 30_001u64;
+    let readers: Vec<_> = rxs
+        .into_iter()
+        .map(|mut rx| {
+            tokio::spawn(async move {
+                for expect in 1..=n {
+                    let m = tokio::time::timeout(T, rx.next()).await.unwrap().unwrap();
+                    assert_eq!(m.seq(), expect);
+                }
+                rx
+            })
+        })
+        .collect();
+    for i in 1..=n {
+        tx.queue_bytes(i.to_be_bytes()).await.unwrap();
+    }
+    // Nothing else is published: no later event pushes these out.
+    let r = tokio::time::timeout(T, tx.last_report()).await.unwrap();
+    assert_eq!((r.seq, r.acked.len()), (n, 2), "{r:?}");
+    for r in readers {
+        tokio::time::timeout(T, r).await.unwrap().unwrap();
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+async fn fan_out_in_order(name: &str) {
+    let (disc, dir) = registry(name);
     let mut rxs = Vec::new();
     for _ in 0..3 {
         rxs.push(
-            Receiver::builder(handle("fan"))
+            Receiver::builder(handle(name))
                 .discovery(disc.clone())
                 .bind()
                 .await
                 .unwrap(),
         );
     }
-    let mut tx = Sender::builder(handle("fan"))
+    let mut tx = Sender::builder(handle(name))
         .discovery(disc)
         .build()
         .await
