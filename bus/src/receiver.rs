@@ -30,7 +30,9 @@ use crate::pool::Pool;
 use crate::proto::codec::{put_frame, CodecV1};
 use crate::proto::compress::Gunzipper;
 use crate::proto::crypto::{Sealer, TAG_LEN};
-use crate::proto::frame::{DecodeError, Flags, Kind, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX};
+use crate::proto::frame::{
+    parse_ack_request, DecodeError, Flags, Kind, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX,
+};
 use crate::registry::{Record, RegistryError};
 use crate::security::{Resolved, Security};
 
@@ -277,13 +279,22 @@ impl Batch {
     /// The next event of the batch. `data` holds only frames the connection task
     /// checked, so the checks here never fail; if they did, the batch just ends.
     fn next_message(&mut self) -> Option<Message> {
-        let d = &self.data[..];
-        let prefix = d.first_chunk::<LEN_PREFIX>()?;
-        let end = LEN_PREFIX + u32::from_be_bytes(*prefix) as usize;
-        let header = d.get(LEN_PREFIX..LEN_PREFIX + HEADER_LEN)?;
-        if end > d.len() {
-            return None;
-        }
+        let (end, header) = loop {
+            let d = &self.data[..];
+            let prefix = d.first_chunk::<LEN_PREFIX>()?;
+            let end = LEN_PREFIX + u32::from_be_bytes(*prefix) as usize;
+            let header = *d
+                .get(LEN_PREFIX..LEN_PREFIX + HEADER_LEN)?
+                .first_chunk::<HEADER_LEN>()?;
+            if end > d.len() {
+                return None;
+            }
+            if header[0] == Kind::Data as u8 {
+                break (end, header);
+            }
+            // An AckRequest, already acted on by the connection task.
+            self.data.advance(end);
+        };
         let flags = Flags(header[1]);
         let seq = u64::from_be_bytes(*header[2..].first_chunk::<8>()?);
         let body_end = if flags.sealed() { end - TAG_LEN } else { end };
@@ -304,7 +315,6 @@ impl Batch {
 /// Spare read buffers a connection keeps for its next reads.
 const POOLED: usize = 4;
 
-
 /// The read side of one sender connection: the read buffer, and how far into it the
 /// frames are checked.
 struct Input {
@@ -314,6 +324,8 @@ struct Input {
     /// `buf[..checked]` holds whole, checked frames.
     checked: usize,
     last_seq: u64,
+    /// Sequence of the last AckRequest frame (their own counter).
+    last_request: u64,
     inflated: Vec<Bytes>,
     read_size: usize,
     pool: Arc<Pool>,
@@ -331,6 +343,7 @@ impl Input {
             buf,
             checked: 0,
             last_seq: 0,
+            last_request: 0,
             inflated: Vec::new(),
             read_size: FIRST_READ,
             pool: Pool::new(POOLED, usize::MAX),
@@ -346,7 +359,7 @@ impl Input {
     /// [`INFLATE_BUDGET`] inflated bytes: complete frames are left to scan after this
     /// batch is handed over, so a burst of small frames that each inflate to the
     /// maximum cannot pile up in one batch.
-    fn scan(&mut self) -> Result<bool, DecodeError> {
+    fn scan(&mut self, ack: &AckState) -> Result<bool, DecodeError> {
         let mut inflated_bytes: usize = self.inflated.iter().map(Bytes::len).sum();
         loop {
             let rest = &self.buf[self.checked..];
@@ -367,6 +380,28 @@ impl Input {
             let mut seq_bytes = [0u8; 8];
             seq_bytes.copy_from_slice(&header[2..]);
             let seq = u64::from_be_bytes(seq_bytes);
+            if kind == Kind::AckRequest {
+                if seq <= self.last_request {
+                    return Err(DecodeError::OutOfOrder {
+                        seq,
+                        last: self.last_request,
+                    });
+                }
+                if flags.compressed() {
+                    return Err(DecodeError::Malformed("ack request"));
+                }
+                let body_len = match &self.opener {
+                    Some(s) => s.open_in_place(kind, flags, seq, body)?,
+                    None if flags.sealed() => return Err(DecodeError::SealMismatch),
+                    None => body.len(),
+                };
+                let up_to = parse_ack_request(&body[..body_len])?;
+                self.last_request = seq;
+                ack.request(up_to);
+                // Left in the buffer; the batch skips it.
+                self.checked = start + len;
+                continue;
+            }
             if kind != Kind::Data {
                 return Err(DecodeError::Unexpected {
                     got: kind,
@@ -440,21 +475,79 @@ impl Input {
     }
 }
 
-/// Shared between the application side (which takes events) and a connection's ack
-/// writer.
-#[derive(Debug, Default)]
+/// Acknowledge at once after this many events taken since the last ack.
+const ACK_EVERY: u64 = 1024;
+/// Acknowledge what was taken at the latest this long after the first event not
+/// acknowledged, when neither [`ACK_EVERY`] nor a sender's request came first.
+const ACK_DELAY: Duration = Duration::from_millis(1);
+
+/// Shared between the application side (which takes events), the connection task
+/// (which sees the sender's AckRequests) and the connection's ack writer.
+///
+/// Acknowledgements are batched: one per [`ACK_EVERY`] events, or [`ACK_DELAY`] after
+/// the first event taken and not acknowledged, or at once when the application takes
+/// an event the sender asked about (someone there waits for its report, or its window
+/// is full). So a stream of events, or a ping-pong whose reports nobody waits for,
+/// costs the receiver a few acks per millisecond rather than one per event, and a
+/// `send` still gets its report one round trip after the event is taken.
+#[derive(Debug)]
 struct AckState {
     /// Highest sequence number the application has taken from this connection.
     taken: AtomicU64,
+    /// Highest sequence number acknowledged (written by the ack writer).
+    sent: AtomicU64,
+    /// Highest sequence number the sender asked to have acknowledged promptly.
+    wanted: AtomicU64,
     /// Whether the ack writer sleeps and needs a wake-up.
     idle: AtomicBool,
+    /// Whether the sleeping ack writer's delay timer runs (else the first event taken
+    /// after an ack wakes it, to start the timer).
+    timer: AtomicBool,
     notify: Notify,
+}
+
+impl Default for AckState {
+    fn default() -> Self {
+        AckState {
+            taken: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            wanted: AtomicU64::new(0),
+            idle: AtomicBool::new(false),
+            timer: AtomicBool::new(false),
+            notify: Notify::new(),
+        }
+    }
 }
 
 impl AckState {
     fn take(&self, seq: u64) {
-        self.taken.store(seq, Ordering::Release);
-        if self.idle.load(Ordering::Acquire) && self.idle.swap(false, Ordering::AcqRel) {
+        self.taken.store(seq, Ordering::SeqCst);
+        if self.idle.load(Ordering::SeqCst)
+            && (!self.timer.load(Ordering::SeqCst) || self.due(seq))
+            && self.idle.swap(false, Ordering::AcqRel)
+        {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Whether having taken up to `taken` calls for an ack now.
+    fn due(&self, taken: u64) -> bool {
+        let sent = self.sent.load(Ordering::Acquire);
+        if taken <= sent {
+            return false;
+        }
+        let wanted = self.wanted.load(Ordering::Acquire);
+        taken - sent >= ACK_EVERY || (wanted > sent && taken >= wanted)
+    }
+
+    /// The sender asks for a prompt ack of the events up to `up_to`.
+    fn request(&self, up_to: u64) {
+        self.wanted.fetch_max(up_to, Ordering::AcqRel);
+        let taken = self.taken.load(Ordering::SeqCst);
+        if self.idle.load(Ordering::SeqCst)
+            && self.due(taken)
+            && self.idle.swap(false, Ordering::AcqRel)
+        {
             self.notify.notify_one();
         }
     }
@@ -689,7 +782,7 @@ async fn serve(
         // Validate (and open, and inflate) every complete frame read so far, then hand
         // them over as one batch: one queue item per read, not per event.
         // Frames before a bad one still reach the application.
-        let scanned = input.scan();
+        let scanned = input.scan(&ack);
         if let Some(b) = input.take_batch(sender, &ack) {
             tokio::select! {
                 _ = shared.shutdown.cancelled() => break Ok(()),
@@ -740,32 +833,44 @@ async fn ack_writer(
         }
     };
     loop {
-        // Declare ourselves idle, then look again, so a take that lands in between
-        // is not missed (it either sees `idle` and wakes us, or we see it here).
-        ack.idle.store(true, Ordering::SeqCst);
-        let (closing, conn_ended) = if ack.taken.load(Ordering::SeqCst) > sent {
-            ack.idle.store(false, Ordering::SeqCst);
-            (shutdown.is_cancelled(), conn_done.is_cancelled())
-        } else {
+        let (closing, conn_ended) = loop {
+            // Declare ourselves idle (and whether the delay timer runs), then look
+            // again, so a take that lands in between is not missed: it either sees
+            // `idle` and wakes us if needed, or we see it here.
+            let before = ack.taken.load(Ordering::SeqCst);
+            let pending = before > sent;
+            ack.timer.store(pending, Ordering::SeqCst);
+            ack.idle.store(true, Ordering::SeqCst);
+            let taken = ack.taken.load(Ordering::SeqCst);
+            let ended = (shutdown.is_cancelled(), conn_done.is_cancelled());
+            if ack.due(taken) || ended.0 || ended.1 {
+                ack.idle.store(false, Ordering::SeqCst);
+                break ended;
+            }
+            if taken != before {
+                ack.idle.store(false, Ordering::SeqCst);
+                continue;
+            }
             // Order matters: a take that raced with shutdown is still acknowledged.
-            let r = tokio::select! {
+            let woke = tokio::select! {
                 biased;
-                _ = ack.notify.notified() => (false, false),
-                _ = shutdown.cancelled() => (true, false),
-                _ = conn_done.cancelled() => (false, true),
+                _ = ack.notify.notified() => None,
+                _ = shutdown.cancelled() => Some((true, false)),
+                _ = conn_done.cancelled() => Some((false, true)),
+                _ = tokio::time::sleep(ACK_DELAY), if pending => Some((false, false)),
             };
             ack.idle.store(false, Ordering::SeqCst);
-            r
+            if let Some(r) = woke {
+                break r;
+            }
+            // Woken by a take or a request: look again.
         };
-        if !closing && !conn_ended {
-            // Let a burst of takes accumulate into one ack.
-            tokio::task::yield_now().await;
-        }
         let up = ack.taken.load(Ordering::Acquire);
         buf.clear();
         if up > sent {
             put(&mut buf, Kind::Ack, &up.to_be_bytes(), &mut frame_seq);
             sent = up;
+            ack.sent.store(up, Ordering::Release);
         }
         if closing {
             put(&mut buf, Kind::Bye, &[], &mut frame_seq);
@@ -787,6 +892,85 @@ mod tests {
     use crate::proto::compress::gzip;
 
     #[test]
+    fn acks_are_batched_unless_requested() {
+        let ack = AckState::default();
+        assert!(!ack.due(0));
+        // A few events taken: not due (the delay timer covers them).
+        assert!(!ack.due(10));
+        // Enough events since the last ack: due.
+        assert!(ack.due(ACK_EVERY));
+        ack.sent.store(ACK_EVERY, Ordering::SeqCst);
+        assert!(!ack.due(ACK_EVERY));
+        // A request for an event not taken yet: due once it is taken, not before.
+        ack.request(ACK_EVERY + 5);
+        assert!(!ack.due(ACK_EVERY + 4));
+        assert!(ack.due(ACK_EVERY + 5));
+        ack.sent.store(ACK_EVERY + 5, Ordering::SeqCst);
+        // Satisfied: later takes are batched again.
+        assert!(!ack.due(ACK_EVERY + 6));
+    }
+
+    #[test]
+    fn a_request_wakes_a_sleeping_ack_writer_only_when_due() {
+        let ack = AckState::default();
+        ack.timer.store(true, Ordering::SeqCst);
+        ack.idle.store(true, Ordering::SeqCst);
+        ack.take(3);
+        assert!(ack.idle.load(Ordering::SeqCst), "not due: left asleep");
+        ack.request(2);
+        assert!(!ack.idle.load(Ordering::SeqCst), "due: woken");
+        // Without the timer running, the first take wakes it (to start the timer).
+        let ack = AckState::default();
+        ack.idle.store(true, Ordering::SeqCst);
+        ack.take(1);
+        assert!(!ack.idle.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn an_ack_request_is_acted_on_and_skipped_in_the_batch() {
+        let mut wire = BytesMut::new();
+        put_frame(&mut wire, Kind::Data, Flags(0), 1, b"one");
+        put_frame(
+            &mut wire,
+            Kind::AckRequest,
+            Flags(0),
+            1,
+            &1u64.to_be_bytes(),
+        );
+        put_frame(&mut wire, Kind::Data, Flags(0), 2, b"two");
+        let ack = Arc::new(AckState::default());
+        let mut input = Input::new(CodecV1::default(), None, wire);
+        assert!(!input.scan(&ack).unwrap());
+        assert_eq!(ack.wanted.load(Ordering::SeqCst), 1);
+        let mut b = input.take_batch(SenderId([1; 16]), &ack).unwrap();
+        let got: Vec<_> = std::iter::from_fn(|| b.next_message())
+            .map(|m| (m.seq, m.into_payload()))
+            .collect();
+        assert_eq!(got, vec![(1, Bytes::from("one")), (2, Bytes::from("two"))]);
+        // A replayed request is refused.
+        let mut wire = BytesMut::new();
+        put_frame(
+            &mut wire,
+            Kind::AckRequest,
+            Flags(0),
+            4,
+            &9u64.to_be_bytes(),
+        );
+        put_frame(
+            &mut wire,
+            Kind::AckRequest,
+            Flags(0),
+            4,
+            &9u64.to_be_bytes(),
+        );
+        let mut input = Input::new(CodecV1::default(), None, wire);
+        assert!(matches!(
+            input.scan(&ack),
+            Err(DecodeError::OutOfOrder { seq: 4, last: 4 })
+        ));
+    }
+
+    #[test]
     fn a_batch_stops_at_the_inflate_budget() {
         // Ten small frames that each inflate to 1 MiB: one read's worth of bytes.
         let one_mib = gzip(&vec![0u8; 1 << 20], 9).expect("compressible");
@@ -805,7 +989,7 @@ mod tests {
         let sender = SenderId([1; 16]);
         let mut sizes = Vec::new();
         for _ in 0..10 {
-            let more = input.scan().expect("valid frames");
+            let more = input.scan(&ack).expect("valid frames");
             let inflated: usize = input.inflated.iter().map(Bytes::len).sum();
             assert!(
                 inflated <= INFLATE_BUDGET,

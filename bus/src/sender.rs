@@ -561,6 +561,8 @@ impl Sender {
                 blocker
             };
             let Some(c) = blocker else { return };
+            // Its window may be what is full: ask for the acknowledgements now.
+            c.request_ack(c.queued.load(Ordering::Acquire));
             let notified = c.space.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -809,6 +811,8 @@ struct Conn {
     acked: AtomicU64,
     /// Set once, when the connection is dead; `acked` no longer moves after that.
     failure: OnceLock<FailReason>,
+    /// Highest sequence number whose acknowledgement someone waits for.
+    ack_wanted: AtomicU64,
     waiters: Mutex<Vec<(u64, Waker)>>,
     cancel: CancellationToken,
     ready: AtomicBool,
@@ -869,11 +873,25 @@ impl Conn {
     }
 
     fn register_waiter(&self, seq: u64, waker: &Waker) {
-        let mut w = lock(&self.waiters);
-        if let Some(e) = w.iter_mut().find(|e| e.0 == seq && e.1.will_wake(waker)) {
-            e.1.clone_from(waker);
-        } else {
-            w.push((seq, waker.clone()));
+        {
+            let mut w = lock(&self.waiters);
+            if let Some(e) = w.iter_mut().find(|e| e.0 == seq && e.1.will_wake(waker)) {
+                e.1.clone_from(waker);
+            } else {
+                w.push((seq, waker.clone()));
+            }
+        }
+        self.request_ack(seq);
+    }
+
+    /// Someone waits for the outcome of event `seq`: have the writer ask the receiver
+    /// to acknowledge it as soon as it is taken (receivers otherwise batch acks).
+    fn request_ack(&self, seq: u64) {
+        if self.ack_wanted.fetch_max(seq, Ordering::AcqRel) < seq {
+            let wake = std::mem::take(&mut lock_out(&self.out).writer_waiting);
+            if wake {
+                self.writer_wake.notify_one();
+            }
         }
     }
 
@@ -978,6 +996,7 @@ fn start_conn(
         queued: AtomicU64::new(0),
         acked: AtomicU64::new(0),
         failure: OnceLock::new(),
+        ack_wanted: AtomicU64::new(0),
         waiters: Mutex::new(Vec::new()),
         cancel: shared.shutdown.child_token(),
         ready: AtomicBool::new(false),
@@ -1027,9 +1046,19 @@ fn start_conn(
 
 /// The length prefix and header of a Data frame.
 fn data_header(flags: Flags, seq: u64, body_len: usize) -> [u8; LEN_PREFIX + HEADER_LEN] {
+    frame_header(Kind::Data, flags, seq, body_len)
+}
+
+/// The length prefix and header of a frame.
+fn frame_header(
+    kind: Kind,
+    flags: Flags,
+    seq: u64,
+    body_len: usize,
+) -> [u8; LEN_PREFIX + HEADER_LEN] {
     let mut h = [0u8; LEN_PREFIX + HEADER_LEN];
     h[..4].copy_from_slice(&((HEADER_LEN + body_len) as u32).to_be_bytes());
-    h[4] = Kind::Data as u8;
+    h[4] = kind as u8;
     h[5] = flags.0;
     h[6..].copy_from_slice(&seq.to_be_bytes());
     h
@@ -1124,6 +1153,12 @@ async fn drive(conn: &Arc<Conn>, receiver_id: crate::ids::ReceiverId) -> FailRea
     let writer = async {
         let mut sealed = BytesMut::new();
         let mut batch: Vec<Bytes> = Vec::new();
+        // The highest sequence asked to be acknowledged promptly, and the AckRequest
+        // frames' own counter.
+        let mut requested = 0u64;
+        let mut request_seq = 0u64;
+        // The last event written: a request never names one not written yet.
+        let mut written = 0u64;
         loop {
             let notified = conn.writer_wake.notified();
             tokio::pin!(notified);
@@ -1135,9 +1170,13 @@ async fn drive(conn: &Arc<Conn>, receiver_id: crate::ids::ReceiverId) -> FailRea
                 batch.extend(out.chunks.drain(..).map(|c| c.0));
                 last
             };
-            let Some(last) = took else {
+            let top = took.unwrap_or(written);
+            let want = conn.ack_wanted.load(Ordering::Acquire).min(top);
+            let request = (want > requested).then_some(want);
+            if took.is_none() && request.is_none() {
                 // Nothing queued: take what the publisher staged, or sleep until a
-                // hand-over. Both under the stage's lock, so none is missed.
+                // hand-over or a request. Both under the stage's lock, so no hand-over
+                // is missed; a request after this look finds `writer_waiting` set.
                 let sleep = {
                     let mut stage = lock_stage(&shared.stage);
                     if stage.buf.is_empty() {
@@ -1152,28 +1191,52 @@ async fn drive(conn: &Arc<Conn>, receiver_id: crate::ids::ReceiverId) -> FailRea
                         false
                     }
                 };
-                if sleep {
+                let asked = conn.ack_wanted.load(Ordering::Acquire).min(written) > requested;
+                if sleep && !asked {
                     notified.await;
                 }
                 continue;
-            };
-            conn.space.notify_one();
-            lock(&batches).push_back((last, Instant::now()));
-            let written = match &tx_sealer {
+            }
+            if let Some(last) = took {
+                conn.space.notify_one();
+                lock(&batches).push_back((last, Instant::now()));
+            }
+            let mut ask = [0u8; LEN_PREFIX + HEADER_LEN + 8];
+            if let Some(up_to) = request {
+                requested = up_to;
+                request_seq += 1;
+                if tx_sealer.is_none() {
+                    let h = frame_header(Kind::AckRequest, Flags(0), request_seq, 8);
+                    ask[..h.len()].copy_from_slice(&h);
+                    ask[h.len()..].copy_from_slice(&up_to.to_be_bytes());
+                    batch.push(Bytes::copy_from_slice(&ask));
+                }
+            }
+            let result = match &tx_sealer {
                 Some(s) => {
                     sealed.clear();
                     for chunk in &batch {
                         seal_all(s, chunk, &mut sealed);
+                    }
+                    if let Some(up_to) = request {
+                        s.put_sealed(
+                            &mut sealed,
+                            Kind::AckRequest,
+                            Flags(0),
+                            request_seq,
+                            &up_to.to_be_bytes(),
+                        );
                     }
                     wr.write_all(&sealed).await
                 }
                 None => write_all_vectored(&mut wr, &batch).await,
             };
             batch.clear();
-            if let Err(e) = written {
+            if let Err(e) = result {
                 tracing::debug!(receiver = %conn.info, error = %e, "write failed");
                 return FailReason::Disconnected;
             }
+            written = top;
         }
     };
 

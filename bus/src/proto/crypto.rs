@@ -197,8 +197,15 @@ impl fmt::Debug for Sealer {
     }
 }
 
-fn gcm_nonce(seq: u64) -> [u8; 12] {
+/// The GCM nonce of a frame: its sequence number, after a 4-byte prefix that is 0 for
+/// every kind but `AckRequest`, whose frames are numbered by their own counter on
+/// the same connection and direction as the Data frames and so take prefix 1: the
+/// two counters can never give the same nonce.
+fn gcm_nonce(kind: Kind, seq: u64) -> [u8; 12] {
     let mut n = [0u8; 12];
+    if kind == Kind::AckRequest {
+        n[3] = 1;
+    }
     n[4..].copy_from_slice(&seq.to_be_bytes());
     n
 }
@@ -235,7 +242,7 @@ impl Sealer {
         let tag = self
             .0
             .encrypt_in_place_detached(
-                GenericArray::from_slice(&gcm_nonce(seq)),
+                GenericArray::from_slice(&gcm_nonce(kind, seq)),
                 &aad(kind, flags, seq),
                 &mut dst[start..],
             )
@@ -267,7 +274,7 @@ impl Sealer {
         let (text, tag) = body.split_at_mut(n);
         self.0
             .decrypt_in_place_detached(
-                GenericArray::from_slice(&gcm_nonce(seq)),
+                GenericArray::from_slice(&gcm_nonce(kind, seq)),
                 &aad(kind, flags, seq),
                 text,
                 GenericArray::from_slice(tag),
@@ -292,7 +299,7 @@ impl Sealer {
         let tag = frame.body.split_off(split);
         self.0
             .decrypt_in_place_detached(
-                GenericArray::from_slice(&gcm_nonce(frame.seq)),
+                GenericArray::from_slice(&gcm_nonce(frame.kind, frame.seq)),
                 &aad(frame.kind, frame.flags, frame.seq),
                 &mut frame.body,
                 GenericArray::from_slice(&tag),
@@ -333,6 +340,26 @@ mod tests {
         let k = Key::from_bytes([7; 32]);
         let s = SessionKeys::derive(&k, b"hello", &[1; 32], &ReceiverId([2; 16]), &[3; 32]);
         (Sealer::new(&s.c2s), Sealer::new(&s.c2s))
+    }
+
+    #[test]
+    fn ack_requests_never_share_a_nonce_with_data_frames() {
+        // Same key, same direction, same sequence number, same body: the keystreams
+        // differ, so the two counters cannot collide.
+        let (tx, rx) = sealed_pair();
+        let (mut data, mut req) = (BytesMut::new(), BytesMut::new());
+        tx.put_sealed(&mut data, Kind::Data, Flags(0), 7, &[0u8; 8]);
+        tx.put_sealed(&mut req, Kind::AckRequest, Flags(0), 7, &[0u8; 8]);
+        let body = crate::proto::frame::LEN_PREFIX + HEADER_LEN;
+        assert_ne!(data[body..body + 8], req[body..body + 8]);
+        let mut codec = CodecV1::default();
+        let mut f = codec.decode(&mut req.clone()).unwrap().unwrap();
+        rx.open(&mut f).unwrap();
+        assert_eq!(&f.body[..], &[0u8; 8]);
+        // Relabelled as Data, it does not open (the kind is in the AAD and the nonce).
+        req[crate::proto::frame::LEN_PREFIX] = Kind::Data as u8;
+        let mut f = codec.decode(&mut req).unwrap().unwrap();
+        assert_eq!(rx.open(&mut f), Err(DecodeError::OpenFailed));
     }
 
     #[test]

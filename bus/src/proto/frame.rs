@@ -43,6 +43,10 @@ pub enum Kind {
     Ack = 0x11,
     /// The receiver is closing: no further acknowledgements will come.
     Bye = 0x12,
+    /// From a sender: someone waits for the outcome of the events up to the one named
+    /// in the body (u64), so acknowledge them as soon as they are taken rather than
+    /// at the receiver's usual, batched pace. Numbered by its own counter.
+    AckRequest = 0x13,
 }
 
 impl Kind {
@@ -57,6 +61,7 @@ impl Kind {
             0x10 => Kind::Data,
             0x11 => Kind::Ack,
             0x12 => Kind::Bye,
+            0x13 => Kind::AckRequest,
             _ => return None,
         })
     }
@@ -461,6 +466,18 @@ impl Reject {
 /// [`DecodeError::Malformed`].
 pub fn parse_ack(b: &[u8]) -> Result<u64, DecodeError> {
     let arr: [u8; 8] = b.try_into().map_err(|_| DecodeError::Malformed("ack"))?;
+    Ok(u64::from_be_bytes(arr))
+}
+
+/// Parses the body of an AckRequest frame: the sequence number to acknowledge
+/// promptly.
+///
+/// # Errors
+/// [`DecodeError::Malformed`] unless the body is exactly 8 bytes.
+pub fn parse_ack_request(b: &[u8]) -> Result<u64, DecodeError> {
+    let arr: [u8; 8] = b
+        .try_into()
+        .map_err(|_| DecodeError::Malformed("ack request"))?;
     Ok(u64::from_be_bytes(arr))
 }
 
