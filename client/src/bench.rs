@@ -672,7 +672,10 @@ impl Ctx<'_> {
         // would cost the bus a timer registration per round trip that plain TCP
         // does not pay).
         let pings = self.args.pings;
-        tokio::time::timeout(self.args.timeout, async {
+        // In a task of its own, not in the runtime's `block_on` future: a wake-up of
+        // that future from another task (the bus's reader) costs tokio one more turn of
+        // the I/O driver per round trip. The plain TCP ping runs the same way.
+        let ping = tokio::spawn(async move {
             for i in 0..warm + pings {
                 let t = Instant::now();
                 drop(tx.publish_bytes(payload.clone()).await?);
@@ -681,10 +684,11 @@ impl Ctx<'_> {
                     rtts.push(t.elapsed().as_secs_f64() * 1e6);
                 }
             }
-            anyhow::Ok(())
-        })
-        .await
-        .context("no pong in time")??;
+            anyhow::Ok((tx, rx, rtts))
+        });
+        let (tx, rx, rtts) = tokio::time::timeout(self.args.timeout, ping)
+            .await
+            .context("no pong in time")???;
         tx.close().await;
         rx.close().await;
         let _ = collect(&mut spawned, self.args.timeout).await;
@@ -715,7 +719,7 @@ impl Ctx<'_> {
         let mut back = vec![0u8; frame.len()];
         let mut rtts = Vec::with_capacity(self.args.pings as usize);
         let pings = self.args.pings;
-        tokio::time::timeout(self.args.timeout, async {
+        let ping = tokio::spawn(async move {
             for i in 0..warm + pings {
                 let t = Instant::now();
                 wr.write_all(&frame).await?;
@@ -724,10 +728,11 @@ impl Ctx<'_> {
                     rtts.push(t.elapsed().as_secs_f64() * 1e6);
                 }
             }
-            anyhow::Ok(())
-        })
-        .await
-        .context("no plain pong in time")??;
+            anyhow::Ok((rd, wr, rtts))
+        });
+        let (rd, wr, rtts) = tokio::time::timeout(self.args.timeout, ping)
+            .await
+            .context("no plain pong in time")???;
         drop((rd, wr));
         let _ = collect(&mut spawned.inner, self.args.timeout).await;
         Ok(rtts)
@@ -1038,37 +1043,70 @@ async fn bus_child(common: &Common, args: &ReceiverArgs) -> anyhow::Result<Recei
         _ => None,
     };
     out::line(format!("ready {}", rx.local_addr()))?;
-    let mut received = 0u64;
-    let mut first: Option<Instant> = None;
-    let mut last = Instant::now();
-    while received < args.count {
-        // A timer only when nothing is ready: a timer per event would cost more than
-        // taking the event (the plain TCP child does the same).
-        let next = match rx.try_recv() {
-            Some(m) => Some(m),
-            None => tokio::time::timeout(args.idle, rx.recv())
-                .await
-                .ok()
-                .flatten(),
-        };
-        match next {
-            Some(m) => {
-                last = Instant::now();
-                first.get_or_insert(last);
-                received += 1;
-                if let Some(tx) = &mut reply {
-                    drop(tx.publish_bytes(m.into_payload()).await?);
+    let (count, idle) = (args.count, args.idle);
+    // A task of its own (see `bus_latency`), like the plain child's loop.
+    let taking = tokio::spawn(async move {
+        let mut received = 0u64;
+        let mut first: Option<Instant> = None;
+        let mut last = Instant::now();
+        let mut watchdog = Watchdog::new(idle);
+        while received < count {
+            let next = match rx.try_recv() {
+                Some(m) => Some(m),
+                None => tokio::select! {
+                    m = rx.recv() => m,
+                    () = watchdog.expired(last) => None,
+                },
+            };
+            match next {
+                Some(m) => {
+                    last = Instant::now();
+                    first.get_or_insert(last);
+                    received += 1;
+                    if let Some(tx) = &mut reply {
+                        drop(tx.publish_bytes(m.into_payload()).await?);
+                    }
                 }
+                None => break,
             }
-            None => break,
         }
-    }
+        anyhow::Ok((rx, reply, received, first, last))
+    });
+    let (rx, reply, received, first, last) = taking.await??;
     if let Some(tx) = reply {
         tx.close().await;
     }
     rx.close().await;
     let secs = first.map_or(0.0, |f| last.duration_since(f).as_secs_f64());
     Ok(ReceiverResult { received, secs })
+}
+
+/// Ends a wait once nothing has arrived for `idle`, with one timer for the whole run
+/// (re-armed only when it fires) instead of a timer per event.
+struct Watchdog {
+    idle: Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Watchdog {
+    fn new(idle: Duration) -> Watchdog {
+        Watchdog {
+            idle,
+            sleep: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+
+    /// Resolves once `idle` has passed since `last` (the latest arrival).
+    async fn expired(&mut self, last: Instant) {
+        loop {
+            (&mut self.sleep).await;
+            let due = last + self.idle;
+            if Instant::now() >= due {
+                return;
+            }
+            self.sleep.as_mut().reset(due.into());
+        }
+    }
 }
 
 /// Plain TCP: accept one connection, read (and with raw-pong echo) `count`
@@ -1083,38 +1121,48 @@ async fn raw_child(common: &Common, args: &ReceiverArgs) -> anyhow::Result<Recei
         .await
         .context("no plain connection in time")??;
     s.set_nodelay(true)?;
-    let (rd, mut wr) = s.into_split();
-    let mut rd = tokio::io::BufReader::with_capacity(64 * 1024, rd);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut received = 0u64;
-    let mut first: Option<Instant> = None;
-    let mut last = Instant::now();
-    while received < args.count {
-        let len = if rd.buffer().len() >= 4 {
-            rd.read_u32().await? as usize
-        } else {
-            match tokio::time::timeout(args.idle, rd.read_u32()).await {
-                Ok(Ok(n)) => n as usize,
-                _ => break,
+    let (rd, wr) = s.into_split();
+    let (count, idle, mode) = (args.count, args.idle, args.mode);
+    let taking = tokio::spawn(async move {
+        let mut wr = wr;
+        let mut rd = tokio::io::BufReader::with_capacity(64 * 1024, rd);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut received = 0u64;
+        let mut first: Option<Instant> = None;
+        let mut last = Instant::now();
+        let mut watchdog = Watchdog::new(idle);
+        while received < count {
+            let len = if rd.buffer().len() >= 4 {
+                rd.read_u32().await? as usize
+            } else {
+                tokio::select! {
+                    n = rd.read_u32() => match n {
+                        Ok(n) => n as usize,
+                        Err(_) => break,
+                    },
+                    () = watchdog.expired(last) => break,
+                }
+            };
+            if len > 16 << 20 {
+                bail!("plain frame of {len} bytes");
             }
-        };
-        if len > 16 << 20 {
-            bail!("plain frame of {len} bytes");
+            if buf.len() < len {
+                buf.resize(len, 0);
+            }
+            rd.read_exact(&mut buf[..len]).await?;
+            if mode == ChildMode::RawPong {
+                let mut frame = Vec::with_capacity(4 + len);
+                frame.extend_from_slice(&(len as u32).to_be_bytes());
+                frame.extend_from_slice(&buf[..len]);
+                wr.write_all(&frame).await?;
+            }
+            last = Instant::now();
+            first.get_or_insert(last);
+            received += 1;
         }
-        if buf.len() < len {
-            buf.resize(len, 0);
-        }
-        rd.read_exact(&mut buf[..len]).await?;
-        if args.mode == ChildMode::RawPong {
-            let mut frame = Vec::with_capacity(4 + len);
-            frame.extend_from_slice(&(len as u32).to_be_bytes());
-            frame.extend_from_slice(&buf[..len]);
-            wr.write_all(&frame).await?;
-        }
-        last = Instant::now();
-        first.get_or_insert(last);
-        received += 1;
-    }
+        anyhow::Ok((wr, received, first, last))
+    });
+    let (mut wr, received, first, last) = taking.await??;
     if args.mode == ChildMode::Raw {
         wr.write_all(&[1]).await?;
     }
