@@ -1064,6 +1064,17 @@ fn frame_header(
     h
 }
 
+/// A connection on this host gets a congestion control that does not pace (`cubic`;
+/// best effort, the system's default stays if it cannot be set). With `bbr`, a common
+/// default, the kernel paces the sender's bursts of 128 KiB with a timer even on
+/// loopback, where there is no queue to protect: measured at 1 KiB events, 1 -> 1, 2.3-2.7
+/// M/s paced against 4.1 M/s not. LAN connections keep the system's choice.
+fn unpaced(sock: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(sock).set_tcp_congestion(b"cubic") {
+        tracing::debug!(error = %e, "cannot set cubic congestion control; keeping the default");
+    }
+}
+
 /// Writes every chunk, with as few calls as the socket allows.
 async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
     wr: &mut W,
@@ -1120,6 +1131,9 @@ async fn drive(conn: &Arc<Conn>, receiver_id: crate::ids::ReceiverId) -> FailRea
     let connected = tokio::time::timeout(shared.connect_timeout, async {
         let sock = TcpStream::connect(addr).await?;
         let _ = sock.set_nodelay(true);
+        if addr.ip().is_loopback() {
+            unpaced(&sock);
+        }
         handshake::connect(
             sock,
             &shared.handle,
@@ -1538,6 +1552,22 @@ impl EpmDiscovery {
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn loopback_connections_are_not_paced() {
+        let available =
+            std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+                .unwrap_or_default();
+        if !available.split_whitespace().any(|c| c == "cubic") {
+            eprintln!("cubic is not available here ({available:?}); nothing to check");
+            return;
+        }
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        unpaced(&s);
+        let cc = socket2::SockRef::from(&s).tcp_congestion().unwrap();
+        assert_eq!(cc.split(|&b| b == 0).next().unwrap(), b"cubic");
+    }
 
     #[tokio::test]
     async fn write_all_vectored_survives_short_writes() {
