@@ -543,13 +543,15 @@ impl AckState {
         if taken <= sent {
             return false;
         }
-        let wanted = self.wanted.load(Ordering::Acquire);
+        // SeqCst with the stores in `take` and `request`: each of the two sides
+        // sees the other's store (a store-then-load pattern on both sides).
+        let wanted = self.wanted.load(Ordering::SeqCst);
         taken - sent >= ACK_EVERY || (wanted > sent && taken >= wanted)
     }
 
     /// The sender asks for a prompt ack of the events up to `up_to`.
     fn request(&self, up_to: u64) {
-        self.wanted.fetch_max(up_to, Ordering::AcqRel);
+        self.wanted.fetch_max(up_to, Ordering::SeqCst);
         let taken = self.taken.load(Ordering::SeqCst);
         if self.idle.load(Ordering::SeqCst)
             && self.due(taken)

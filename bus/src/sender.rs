@@ -516,9 +516,13 @@ impl Sender {
             changed = true;
             match u {
                 Update::Add(c) => {
-                    // Its window starts at the next event.
-                    c.acked.store(self.next_seq - 1, Ordering::Release);
-                    c.queued.store(self.next_seq - 1, Ordering::Release);
+                    // Its window starts at the next event (under the queue's lock, so
+                    // a concurrent `fail` sees both counters before or both after).
+                    {
+                        let _out = lock_out(&c.out);
+                        c.acked.store(self.next_seq - 1, Ordering::Release);
+                        c.queued.store(self.next_seq - 1, Ordering::Release);
+                    }
                     self.conns.push(c);
                 }
                 Update::Remove(c) => self.conns.retain(|x| !Arc::ptr_eq(x, &c)),
@@ -531,6 +535,9 @@ impl Sender {
             stage.hand_over(&self.shared);
             stage.targets = self.targets.clone();
             stage.room_until = 0;
+            // A new target's writer may have gone to sleep before it was a target (the
+            // hand-over then did not wake it): the next event is handed over at once.
+            stage.idle_writers = stage.idle_writers.max(1);
         }
     }
 
@@ -551,8 +558,16 @@ impl Sender {
                     if c.failure.get().is_some() {
                         continue;
                     }
-                    let until = c.acked.load(Ordering::Acquire) + shared.window;
+                    let until = c
+                        .acked
+                        .load(Ordering::Acquire)
+                        .saturating_add(shared.window);
                     room_until = room_until.min(until);
+                    if seq > until {
+                        // Its window is full: ask for the acknowledgements now (all
+                        // such receivers at once, not one per round trip).
+                        c.request_ack(c.queued.load(Ordering::Acquire));
+                    }
                     if blocker.is_none() && !c.has_room(seq) {
                         blocker = Some(c.clone());
                     }
@@ -561,8 +576,6 @@ impl Sender {
                 blocker
             };
             let Some(c) = blocker else { return };
-            // Its window may be what is full: ask for the acknowledgements now.
-            c.request_ack(c.queued.load(Ordering::Acquire));
             let notified = c.space.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -580,9 +593,14 @@ impl Sender {
 
 impl Drop for Sender {
     fn drop(&mut self) {
-        self.shared.shutdown.cancel();
+        // What is staged goes to the connections first, so the failures their
+        // shutdown reports cover it.
+        let mut stage = lock_stage(&self.shared.stage);
+        stage.hand_over(&self.shared);
         // The stage's targets hold the connections, which hold `Shared`.
-        lock_stage(&self.shared.stage).targets = Arc::from(Vec::new());
+        stage.targets = Arc::from(Vec::new());
+        drop(stage);
+        self.shared.shutdown.cancel();
     }
 }
 
@@ -625,15 +643,20 @@ impl Future for PendingReport {
                 ..SendReport::default()
             });
         };
+        // Register with every unresolved target, not just the first: each
+        // registration asks that receiver for a prompt ack, so all of them answer in
+        // one round trip rather than one after another.
+        let mut pending = false;
         for c in targets.iter() {
             if c.outcome(self.seq).is_none() {
                 c.register_waiter(self.seq, cx.waker());
                 // Re-check: the ack may have landed between the check and the
                 // registration.
-                if c.outcome(self.seq).is_none() {
-                    return Poll::Pending;
-                }
+                pending |= c.outcome(self.seq).is_none();
             }
+        }
+        if pending {
+            return Poll::Pending;
         }
         Poll::Ready(self.report(targets))
     }
@@ -921,12 +944,14 @@ impl Conn {
     /// everyone waiting on it.
     fn fail(&self, reason: FailReason) {
         if self.failure.set(reason.clone()).is_ok() {
-            let first = self.acked.load(Ordering::Acquire) + 1;
             // Under the queue's lock: a hand-over either queued its chunk before this
             // (counted here) or sees the failure (and reports the chunk itself).
-            let last = {
+            let (first, last) = {
                 let _out = lock_out(&self.out);
-                self.queued.load(Ordering::Acquire)
+                (
+                    self.acked.load(Ordering::Acquire) + 1,
+                    self.queued.load(Ordering::Acquire),
+                )
             };
             if last >= first {
                 let _ = self.shared.events.send(SenderEvent::SendFailed {
@@ -1012,6 +1037,9 @@ fn start_conn(
             r = drive(&c, receiver_id) => r,
         };
         c.fail(reason.clone());
+        // Events still staged for it are reported failed by a hand-over; do it now
+        // rather than at some later publish (there may be none).
+        lock_stage(&c.shared.stage).hand_over(&c.shared);
         // Free the queued chunks now; the counters keep every outcome.
         let dropped = std::mem::take(&mut lock_out(&c.out).chunks);
         drop(dropped);

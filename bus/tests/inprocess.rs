@@ -422,3 +422,168 @@ async fn queue_bytes_without_reports_delivers_in_order_and_reports_failures() {
     tokio::time::timeout(T, reader).await.unwrap().unwrap();
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// The only receiver stops reading, so its writer blocks in a write; a tail of events
+/// is staged behind it; then the receiver goes away. Every event, the staged tail
+/// included, must be reported failed on `events()` (no later publish comes to hand
+/// the tail over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_staged_tail_is_reported_when_its_receiver_goes() {
+    let (disc, dir) = registry("tail");
+    let rx = Receiver::builder(handle("tail"))
+        .discovery(disc.clone())
+        .bind()
+        .await
+        .unwrap();
+    let mut tx = Sender::builder(handle("tail"))
+        .discovery(disc)
+        .buffer_limit(256 << 20)
+        .compress(false)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(tx.wait_for_receivers(1, T).await, 1);
+    let mut events = Box::pin(tx.events());
+    // Enough that the receiver's queue and both socket buffers fill up.
+    let payload = vec![0x5a_u8; 1024];
+    for _ in 0..30_000 {
+        tx.queue_bytes(&payload).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut last = 0;
+    for _ in 0..3 {
+        last = tx.queue_bytes(b"tail").await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(rx);
+    let r = tokio::time::timeout(T, tx.last_report()).await.unwrap();
+    assert_eq!(
+        (r.seq, r.acked.len(), r.failed.len()),
+        (last, 0, 1),
+        "{r:?}"
+    );
+    let mut reported_up_to = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while reported_up_to < last {
+        let Ok(Some(ev)) = tokio::time::timeout_at(deadline, events.next()).await else {
+            break;
+        };
+        if let ipcbus::SenderEvent::SendFailed { last_seq, .. } = ev {
+            reported_up_to = reported_up_to.max(last_seq);
+        }
+    }
+    assert_eq!(reported_up_to, last, "the staged tail was never reported");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// A proxy in front of `to` that records what the connecting side sends, as it
+/// passes (readable while the connection is open).
+async fn live_proxy(
+    to: std::net::SocketAddr,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        let (a, _) = l.accept().await.unwrap();
+        let b = tokio::net::TcpStream::connect(to).await.unwrap();
+        let (mut ar, mut aw) = a.into_split();
+        let (mut br, mut bw) = b.into_split();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = ar.read(&mut buf).await {
+                if n == 0 || bw.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+                record.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        let _ = tokio::io::copy(&mut br, &mut aw).await;
+    });
+    (addr, seen)
+}
+
+/// Frames of one direction of a capture: (kind, body) of each, parsed from the start
+/// (the capture holds the sender's direction first).
+fn frames(capture: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut rest = capture;
+    while rest.len() >= 4 {
+        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if len < 10 || rest.len() < 4 + len {
+            break;
+        }
+        out.push((rest[4], rest[14..4 + len].to_vec()));
+        rest = &rest[4 + len..];
+    }
+    out
+}
+
+/// Waiting for a report asks every receiver for a prompt acknowledgement (an
+/// AckRequest naming the event) at once, not one receiver after another: while no
+/// receiver has taken the event, every connection already carries the request.
+#[tokio::test]
+async fn a_waiting_report_asks_every_receiver_at_once() {
+    let (disc_rx, dir_rx) = registry("ask-rx");
+    let (disc_tx, dir_tx) = registry("ask-tx");
+    let Discovery::Local(reg) = &disc_tx else {
+        unreachable!()
+    };
+    let mut rxs = Vec::new();
+    let mut captures = Vec::new();
+    let mut regs = Vec::new();
+    for _ in 0..3 {
+        let rx = Receiver::builder(handle("ask"))
+            .discovery(disc_rx.clone())
+            .bind()
+            .await
+            .unwrap();
+        let (proxy, capture) = live_proxy(rx.local_addr()).await;
+        regs.push(
+            reg.register(&ipcbus::Record::new(handle("ask"), proxy, rx.id()))
+                .unwrap(),
+        );
+        captures.push(capture);
+        rxs.push(rx);
+    }
+    // Local-user mode on both sides: the sender's registry needs the same secret.
+    std::fs::copy(dir_rx.join("secret"), dir_tx.join("secret")).unwrap();
+    let mut tx = Sender::builder(handle("ask"))
+        .discovery(disc_tx.clone())
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(tx.wait_for_receivers(3, T).await, 3);
+    let mut pending = tx.publish_bytes(&b"question"[..]).await.unwrap();
+    // Nobody takes the event; the report is awaited for a while.
+    let waited = tokio::time::timeout(Duration::from_millis(300), &mut pending).await;
+    assert!(
+        waited.is_err(),
+        "resolved although no receiver took the event"
+    );
+    // Still nobody has taken it, and every connection carries the request.
+    for capture in &captures {
+        let bytes = capture.lock().unwrap().clone();
+        let asked = frames(&bytes)
+            .into_iter()
+            .any(|(kind, body)| kind == 0x13 && body == 1u64.to_be_bytes());
+        assert!(
+            asked,
+            "a receiver's connection carried no AckRequest for event 1"
+        );
+    }
+    for rx in rxs {
+        rx.close().await;
+    }
+    let r = tokio::time::timeout(T, pending).await.unwrap();
+    assert_eq!(r.failed.len(), 3, "{r:?}");
+    tx.close().await;
+    drop(regs);
+    std::fs::remove_dir_all(dir_rx).ok();
+    std::fs::remove_dir_all(dir_tx).ok();
+}
