@@ -39,7 +39,7 @@ use crate::handle::Handle;
 use crate::handshake::{self, HandshakeError};
 use crate::ids::SenderId;
 use crate::pool::Pool;
-use crate::proto::codec::CodecV1;
+use crate::proto::codec::{put_frame, CodecV1};
 use crate::proto::compress::{Gzipper, DEFAULT_THRESHOLD};
 use crate::proto::crypto::{Sealer, TAG_LEN};
 use crate::proto::frame::{
@@ -1074,19 +1074,9 @@ fn start_conn(
 
 /// The length prefix and header of a Data frame.
 fn data_header(flags: Flags, seq: u64, body_len: usize) -> [u8; LEN_PREFIX + HEADER_LEN] {
-    frame_header(Kind::Data, flags, seq, body_len)
-}
-
-/// The length prefix and header of a frame.
-fn frame_header(
-    kind: Kind,
-    flags: Flags,
-    seq: u64,
-    body_len: usize,
-) -> [u8; LEN_PREFIX + HEADER_LEN] {
     let mut h = [0u8; LEN_PREFIX + HEADER_LEN];
     h[..4].copy_from_slice(&((HEADER_LEN + body_len) as u32).to_be_bytes());
-    h[4] = kind as u8;
+    h[4] = Kind::Data as u8;
     h[5] = flags.0;
     h[6..].copy_from_slice(&seq.to_be_bytes());
     h
@@ -1243,15 +1233,14 @@ async fn drive(conn: &Arc<Conn>, receiver_id: crate::ids::ReceiverId) -> FailRea
                 conn.space.notify_one();
                 lock(&batches).push_back((last, Instant::now()));
             }
-            let mut ask = [0u8; LEN_PREFIX + HEADER_LEN + 8];
             if let Some(up_to) = request {
                 requested = up_to;
                 request_seq += 1;
                 if tx_sealer.is_none() {
-                    let h = frame_header(Kind::AckRequest, Flags(0), request_seq, 8);
-                    ask[..h.len()].copy_from_slice(&h);
-                    ask[h.len()..].copy_from_slice(&up_to.to_be_bytes());
-                    batch.push(Bytes::copy_from_slice(&ask));
+                    let mut ask = BytesMut::new();
+                    let body = up_to.to_be_bytes();
+                    put_frame(&mut ask, Kind::AckRequest, Flags(0), request_seq, &body);
+                    batch.push(ask.freeze());
                 }
             }
             let result = match &tx_sealer {
