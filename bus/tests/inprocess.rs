@@ -238,44 +238,6 @@ async fn encrypted_round_trip_and_wrong_key() {
     std::fs::remove_dir_all(dir).ok();
 }
 
-/// Relays one TCP connection to `to`, recording every byte in both directions.
-async fn recording_proxy(
-    to: std::net::SocketAddr,
-) -> (std::net::SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        let (a, _) = l.accept().await.unwrap();
-        let b = tokio::net::TcpStream::connect(to).await.unwrap();
-        let (mut ar, mut aw) = a.into_split();
-        let (mut br, mut bw) = b.into_split();
-        let up = tokio::spawn(async move {
-            let mut seen = Vec::new();
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = ar.read(&mut buf).await {
-                if n == 0 || bw.write_all(&buf[..n]).await.is_err() {
-                    break;
-                }
-                seen.extend_from_slice(&buf[..n]);
-            }
-            seen
-        });
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = br.read(&mut buf).await {
-            if n == 0 || aw.write_all(&buf[..n]).await.is_err() {
-                break;
-            }
-            seen.extend_from_slice(&buf[..n]);
-        }
-        let mut all = up.await.unwrap();
-        all.extend_from_slice(&seen);
-        all
-    });
-    (addr, task)
-}
-
 #[tokio::test]
 async fn a_capture_of_encrypted_traffic_holds_no_plaintext() {
     // The receiver registers in one registry; the sender looks in another where a
@@ -312,7 +274,7 @@ async fn a_capture_of_encrypted_traffic_holds_no_plaintext() {
     assert_eq!(tokio::time::timeout(T, p2).await.unwrap().acked.len(), 1);
     tx.close().await;
     rx.close().await;
-    let bytes = tokio::time::timeout(T, capture).await.unwrap().unwrap();
+    let bytes = capture.all().await;
     assert!(bytes.len() > 200, "captured {} bytes", bytes.len());
     assert!(
         !bytes.windows(9).any(|w| w == b"PLAINTEXT"),
@@ -476,40 +438,57 @@ async fn a_staged_tail_is_reported_when_its_receiver_goes() {
     std::fs::remove_dir_all(dir).ok();
 }
 
-/// A proxy in front of `to` that records what the connecting side sends, as it
-/// passes (readable while the connection is open).
-async fn live_proxy(
-    to: std::net::SocketAddr,
-) -> (
-    std::net::SocketAddr,
-    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let record = seen.clone();
-    tokio::spawn(async move {
-        let (a, _) = l.accept().await.unwrap();
-        let b = tokio::net::TcpStream::connect(to).await.unwrap();
-        let (mut ar, mut aw) = a.into_split();
-        let (mut br, mut bw) = b.into_split();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = ar.read(&mut buf).await {
-                if n == 0 || bw.write_all(&buf[..n]).await.is_err() {
-                    break;
-                }
-                record.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        let _ = tokio::io::copy(&mut br, &mut aw).await;
-    });
-    (addr, seen)
+/// What a recording proxy saw, in each direction, as it passes (readable while the
+/// connection is open); `done` ends when both directions have closed.
+struct Capture {
+    up: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    down: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    done: tokio::task::JoinHandle<()>,
 }
 
-/// Frames of one direction of a capture: (kind, body) of each, parsed from the start
-/// (the capture holds the sender's direction first).
+impl Capture {
+    /// Everything, once both directions have closed.
+    async fn all(self) -> Vec<u8> {
+        tokio::time::timeout(T, self.done).await.unwrap().unwrap();
+        let mut all = self.up.lock().unwrap().clone();
+        all.extend_from_slice(&self.down.lock().unwrap());
+        all
+    }
+}
+
+/// A proxy in front of `to` for one connection, recording both directions.
+async fn recording_proxy(to: std::net::SocketAddr) -> (std::net::SocketAddr, Capture) {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    async fn pump(
+        mut from: impl AsyncRead + Unpin,
+        mut to: impl AsyncWrite + Unpin,
+        seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    ) {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = from.read(&mut buf).await {
+            if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+            seen.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+        let _ = to.shutdown().await;
+    }
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let up = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let down = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (up2, down2) = (up.clone(), down.clone());
+    let done = tokio::spawn(async move {
+        let (a, _) = l.accept().await.unwrap();
+        let b = tokio::net::TcpStream::connect(to).await.unwrap();
+        let (ar, aw) = a.into_split();
+        let (br, bw) = b.into_split();
+        tokio::join!(pump(ar, bw, up2), pump(br, aw, down2));
+    });
+    (addr, Capture { up, down, done })
+}
+
+/// The frames of one direction of a capture: (kind, body) of each.
 fn frames(capture: &[u8]) -> Vec<(u8, Vec<u8>)> {
     let mut out = Vec::new();
     let mut rest = capture;
@@ -543,7 +522,7 @@ async fn a_waiting_report_asks_every_receiver_at_once() {
             .bind()
             .await
             .unwrap();
-        let (proxy, capture) = live_proxy(rx.local_addr()).await;
+        let (proxy, capture) = recording_proxy(rx.local_addr()).await;
         regs.push(
             reg.register(&ipcbus::Record::new(handle("ask"), proxy, rx.id()))
                 .unwrap(),
@@ -568,7 +547,7 @@ async fn a_waiting_report_asks_every_receiver_at_once() {
     );
     // Still nobody has taken it, and every connection carries the request.
     for capture in &captures {
-        let bytes = capture.lock().unwrap().clone();
+        let bytes = capture.up.lock().unwrap().clone();
         let asked = frames(&bytes)
             .into_iter()
             .any(|(kind, body)| kind == 0x13 && body == 1u64.to_be_bytes());
