@@ -4,15 +4,14 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use ipcbus::proto::codec::{put_frame, CodecV1};
-use ipcbus::proto::crypto::{Sealer, SessionKeys};
-use ipcbus::proto::frame::{Flags, Hello, Kind, Mode, RawFrame, Welcome, VERSION};
+use ipcbus::proto::codec::put_frame;
+use ipcbus::proto::frame::{Flags, Hello, Kind, Mode, VERSION};
 use ipcbus::{Discovery, FailReason, Handle, Key, Receiver, Record, Security, Sender, SenderId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::codec::Decoder;
 
-const T: Duration = Duration::from_secs(10);
+mod common;
+use common::{handshake, read_frame, T};
 
 fn tmp(tag: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!(
@@ -20,58 +19,6 @@ fn tmp(tag: &str) -> std::path::PathBuf {
         std::process::id(),
         std::time::SystemTime::now()
     ))
-}
-
-async fn read_frame(s: &mut TcpStream, buf: &mut BytesMut) -> Option<RawFrame> {
-    let mut codec = CodecV1::default();
-    loop {
-        if let Ok(Some(f)) = codec.decode(buf) {
-            return Some(f);
-        }
-        if tokio::time::timeout(T, s.read_buf(buf)).await.ok()?.ok()? == 0 {
-            return None;
-        }
-    }
-}
-
-/// Runs the client side of an open-mode or keyed handshake by hand; returns the
-/// stream and, when keyed, the client's sealer.
-async fn handshake(
-    addr: std::net::SocketAddr,
-    handle: &str,
-    key: Option<&Key>,
-) -> (TcpStream, Option<Sealer>) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let hello = Hello {
-        version: VERSION,
-        mode: if key.is_some() {
-            Mode::Sealed
-        } else {
-            Mode::Open
-        },
-        handle: Handle::new(handle).unwrap(),
-        sender: SenderId::random(),
-        nonce: [5; 32],
-    };
-    let mut body = BytesMut::new();
-    hello.encode(&mut body);
-    let mut out = BytesMut::new();
-    put_frame(&mut out, Kind::Hello, Flags(0), 0, &body);
-    s.write_all(&out).await.unwrap();
-    let mut buf = BytesMut::new();
-    let w = read_frame(&mut s, &mut buf).await.unwrap();
-    assert_eq!(w.kind, Kind::Welcome);
-    let w = Welcome::parse(&w.body).unwrap();
-    let keys = key.map(|k| SessionKeys::derive(k, &body, &hello.nonce, &w.receiver, &w.nonce));
-    let mut out = BytesMut::new();
-    match &keys {
-        Some(k) => put_frame(&mut out, Kind::Proof, Flags(0), 0, &k.proof_c),
-        None => put_frame(&mut out, Kind::Proof, Flags(0), 0, &[]),
-    }
-    s.write_all(&out).await.unwrap();
-    let r = read_frame(&mut s, &mut buf).await.unwrap();
-    assert_eq!(r.kind, Kind::Ready);
-    (s, keys.map(|k| Sealer::new(&k.c2s)))
 }
 
 /// The receiver closed the connection (EOF or reset) within the timeout.
@@ -127,14 +74,14 @@ async fn garbage_truncated_and_oversized_input_closes_only_that_connection() {
     assert!(closed(&mut s).await);
 
     // Oversized length after the handshake: rejected from the prefix alone.
-    let (mut s, _) = handshake(addr, "h", None).await;
+    let (mut s, _) = handshake(addr, "h", SenderId::random(), None).await;
     s.write_all(&[0xff, 0xff, 0xff, 0xff, 0x10, 0])
         .await
         .unwrap();
     assert!(closed(&mut s).await);
 
     // A replayed sequence number.
-    let (mut s, _) = handshake(addr, "h", None).await;
+    let (mut s, _) = handshake(addr, "h", SenderId::random(), None).await;
     let mut out = BytesMut::new();
     put_frame(&mut out, Kind::Data, Flags(0), 1, b"one");
     put_frame(&mut out, Kind::Data, Flags(0), 1, b"again");
@@ -144,7 +91,7 @@ async fn garbage_truncated_and_oversized_input_closes_only_that_connection() {
     assert_eq!(&m.payload()[..], b"one");
 
     // A gzip bomb: 64 MiB of zeros in a small frame, past the 1 MiB cap.
-    let (mut s, _) = handshake(addr, "h", None).await;
+    let (mut s, _) = handshake(addr, "h", SenderId::random(), None).await;
     let bomb = ipcbus::proto::compress::gzip(&vec![0u8; 64 << 20], 9).unwrap();
     assert!(bomb.len() < 1 << 20);
     let mut out = BytesMut::new();
@@ -189,7 +136,7 @@ async fn tampered_and_replayed_sealed_frames_close_the_connection() {
     let addr = rx.local_addr();
 
     // A correctly sealed frame, then the same bytes again (replay).
-    let (mut s, sealer) = handshake(addr, "s", Some(&key)).await;
+    let (mut s, sealer) = handshake(addr, "s", SenderId::random(), Some(&key)).await;
     let sealer = sealer.unwrap();
     let mut out = BytesMut::new();
     sealer.put_sealed(&mut out, Kind::Data, Flags(0), 1, b"first");
@@ -200,7 +147,7 @@ async fn tampered_and_replayed_sealed_frames_close_the_connection() {
     assert!(closed(&mut s).await);
 
     // A bit flipped in the ciphertext.
-    let (mut s, sealer) = handshake(addr, "s", Some(&key)).await;
+    let (mut s, sealer) = handshake(addr, "s", SenderId::random(), Some(&key)).await;
     let mut out = BytesMut::new();
     sealer
         .unwrap()
@@ -211,7 +158,7 @@ async fn tampered_and_replayed_sealed_frames_close_the_connection() {
     assert!(closed(&mut s).await);
 
     // A plain frame on a sealed connection.
-    let (mut s, _) = handshake(addr, "s", Some(&key)).await;
+    let (mut s, _) = handshake(addr, "s", SenderId::random(), Some(&key)).await;
     let mut out = BytesMut::new();
     put_frame(&mut out, Kind::Data, Flags(0), 1, b"plain");
     s.write_all(&out).await.unwrap();

@@ -10,55 +10,18 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use ipcbus::proto::codec::{put_frame, CodecV1};
-use ipcbus::proto::frame::{Flags, Hello, Kind, Mode, RawFrame, VERSION};
+use ipcbus::proto::codec::put_frame;
+use ipcbus::proto::frame::{Flags, Kind};
 use ipcbus::{Discovery, Handle, Receiver, Security, SenderId};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_util::codec::Decoder;
 
-const T: Duration = Duration::from_secs(10);
-
-async fn read_frame(s: &mut TcpStream, buf: &mut BytesMut) -> Option<RawFrame> {
-    let mut codec = CodecV1::default();
-    loop {
-        if let Ok(Some(f)) = codec.decode(buf) {
-            return Some(f);
-        }
-        if tokio::time::timeout(T, s.read_buf(buf)).await.ok()?.ok()? == 0 {
-            return None;
-        }
-    }
-}
+mod common;
+use common::{handshake, T};
 
 /// An open-mode connection of sender `id`, by hand.
 async fn connect_as(addr: std::net::SocketAddr, id: SenderId) -> TcpStream {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut body = BytesMut::new();
-    Hello {
-        version: VERSION,
-        mode: Mode::Open,
-        handle: Handle::new("order").unwrap(),
-        sender: id,
-        nonce: [3; 32],
-    }
-    .encode(&mut body);
-    let mut out = BytesMut::new();
-    put_frame(&mut out, Kind::Hello, Flags(0), 0, &body);
-    s.write_all(&out).await.unwrap();
-    let mut buf = BytesMut::new();
-    assert_eq!(
-        read_frame(&mut s, &mut buf).await.unwrap().kind,
-        Kind::Welcome
-    );
-    let mut out = BytesMut::new();
-    put_frame(&mut out, Kind::Proof, Flags(0), 0, &[]);
-    s.write_all(&out).await.unwrap();
-    assert_eq!(
-        read_frame(&mut s, &mut buf).await.unwrap().kind,
-        Kind::Ready
-    );
-    s
+    handshake(addr, "order", id, None).await.0
 }
 
 async fn data(s: &mut TcpStream, seqs: &[u64]) {
