@@ -23,10 +23,10 @@ pub enum Discovery {
 #[non_exhaustive]
 pub enum DiscoveryError {
     /// The local registry could not be used.
-    #[error("registry: {0}")]
+    #[error(transparent)]
     Registry(#[from] RegistryError),
     /// The EPM could not be used, or the `IPCBUS_EPM*` variables are malformed.
-    #[error("epm: {0}")]
+    #[error(transparent)]
     Epm(#[from] EpmError),
 }
 

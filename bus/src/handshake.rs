@@ -41,11 +41,17 @@ pub enum HandshakeError {
     },
     /// The key proof did not verify: the two sides use different keys.
     #[error(
-        "authentication failed: the peer does not have the same key (password, salt or secret)"
+        "authentication failed: the peer has another key: the password and salt \
+         (IPCBUS_PASSWORD or --password-file, IPCBUS_SALT or --salt) must be the same \
+         on both sides (without them, both must run as the same user)"
     )]
     AuthenticationFailed,
     /// One side uses a key or encryption and the other does not.
-    #[error("authentication failed: security settings differ (one side uses a key or encryption, the other does not)")]
+    #[error(
+        "authentication failed: security settings differ: one side has a password and \
+         salt (IPCBUS_PASSWORD or --password-file, IPCBUS_SALT or --salt), the other \
+         does not; set the same on both sides, or on neither"
+    )]
     SecurityMismatch,
     /// The connecting side asked for another handle.
     #[error("wrong handle: the peer asked for {0:?}")]

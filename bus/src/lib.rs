@@ -16,20 +16,26 @@
 //! - [`gate`]: admission of half-open connections (oldest evicted when full), shared by
 //!   receivers and the endpoint manager.
 //!
-//! ```no_run
+//! A receiver acknowledges an event when the application takes it, so in one task:
+//! publish, take, then await the report.
+//!
+//! ```
 //! use ipcbus::{Handle, Receiver, Sender};
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let handle: Handle = "orders".parse()?;
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let handle: Handle = "docs.greetings".parse()?;
 //! let mut rx = Receiver::builder(handle.clone()).bind().await?;
 //! let mut tx = Sender::builder(handle).build().await?;
-//! let report = tx.send_bytes("hello").await?;
-//! assert_eq!(report.acked.len(), 1);
-//! let msg = rx.recv().await.unwrap();
+//! let pending = tx.publish_bytes("hello").await?;
+//! let msg = rx.recv().await.expect("an event");
 //! assert_eq!(&msg.payload()[..], b"hello");
+//! let report = pending.await;
+//! assert_eq!(report.acked.len(), 1);
 //! # Ok(()) }
 //! ```
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+mod credentials;
 mod discovery;
 pub mod epm;
 pub mod gate;
@@ -46,8 +52,9 @@ mod salt;
 mod security;
 mod sender;
 
+pub use credentials::{Credentials, CredentialsBuilder, CredentialsError};
 pub use discovery::{Discovery, DiscoveryError};
-pub use epm::{Epm, EpmBuilder, EpmClient, EpmError};
+pub use epm::{Epm, EpmAddrError, EpmBuilder, EpmClient, EpmError};
 pub use gate::{HandshakeGate, HandshakeSlot};
 pub use handle::{Handle, HandleError};
 /// Handshake entry points for the fuzz targets (feature `fuzzing`); not a stable API.
@@ -65,3 +72,9 @@ pub use report::{FailReason, ReceiverInfo, SendReport, SenderEvent};
 pub use salt::{parse_salt, SaltError};
 pub use security::Security;
 pub use sender::{BuildError, PendingReport, SendError, Sender, SenderBuilder};
+
+/// The Rust blocks of `README.md`, compiled and run as doc tests so that the README
+/// and the code cannot drift apart.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

@@ -57,11 +57,15 @@ pub enum BindError {
         source: std::io::Error,
     },
     /// The registry could not be used.
-    #[error("registry: {0}")]
+    #[error(transparent)]
     Registry(#[from] RegistryError),
     /// The endpoint manager could not be used (unreachable, wrong password, refused).
-    #[error("epm: {0}")]
+    #[error(transparent)]
     Epm(#[from] EpmError),
+    /// No security was set in code and the password or salt in the environment is
+    /// unusable (see [`Credentials`](crate::Credentials)).
+    #[error(transparent)]
+    Credentials(#[from] crate::CredentialsError),
 }
 
 /// Configures and binds a [`Receiver`].
@@ -71,7 +75,7 @@ pub struct ReceiverBuilder {
     ip: Option<IpAddr>,
     ports: Vec<u16>,
     queue_capacity: usize,
-    security: Security,
+    security: Option<Security>,
     max_frame: usize,
     max_connections: usize,
     handshake_timeout: Duration,
@@ -102,9 +106,10 @@ impl ReceiverBuilder {
         self
     }
 
-    /// Authentication and encryption (default [`Security::LocalUser`]).
+    /// Authentication and encryption (default [`Security::from_env`]: encrypted under
+    /// the password and salt of the environment when set, else [`Security::LocalUser`]).
     pub fn security(mut self, security: Security) -> Self {
-        self.security = security;
+        self.security = Some(security);
         self
     }
 
@@ -156,7 +161,11 @@ impl ReceiverBuilder {
             Some(d) => d,
             None => Discovery::from_env()?,
         };
-        let sec = discovery.resolve_security(&self.security)?;
+        let security = match self.security {
+            Some(s) => s,
+            None => Security::from_env()?,
+        };
+        let sec = discovery.resolve_security(&security)?;
         let ip = discovery.bind_ip(self.ip).await?;
         let listener = bind_first(ip, &self.ports).await?;
         let bound = listener.local_addr().map_err(|source| BindError::Bind {
@@ -570,7 +579,7 @@ impl Receiver {
             ip: None,
             ports: Vec::new(),
             queue_capacity: 1024,
-            security: Security::default(),
+            security: None,
             max_frame: DEFAULT_MAX_FRAME,
             max_connections: 256,
             handshake_timeout: Duration::from_secs(5),

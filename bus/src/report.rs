@@ -51,7 +51,9 @@ impl fmt::Display for FailReason {
         match self {
             FailReason::Refused => f.write_str("connection refused"),
             FailReason::TimedOut => f.write_str("timed out"),
-            FailReason::AuthenticationFailed => f.write_str("authentication failed"),
+            FailReason::AuthenticationFailed => f.write_str(
+                "authentication failed: the password and salt (IPCBUS_PASSWORD, IPCBUS_SALT) differ",
+            ),
             FailReason::Rejected(r) => write!(f, "rejected: {r}"),
             FailReason::WrongReceiver => {
                 f.write_str("a different receiver answers at that address")

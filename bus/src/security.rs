@@ -29,6 +29,22 @@ pub(crate) struct Resolved {
 }
 
 impl Security {
+    /// What the builders use when no security is set in code:
+    /// [`Security::Encrypt`] under the key of the environment's password and salt
+    /// ([`Credentials::from_env`](crate::Credentials::from_env): `IPCBUS_PASSWORD_FILE`
+    /// or `IPCBUS_PASSWORD`, and `IPCBUS_SALT`; the `IPCBUS_EPM_` names mean the
+    /// same) when they are set, else the default ([`Security::LocalUser`]).
+    ///
+    /// # Errors
+    /// [`CredentialsError`](crate::CredentialsError) for an unreadable password file,
+    /// a malformed salt, or one without the other.
+    pub fn from_env() -> Result<Security, crate::CredentialsError> {
+        Ok(match crate::Credentials::from_env()?.key()? {
+            Some(k) => Security::Encrypt(k),
+            None => Security::LocalUser,
+        })
+    }
+
     pub(crate) fn resolve(&self, local: Option<&LocalRegistry>) -> Result<Resolved, RegistryError> {
         Ok(match self {
             Security::LocalUser => match local {

@@ -72,18 +72,22 @@ pub enum SendError {
 #[non_exhaustive]
 pub enum BuildError {
     /// The registry could not be used.
-    #[error("registry: {0}")]
+    #[error(transparent)]
     Registry(#[from] RegistryError),
     /// The EPM could not be reached or refused the watch.
-    #[error("epm: {0}")]
+    #[error(transparent)]
     Epm(#[from] EpmError),
+    /// No security was set in code and the password or salt in the environment is
+    /// unusable (see [`Credentials`](crate::Credentials)).
+    #[error(transparent)]
+    Credentials(#[from] crate::CredentialsError),
 }
 
 /// Configures and builds a [`Sender`].
 #[derive(Debug, Clone)]
 pub struct SenderBuilder {
     handle: Handle,
-    security: Security,
+    security: Option<Security>,
     compress: bool,
     compress_threshold: usize,
     compress_level: u32,
@@ -97,9 +101,10 @@ pub struct SenderBuilder {
 }
 
 impl SenderBuilder {
-    /// Authentication and encryption (default [`Security::LocalUser`]).
+    /// Authentication and encryption (default [`Security::from_env`]: encrypted under
+    /// the password and salt of the environment when set, else [`Security::LocalUser`]).
     pub fn security(mut self, security: Security) -> Self {
-        self.security = security;
+        self.security = Some(security);
         self
     }
 
@@ -187,7 +192,11 @@ impl SenderBuilder {
             Some(d) => d,
             None => Discovery::from_env()?,
         };
-        let sec = discovery.resolve_security(&self.security)?;
+        let security = match self.security {
+            Some(s) => s,
+            None => Security::from_env()?,
+        };
+        let sec = discovery.resolve_security(&security)?;
         let (events, _) = broadcast::channel(1024);
         let (ready_tx, ready_rx) = watch::channel(0usize);
         let (upd_tx, upd_rx) = mpsc::unbounded_channel();
@@ -280,7 +289,7 @@ impl Sender {
     pub fn builder(handle: Handle) -> SenderBuilder {
         SenderBuilder {
             handle,
-            security: Security::default(),
+            security: None,
             compress: true,
             compress_threshold: DEFAULT_THRESHOLD,
             compress_level: 1,

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use ipcbus::proto::epm::{DEFAULT_EPM_MAX_FRAME, DEFAULT_PORT};
-use ipcbus::{parse_salt, Key, KeyError, SaltError};
+use ipcbus::{Credentials, CredentialsError, Key};
 use serde::Deserialize;
 
 /// Largest config or password file read.
@@ -219,23 +219,10 @@ pub enum ConfigError {
         /// What is wrong, with line and column.
         message: String,
     },
-    /// The salt is malformed.
-    #[error("salt from {source_name}: {error}")]
-    Salt {
-        /// Where it came from.
-        source_name: &'static str,
-        /// What is wrong.
-        error: SaltError,
-    },
-    /// A password without a salt.
-    #[error("a password is set (from {0}) but no salt: give --salt, IPCBUS_EPM_SALT or `salt` in the config file")]
-    PasswordWithoutSalt(&'static str),
-    /// A salt without a password.
-    #[error("a salt is set (from {0}) but no password: give --password-file, IPCBUS_EPM_PASSWORD or `password_file` in the config file")]
-    SaltWithoutPassword(&'static str),
-    /// Two command-line sources of the password.
-    #[error("the password is given twice on the command line (PASSWORD and --password-file)")]
-    TwoPasswords,
+    /// The password or salt is unusable: an unreadable or empty password file, a
+    /// malformed salt, one without the other, two different passwords.
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
     /// The positional port and `--port` differ.
     #[error("port given twice: {positional} (positional) and {flag} (--port)")]
     PortConflict {
@@ -255,9 +242,6 @@ pub enum ConfigError {
         /// What is wrong.
         why: &'static str,
     },
-    /// The key could not be derived (empty password).
-    #[error("password: {0}")]
-    Key(#[from] KeyError),
 }
 
 /// Reads environment variables; a function so tests need not touch the process
@@ -308,48 +292,41 @@ impl Config {
                 .collect::<Result<Vec<_>, _>>()?
         };
 
-        // Password: command line, then environment, then file.
-        let password: Option<(String, &'static str)> =
-            match (&args.classic_password, &args.password_file) {
-                (Some(_), Some(_)) => return Err(ConfigError::TwoPasswords),
-                (Some(p), None) => {
-                    warnings.push(
-                        "password given on the command line: other local users can see it \
-                         with ps; use --password-file, IPCBUS_EPM_PASSWORD or the config file"
-                            .to_owned(),
-                    );
-                    Some((p.clone(), "the command line"))
-                }
-                (None, Some(f)) => Some((read_password(f)?, "--password-file")),
-                (None, None) => match env("IPCBUS_EPM_PASSWORD") {
-                    Some(p) => Some((p, "IPCBUS_EPM_PASSWORD")),
-                    None => match (&file.password, &file.password_file) {
-                        (Some(p), _) => Some((p.clone(), "the config file")),
-                        (None, Some(f)) => Some((read_password(f)?, "the config file")),
-                        (None, None) => None,
-                    },
-                },
-            };
-        let salt_src: Option<(String, &'static str)> = args
-            .classic_salt
-            .clone()
-            .map(|s| (s, "the command line"))
-            .or_else(|| args.salt.clone().map(|s| (s, "--salt")))
-            .or_else(|| env("IPCBUS_EPM_SALT").map(|s| (s, "IPCBUS_EPM_SALT")))
-            .or_else(|| file.salt.clone().map(|s| (s, "the config file")));
-        let salt = match &salt_src {
-            Some((s, from)) => Some(parse_salt(s).map_err(|error| ConfigError::Salt {
-                source_name: from,
-                error,
-            })?),
-            None => None,
+        // Password and salt: command line, then environment (read as
+        // `ipcbus::Credentials` documents), then file.
+        let mut cli = Credentials::builder()
+            .password_file(args.password_file.as_ref())
+            .env(env);
+        if let Some(p) = &args.classic_password {
+            warnings.push(
+                "password given on the command line: other local users can see it \
+                 with ps; use --password-file, IPCBUS_EPM_PASSWORD or the config file"
+                    .to_owned(),
+            );
+            cli = cli.password_from(p, "the command line");
+        }
+        if let Some(s) = &args.classic_salt {
+            cli = cli.salt_from(s, "the command line");
+        } else if let Some(s) = &args.salt {
+            cli = cli.salt(s);
+        }
+        let mut in_file = Credentials::builder()
+            .password_file(file.password_file.as_ref())
+            .env(|_| None);
+        if let Some(p) = &file.password {
+            in_file = in_file.password_from(p, "the config file");
+        }
+        if let Some(s) = &file.salt {
+            in_file = in_file.salt_from(s, "the config file");
+        }
+        let cli = cli.resolve()?;
+        // The file's password (file) is read only when nothing above names one.
+        let creds = if cli.password().is_some() && cli.salt().is_some() {
+            cli
+        } else {
+            cli.or(in_file.resolve()?)
         };
-        let key = match (password, salt, &salt_src) {
-            (Some((pw, _)), Some(salt), _) => Some(Key::derive(pw, salt)?),
-            (Some((_, from)), None, _) => return Err(ConfigError::PasswordWithoutSalt(from)),
-            (None, Some(_), Some((_, from))) => return Err(ConfigError::SaltWithoutPassword(from)),
-            _ => None,
-        };
+        let key = creds.key()?;
         if key.is_none() {
             for b in &binds {
                 if !b.ip().is_loopback() {
@@ -461,17 +438,6 @@ fn read_small(path: &Path) -> Result<Vec<u8>, ConfigError> {
     Ok(buf)
 }
 
-fn read_password(path: &Path) -> Result<String, ConfigError> {
-    let bytes = read_small(path)?;
-    let s = String::from_utf8(bytes).map_err(|_| ConfigError::Read {
-        path: path.to_owned(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"),
-    })?;
-    // The first line; a trailing "\r" (a file written on Windows) is not part of it.
-    let line = s.split('\n').next().unwrap_or("");
-    Ok(line.strip_suffix('\r').unwrap_or(line).to_owned())
-}
-
 /// Parses the TOML text of a config file.
 ///
 /// # Errors
@@ -577,7 +543,10 @@ mod tests {
             "{1;2}",
         ] {
             let e = load(&["5000", "secret", bad]).unwrap_err();
-            assert!(matches!(e, ConfigError::Salt { .. }), "{bad}: {e}");
+            assert!(
+                matches!(&e, ConfigError::Credentials(CredentialsError::Salt { from, .. }) if from == "the command line"),
+                "{bad}: {e}"
+            );
         }
     }
 
@@ -635,19 +604,45 @@ mod tests {
     }
 
     #[test]
+    fn the_generic_names_work_like_the_epm_names() {
+        for (pw, salt) in [
+            ("IPCBUS_PASSWORD", "IPCBUS_SALT"),
+            ("IPCBUS_EPM_PASSWORD", "IPCBUS_EPM_SALT"),
+        ] {
+            let env = move |n: &str| {
+                (n == pw)
+                    .then(|| "from-env".to_owned())
+                    .or_else(|| (n == salt).then(|| "05".to_owned()))
+            };
+            let c = Config::load(&args(&[]), &env).unwrap();
+            assert_eq!(c.key, Some(Key::derive("from-env", [5u8]).unwrap()), "{pw}");
+        }
+        let pwf = tmp("pw5", "in-a-file\n");
+        let path = pwf.to_str().unwrap().to_owned();
+        let env = move |n: &str| match n {
+            "IPCBUS_PASSWORD_FILE" => Some(path.clone()),
+            "IPCBUS_EPM_SALT" => Some("05".to_owned()),
+            _ => None,
+        };
+        let c = Config::load(&args(&[]), &env).unwrap();
+        assert_eq!(c.key, Some(Key::derive("in-a-file", [5u8]).unwrap()));
+        let _ = std::fs::remove_file(pwf);
+    }
+
+    #[test]
     fn inconsistent_settings_are_errors() {
         let pwf = tmp("pw2", "x");
         assert!(matches!(
             load(&["--password-file", pwf.to_str().unwrap()]),
-            Err(ConfigError::PasswordWithoutSalt("--password-file"))
+            Err(ConfigError::Credentials(CredentialsError::PasswordWithoutSalt { from })) if from == "--password-file"
         ));
         assert!(matches!(
             load(&["--salt", "0102"]),
-            Err(ConfigError::SaltWithoutPassword("--salt"))
+            Err(ConfigError::Credentials(CredentialsError::SaltWithoutPassword { from })) if from == "--salt"
         ));
         assert!(matches!(
             load(&["1", "pw", "0102", "--password-file", pwf.to_str().unwrap()]),
-            Err(ConfigError::TwoPasswords)
+            Err(ConfigError::Credentials(CredentialsError::Conflict { .. }))
         ));
         assert!(matches!(
             load(&["5000", "--port", "5001"]),
@@ -669,11 +664,13 @@ mod tests {
         let empty = tmp("pw3", "\n");
         assert!(matches!(
             load(&["--password-file", empty.to_str().unwrap(), "--salt", "01"]),
-            Err(ConfigError::Key(_))
+            Err(ConfigError::Credentials(
+                CredentialsError::EmptyPassword { .. }
+            ))
         ));
         assert!(matches!(
             load(&["--password-file", "/nonexistent/pw", "--salt", "01"]),
-            Err(ConfigError::Read { .. })
+            Err(ConfigError::Credentials(CredentialsError::ReadFile { .. }))
         ));
         let _ = std::fs::remove_file(pwf);
         let _ = std::fs::remove_file(empty);
@@ -696,14 +693,7 @@ mod tests {
         let text = include_str!("../../installer/epm.toml");
         let f = parse_file(Path::new("installer/epm.toml"), text.as_bytes()).unwrap();
         assert_eq!(f.port, Some(4455));
-        assert!(parse_salt(f.salt.as_deref().unwrap()).is_ok());
-    }
-
-    #[test]
-    fn password_file_is_its_first_line() {
-        let p = tmp("pw4", "first\r\nsecond\n");
-        assert_eq!(read_password(&p).unwrap(), "first");
-        let _ = std::fs::remove_file(p);
+        assert!(ipcbus::parse_salt(f.salt.as_deref().unwrap()).is_ok());
     }
 
     #[test]

@@ -10,6 +10,9 @@
 //! - `session`: the background tasks that keep a receiver registered and a sender's
 //!   watch alive across EPM restarts, with jittered exponential backoff.
 //!
+//! Not run as a test: it needs an `epm-service` listening at `epm.lan:4455`
+//! (`tests/tests/epm.rs` runs the same steps against a real one).
+//!
 //! ```no_run
 //! use ipcbus::{Epm, Handle, Receiver, Sender};
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -31,12 +34,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::credentials::{Credentials, CredentialsError};
 use crate::handle::Handle;
 use crate::handshake::HandshakeError;
-use crate::proto::crypto::{Key, KeyError};
+use crate::proto::crypto::Key;
 use crate::proto::epm::{EpmDecodeError, ErrorCode, HandleCount, Status, DEFAULT_EPM_MAX_FRAME};
 use crate::registry::Record;
-use crate::salt::{parse_salt, SaltError};
 
 /// Why talking to the EPM failed.
 #[derive(Debug, thiserror::Error)]
@@ -88,15 +91,13 @@ pub enum EpmError {
         /// The EPM's detail.
         text: String,
     },
-    /// The salt in the environment or configuration is malformed.
-    #[error("bad epm salt: {0}")]
-    Salt(#[from] SaltError),
-    /// The key could not be derived (empty password).
-    #[error("epm key: {0}")]
-    Key(#[from] KeyError),
-    /// A password was given without a salt, or the other way round.
-    #[error("{0}")]
-    Config(&'static str),
+    /// The password or salt in the environment is unusable: unreadable file,
+    /// malformed salt, one without the other.
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+    /// The address (`IPCBUS_EPM`) is not `HOST[:PORT]`.
+    #[error(transparent)]
+    Address(#[from] EpmAddrError),
 }
 
 impl EpmError {
@@ -184,19 +185,34 @@ impl EpmBuilder {
 
 impl Epm {
     /// Starts configuring the EPM at `addr` (`host:port`; a bare host gets port 4455).
+    /// An address that does not parse is kept as given and fails when first used; use
+    /// [`Epm::parse`] to catch it at once.
     pub fn builder(addr: impl Into<String>) -> EpmBuilder {
-        let mut addr = addr.into();
-        if let Ok(std::net::IpAddr::V6(v6)) = addr.parse::<IpAddr>() {
-            addr = format!("[{v6}]:{}", crate::proto::epm::DEFAULT_PORT);
-        } else if !has_port(&addr) {
-            addr = format!("{addr}:{}", crate::proto::epm::DEFAULT_PORT);
-        }
+        let addr = addr.into();
+        let addr = normalize_addr(&addr).unwrap_or(addr);
         EpmBuilder {
             addr,
             key: None,
             timeout: Duration::from_secs(5),
             lease: Duration::ZERO,
         }
+    }
+
+    /// Starts configuring the EPM at `addr` after checking its form: `HOST`,
+    /// `HOST:PORT`, `IPv4:PORT`, `IPv6` or `[IPv6]:PORT` (a missing port is 4455).
+    ///
+    /// ```
+    /// use ipcbus::Epm;
+    /// assert_eq!(Epm::parse("epm.lan")?.build().addr(), "epm.lan:4455");
+    /// assert!(Epm::parse("127.0.0.1:99999").is_err());
+    /// assert!(Epm::parse("http://epm.lan:4455").is_err());
+    /// # Ok::<(), ipcbus::EpmAddrError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`EpmAddrError`] naming the part that is wrong.
+    pub fn parse(addr: &str) -> Result<EpmBuilder, EpmAddrError> {
+        Ok(Epm::builder(normalize_addr(addr)?))
     }
 
     /// The EPM at `addr` without a password, checked by one status request.
@@ -208,31 +224,20 @@ impl Epm {
     }
 
     /// The EPM named by the environment: `IPCBUS_EPM=host:port`, with the key from
-    /// `IPCBUS_EPM_PASSWORD` and `IPCBUS_EPM_SALT` when set. `Ok(None)` when
-    /// `IPCBUS_EPM` is unset or empty.
+    /// the password and salt of the environment ([`Credentials::from_env`]:
+    /// `IPCBUS_PASSWORD_FILE` / `IPCBUS_PASSWORD` and `IPCBUS_SALT`, or the same
+    /// names with `EPM_`) when set. `Ok(None)` when `IPCBUS_EPM` is unset or empty.
     ///
     /// # Errors
-    /// [`EpmError::Salt`] for a malformed salt, [`EpmError::Config`] for a password
-    /// without a salt or the other way round.
+    /// [`EpmError::Credentials`] for an unreadable password file, a malformed salt,
+    /// or a password without a salt (or the other way round).
     pub fn from_env() -> Result<Option<Epm>, EpmError> {
-        let var = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
-        let Some(addr) = var("IPCBUS_EPM") else {
+        let Some(addr) = std::env::var("IPCBUS_EPM").ok().filter(|v| !v.is_empty()) else {
             return Ok(None);
         };
-        let mut b = Epm::builder(addr);
-        match (var("IPCBUS_EPM_PASSWORD"), var("IPCBUS_EPM_SALT")) {
-            (Some(pw), Some(salt)) => b = b.key(Key::derive(pw, parse_salt(&salt)?)?),
-            (None, None) => {}
-            (Some(_), None) => {
-                return Err(EpmError::Config(
-                    "IPCBUS_EPM_PASSWORD is set but IPCBUS_EPM_SALT is not",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(EpmError::Config(
-                    "IPCBUS_EPM_SALT is set but IPCBUS_EPM_PASSWORD is not",
-                ))
-            }
+        let mut b = Epm::parse(&addr)?;
+        if let Some(key) = Credentials::from_env()?.key()? {
+            b = b.key(key);
         }
         Ok(Some(b.build()))
     }
@@ -353,15 +358,73 @@ impl Epm {
     }
 }
 
-fn has_port(addr: &str) -> bool {
-    if let Some(rest) = addr.strip_prefix('[') {
-        // [v6]:port
-        return rest.split_once("]:").is_some();
+/// Why an EPM address is not `HOST[:PORT]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EpmAddrError {
+    /// Nothing was given.
+    #[error("the epm address is empty: write HOST or HOST:PORT")]
+    Empty,
+    /// A URL such as `http://host:4455`.
+    #[error("epm address {0:?} has a scheme: write HOST:PORT, without {1}://")]
+    Scheme(String, String),
+    /// The port part is not a number from 1 to 65535.
+    #[error("epm address {addr:?}: {port:?} is not a port (1-65535)")]
+    BadPort {
+        /// The address as given.
+        addr: String,
+        /// The port part.
+        port: String,
+    },
+    /// Some other part is malformed (a path, a space, an unclosed `[`).
+    #[error("epm address {0:?} is not HOST, HOST:PORT or [IPv6]:PORT")]
+    Malformed(String),
+}
+
+/// `addr` with the default port added when it has none, after checking its form.
+fn normalize_addr(addr: &str) -> Result<String, EpmAddrError> {
+    let a = addr.trim();
+    if a.is_empty() {
+        return Err(EpmAddrError::Empty);
     }
-    match addr.rsplit_once(':') {
-        // A bare IPv6 address has several colons and no port.
-        Some((host, port)) => !host.contains(':') && port.parse::<u16>().is_ok(),
-        None => false,
+    if let Some((scheme, _)) = a.split_once("://") {
+        return Err(EpmAddrError::Scheme(a.to_owned(), scheme.to_owned()));
+    }
+    if a.contains(|c: char| c.is_whitespace() || c == '/' || c == '@') {
+        return Err(EpmAddrError::Malformed(a.to_owned()));
+    }
+    let port_ok = |host: &str, port: &str| -> Result<String, EpmAddrError> {
+        match port.parse::<u16>() {
+            Ok(p) if p != 0 => Ok(format!("{host}:{p}")),
+            _ => Err(EpmAddrError::BadPort {
+                addr: a.to_owned(),
+                port: port.to_owned(),
+            }),
+        }
+    };
+    let default = crate::proto::epm::DEFAULT_PORT;
+    if let Ok(IpAddr::V6(v6)) = a.parse::<IpAddr>() {
+        return Ok(format!("[{v6}]:{default}"));
+    }
+    if let Some(rest) = a.strip_prefix('[') {
+        let Some((ip, tail)) = rest.split_once(']') else {
+            return Err(EpmAddrError::Malformed(a.to_owned()));
+        };
+        if ip.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(EpmAddrError::Malformed(a.to_owned()));
+        }
+        return match tail.strip_prefix(':') {
+            Some(port) => port_ok(&format!("[{ip}]"), port),
+            None if tail.is_empty() => Ok(format!("[{ip}]:{default}")),
+            None => Err(EpmAddrError::Malformed(a.to_owned())),
+        };
+    }
+    match a.rsplit_once(':') {
+        Some((host, _)) if host.is_empty() || host.contains(':') => {
+            Err(EpmAddrError::Malformed(a.to_owned()))
+        }
+        Some((host, port)) => port_ok(host, port),
+        None => Ok(format!("{a}:{default}")),
     }
 }
 
@@ -376,5 +439,33 @@ mod tests {
         assert_eq!(Epm::builder("10.0.0.1").build().addr(), "10.0.0.1:4455");
         assert_eq!(Epm::builder("[::1]:7").build().addr(), "[::1]:7");
         assert_eq!(Epm::builder("::1").build().addr(), "[::1]:4455");
+        assert_eq!(Epm::builder("[::1]").build().addr(), "[::1]:4455");
+    }
+
+    #[test]
+    fn bad_addresses_name_the_bad_part() {
+        let e = Epm::parse("127.0.0.1:99999").unwrap_err();
+        assert_eq!(
+            e,
+            EpmAddrError::BadPort {
+                addr: "127.0.0.1:99999".into(),
+                port: "99999".into()
+            }
+        );
+        assert!(e.to_string().contains("\"99999\" is not a port"), "{e}");
+        let e = Epm::parse("http://h:4455").unwrap_err();
+        assert!(e.to_string().contains("http://"), "{e}");
+        for bad in [
+            "", " ", "h:", ":4455", "h:0", "h:x", "[::1", "[zz]:1", "a b", "h/x", "[::1]x",
+        ] {
+            assert!(Epm::parse(bad).is_err(), "{bad:?}");
+        }
+        for (good, norm) in [
+            ("h", "h:4455"),
+            ("10.0.0.1:9", "10.0.0.1:9"),
+            ("[::1]:7", "[::1]:7"),
+        ] {
+            assert_eq!(Epm::parse(good).unwrap().build().addr(), norm);
+        }
     }
 }

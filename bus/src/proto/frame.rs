@@ -409,7 +409,7 @@ impl std::fmt::Display for RejectReason {
             RejectReason::WrongHandle => f.write_str("wrong handle"),
             RejectReason::AuthenticationFailed => f.write_str("authentication failed"),
             RejectReason::SecurityMismatch => {
-                f.write_str("authentication failed: security settings differ")
+                f.write_str("authentication failed: security settings differ (a password and salt on one side only)")
             }
             RejectReason::Busy => f.write_str("too many connections"),
             RejectReason::Malformed => f.write_str("malformed handshake"),
