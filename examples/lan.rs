@@ -38,9 +38,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let addr = args
         .opts
-        .epm
-        .clone()
-        .filter(|s| !s.is_empty())
+        .epm_addr()
         .context("give the EPM with --epm HOST:PORT (or IPCBUS_EPM)")?;
     let handle = match args.handle {
         Some(h) => h,
@@ -49,7 +47,7 @@ async fn main() -> anyhow::Result<()> {
     let key = args.opts.key()?;
 
     println!("1. connect to the EPM at {addr}");
-    let mut b = Epm::builder(addr.clone());
+    let mut b = Epm::parse(&addr).context("--epm")?;
     if let Some(k) = &key {
         b = b.key(k.clone());
     }
@@ -62,13 +60,16 @@ async fn main() -> anyhow::Result<()> {
         "   epm {} up {} s: {} registrations on {} handles, lease {} ms",
         st.version, st.uptime_s, st.registrations, st.handles, st.lease_ms
     );
+    let sec_is_keyed = key.is_some();
     let sec = match key {
         Some(k) => {
             println!("   a password is set: the EPM link and every event are encrypted");
             Security::Encrypt(k)
         }
         None => {
-            println!("   no password: fine on a trusted LAN, use --password/--salt otherwise");
+            println!(
+                "   no password: fine on a trusted LAN, use --password-file and --salt otherwise"
+            );
             Security::default()
         }
     };
@@ -140,10 +141,25 @@ async fn main() -> anyhow::Result<()> {
         t.elapsed().as_millis()
     );
     tx.close().await;
-    println!(
-        "\nnext: on two hosts, `ipcbus --epm {addr} listen {handle}` on one and \
-         `ipcbus --epm {addr} send {handle} hi` on the other"
-    );
+    let creds = if sec_is_keyed {
+        " --password-file FILE --salt SALT"
+    } else {
+        ""
+    };
+    if epm.resolve().await.is_ok_and(|a| a.ip().is_loopback()) {
+        println!(
+            "\nnext: this EPM listens on loopback, so only this host can use it. For two \
+             hosts, start it on a LAN address (`epm-service --bind 0.0.0.0`, or \
+             installer/install.sh), then run `ipcbus --epm LANHOST:PORT{creds} listen \
+             {handle}` on one host and `ipcbus --epm LANHOST:PORT{creds} send {handle} hi` \
+             on the other"
+        );
+    } else {
+        println!(
+            "\nnext: on two hosts, `ipcbus --epm {addr}{creds} listen {handle}` on one and \
+             `ipcbus --epm {addr}{creds} send {handle} hi` on the other"
+        );
+    }
     anyhow::ensure!(
         report.all_acked() && report.targeted() == 1,
         "the event was not delivered"

@@ -45,6 +45,12 @@ use crate::out;
 /// acknowledged.
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    #[command(flatten)]
+    pub json_opt: crate::common::JsonOpt,
+
+    #[command(flatten)]
+    pub bind: crate::common::BindOpts,
+
     /// Receiver processes; a comma-separated list runs each (e.g. 1,5,20)
     #[arg(long, short = 'n', default_value = "2", value_delimiter = ',',
           value_parser = clap::value_parser!(u16).range(1..=256))]
@@ -187,6 +193,9 @@ pub enum ChildMode {
 /// Arguments of one receiver process of a bench run (hidden command).
 #[derive(clap::Args, Debug)]
 pub struct ReceiverArgs {
+    #[command(flatten)]
+    pub bind: crate::common::BindOpts,
+
     /// Handle to receive.
     pub handle: Handle,
     /// Events to take before reporting.

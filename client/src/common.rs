@@ -7,37 +7,111 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use ipcbus::{Discovery, Epm, Key, Security};
+use ipcbus::{Credentials, Discovery, Epm, Key, Security};
 
-/// Options accepted by every command (before or after the command name).
+/// The environment variables the commands read, for the end of each `--help`.
+pub const ENV_HELP: &str = "\
+Environment:
+  IPCBUS_EPM             endpoint manager HOST[:PORT] when --epm is not given
+  IPCBUS_PASSWORD_FILE   file whose first line is the password (when no --password-file)
+  IPCBUS_PASSWORD        the password itself (when neither of the above is set)
+  IPCBUS_SALT            the salt (when no --salt)
+                         IPCBUS_EPM_PASSWORD_FILE, IPCBUS_EPM_PASSWORD and IPCBUS_EPM_SALT
+                         mean the same as the three above
+  IPCBUS_RUNTIME_DIR     the local-user registry directory [default:
+                         $XDG_RUNTIME_DIR/ipcbus, else /tmp/ipcbus-$UID]
+  RUST_LOG               log level on stderr (error, warn, info, debug)
+  NO_COLOR               set and not empty: no colours in logs (they are only used on a terminal)
+
+Exit status: 0 success, 1 the work failed (an event not acknowledged, a receiver
+that cannot bind, an unreachable EPM), 2 usage or configuration error.";
+
+/// Options of every command (before or after the command name).
 #[derive(Args, Debug, Clone, Default)]
 pub struct Common {
-    /// Endpoint manager to discover receivers through, HOST:PORT [default: the
-    /// local-user registry]
-    #[arg(long, global = true, env = "IPCBUS_EPM", value_name = "HOST:PORT")]
+    /// Endpoint manager to discover receivers through, HOST[:PORT] (port 4455 when
+    /// left out) [env: IPCBUS_EPM] [default: the local-user registry]
+    #[arg(
+        long,
+        global = true,
+        value_name = "HOST:PORT",
+        help_heading = "Global options"
+    )]
     pub epm: Option<String>,
 
-    /// File holding the password (first line); else IPCBUS_PASSWORD_FILE, else the
-    /// password itself in IPCBUS_PASSWORD
-    #[arg(long, global = true, env = "IPCBUS_PASSWORD_FILE", value_name = "FILE")]
+    /// File holding the password (its first line) [env: IPCBUS_PASSWORD_FILE, else the
+    /// password itself in IPCBUS_PASSWORD]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        help_heading = "Global options"
+    )]
     pub password_file: Option<PathBuf>,
 
-    /// Salt for the password, hex (0a1b2c) or the classic {0x01,0x02,0x03} form
-    #[arg(long, global = true, env = "IPCBUS_SALT", value_name = "SALT", value_parser = parse_salt)]
+    /// Salt for the password, hex (0a1b2c) or the classic {0x01,0x02,0x03} form [env:
+    /// IPCBUS_SALT]
+    #[arg(long, global = true, value_name = "SALT", value_parser = parse_salt, help_heading = "Global options")]
     pub salt: Option<Salt>,
 
-    /// Address receivers bind and register [default: 127.0.0.1]
-    #[arg(long, global = true, value_name = "ADDR")]
+    /// Address receivers bind and register (from [`BindOpts`], for the commands that
+    /// bind receivers).
+    #[arg(skip)]
+    pub ip: Option<IpAddr>,
+
+    /// Ports receivers may bind (from [`BindOpts`]).
+    #[arg(skip)]
+    pub ports: Option<Ports>,
+
+    /// Print JSON instead of text (from [`JsonOpt`], for the commands that have it).
+    #[arg(skip)]
+    pub json: bool,
+}
+
+/// `--json`, for the commands that can print JSON.
+#[derive(Args, Debug, Clone, Copy, Default)]
+pub struct JsonOpt {
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Where receivers bind, for the commands that start receivers.
+#[derive(Args, Debug, Clone, Default)]
+pub struct BindOpts {
+    /// Address receivers bind and register [default: 127.0.0.1, or with an EPM the
+    /// address that routes to it]
+    #[arg(long, value_name = "ADDR")]
     pub ip: Option<IpAddr>,
 
     /// Ports receivers may bind, a range (9000-9010) or a list (9000,9005) [default:
     /// an ephemeral port]
-    #[arg(long, global = true, value_name = "PORTS", value_parser = parse_ports)]
+    #[arg(long, value_name = "PORTS", value_parser = parse_ports)]
     pub ports: Option<Ports>,
+}
 
-    /// Print JSON instead of text
-    #[arg(long, global = true)]
-    pub json: bool,
+impl Common {
+    /// These global options with a command's own `--json`.
+    pub fn with_json(mut self, o: JsonOpt) -> Common {
+        self.json = o.json;
+        self
+    }
+
+    /// These global options with a command's own `--ip` and `--ports`.
+    pub fn with_bind(mut self, b: BindOpts) -> Common {
+        self.ip = b.ip;
+        self.ports = b.ports;
+        self
+    }
+
+    /// The EPM address: `--epm`, else `IPCBUS_EPM` (empty counts as unset).
+    fn epm_addr(&self) -> Option<String> {
+        self.epm
+            .clone()
+            .or_else(|| std::env::var("IPCBUS_EPM").ok())
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    }
 }
 
 /// A configuration error: bad option values, unreadable password file, unusable
@@ -90,37 +164,47 @@ impl Common {
     /// Nothing is contacted yet.
     ///
     /// # Errors
-    /// As [`Common::key`].
+    /// A [`ConfigError`] for a malformed address (naming the bad part), or as
+    /// [`Common::key`].
     pub fn epm(&self) -> anyhow::Result<Option<Epm>> {
-        let Some(addr) = self.epm.as_deref().map(str::trim).filter(|s| !s.is_empty()) else {
+        let Some(addr) = self.epm_addr() else {
             return Ok(None);
         };
-        let mut b = Epm::builder(addr);
+        let from = if self.epm.is_some() {
+            "--epm"
+        } else {
+            "IPCBUS_EPM"
+        };
+        let mut b = Epm::parse(&addr).config(from)?;
         if let Some(k) = self.key()? {
             b = b.key(k);
         }
         Ok(Some(b.build()))
     }
 
+    /// The password and salt of `--password-file` / `--salt` and the environment,
+    /// read as [`Credentials`] documents.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] when the password file cannot be read or is empty, or a
+    /// salt is malformed.
+    pub fn creds(&self) -> anyhow::Result<Credentials> {
+        let mut b = Credentials::builder().password_file(self.password_file.as_ref());
+        if let Some(s) = &self.salt {
+            b = b.salt(s.to_hex());
+        }
+        b.resolve().map_err(|e| config_error(error_chain(&e)))
+    }
+
     /// The key from the password and salt, if a password is configured.
     ///
     /// # Errors
-    /// A [`ConfigError`] when the password file cannot be read, the password is empty,
-    /// or only one of password and salt is given.
+    /// A [`ConfigError`] as [`Common::creds`], or when only one of password and salt
+    /// is given.
     pub fn key(&self) -> anyhow::Result<Option<Key>> {
-        let password = self.password()?;
-        match (password, &self.salt) {
-            (None, None) => Ok(None),
-            (Some(_), None) => Err(config_error(
-                "a password is set but no salt: give --salt or IPCBUS_SALT",
-            )),
-            (None, Some(_)) => Err(config_error(
-                "a salt is set but no password: give --password-file, IPCBUS_PASSWORD_FILE or IPCBUS_PASSWORD",
-            )),
-            (Some(p), Some(s)) => Ok(Some(
-                Key::derive(p, &s.0).config("cannot derive the key from the password")?,
-            )),
-        }
+        self.creds()?
+            .key()
+            .map_err(|e| config_error(error_chain(&e)))
     }
 
     /// The password and salt, when both are set (to hand on to child processes).
@@ -128,8 +212,11 @@ impl Common {
     /// # Errors
     /// As [`Common::key`].
     pub fn credentials(&self) -> anyhow::Result<Option<(Vec<u8>, Salt)>> {
-        self.key()?;
-        Ok(self.password()?.zip(self.salt.clone()))
+        let c = self.creds()?;
+        c.key().map_err(|e| config_error(error_chain(&e)))?;
+        Ok(c.password()
+            .map(<[u8]>::to_vec)
+            .zip(c.salt().map(|s| Salt(s.to_vec()))))
     }
 
     /// Security for senders and receivers: encrypted under the password's key when one
@@ -143,39 +230,22 @@ impl Common {
             None => Security::default(),
         })
     }
-
-    /// The password bytes: from `--password-file` / `IPCBUS_PASSWORD_FILE`, else
-    /// `IPCBUS_PASSWORD`.
-    fn password(&self) -> anyhow::Result<Option<Vec<u8>>> {
-        if let Some(path) = &self.password_file {
-            let bytes = std::fs::read(path)
-                .config(format!("cannot read password file {}", path.display()))?;
-            let pw = first_line(&bytes);
-            if pw.is_empty() {
-                return Err(config_error(format!(
-                    "password file {} is empty",
-                    path.display()
-                )));
-            }
-            return Ok(Some(pw.to_vec()));
-        }
-        match std::env::var_os("IPCBUS_PASSWORD") {
-            Some(p) if !p.is_empty() => {
-                use std::os::unix::ffi::OsStrExt;
-                Ok(Some(p.as_bytes().to_vec()))
-            }
-            _ => Ok(None),
-        }
-    }
 }
 
-/// The password in a file: its first line, without the line ending.
-fn first_line(bytes: &[u8]) -> &[u8] {
-    let line = match bytes.iter().position(|&b| b == b'\n') {
-        Some(i) => &bytes[..i],
-        None => bytes,
-    };
-    line.strip_suffix(b"\r").unwrap_or(line)
+/// An error and its causes, `: `-separated (a library error keeps its cause as its
+/// source, not in its message).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
 }
 
 /// Salt bytes as given on the command line.
@@ -277,14 +347,6 @@ mod tests {
         for bad in ["", "0", "9010-9000", "x", "70000", "1-", "-1"] {
             assert!(parse_ports(bad).is_err(), "{bad:?} should be rejected");
         }
-    }
-
-    #[test]
-    fn password_first_line() {
-        assert_eq!(first_line(b"secret\n"), b"secret");
-        assert_eq!(first_line(b"secret\r\nmore"), b"secret");
-        assert_eq!(first_line(b"secret"), b"secret");
-        assert_eq!(first_line(b"\n"), b"");
     }
 
     #[test]

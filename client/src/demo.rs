@@ -16,7 +16,9 @@ use crate::out;
 ///
 /// Uses a private temporary registry (nothing else sees it, no set-up needed), sends
 /// typed and raw events encrypted with a password, prints what each receiver got and
-/// every send report, then cleans up.
+/// every send report, then cleans up. It takes no options: --epm, --password-file
+/// and --salt are refused (exit 2), and IPCBUS_EPM and the password variables are not
+/// used.
 #[derive(clap::Args, Debug)]
 pub struct Args {}
 
@@ -40,7 +42,23 @@ const EVENTS: usize = 4;
 /// # Errors
 /// When the temporary registry cannot be made, a receiver cannot bind, or an event is
 /// not delivered as the demo expects.
-pub async fn run(_common: &Common, _args: Args) -> anyhow::Result<ExitCode> {
+pub async fn run(common: &Common, _args: Args) -> anyhow::Result<ExitCode> {
+    let given: Vec<&str> = [
+        ("--epm", common.epm.is_some()),
+        ("--password-file", common.password_file.is_some()),
+        ("--salt", common.salt.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, set)| set.then_some(name))
+    .collect();
+    if !given.is_empty() {
+        return Err(crate::common::config_error(format!(
+            "demo runs in a private registry with a password of its own; {} cannot apply \
+             (leave {} out, or try `ipcbus listen` and `ipcbus send`)",
+            given.join(", "),
+            if given.len() == 1 { "it" } else { "them" }
+        )));
+    }
     let dir = tempfile::Builder::new()
         .prefix("ipcbus-demo-")
         .tempdir()
@@ -69,7 +87,8 @@ async fn demo(dir: &std::path::Path) -> anyhow::Result<()> {
         dir.display()
     ))?;
     out::line(format!(
-        "  encryption: AES-256-GCM, key from password {PASSWORD:?} + salt {{0x01,0x02,0x03}} (Argon2id)"
+        "  encryption: AES-256-GCM, key from password {PASSWORD:?} + salt {} (hex; Argon2id)",
+        hex::encode(SALT)
     ))?;
     out::line("  compression: gzip for events of 512 bytes or more\n")?;
 

@@ -18,7 +18,15 @@ const DEFAULT_EPM: &str = "127.0.0.1:4455";
 pub enum Command {
     /// Show the EPM's status: version, uptime, connections, and the registrations per
     /// handle (--epm, else IPCBUS_EPM, else 127.0.0.1:4455)
-    Status,
+    #[command(after_help = crate::common::ENV_HELP)]
+    Status(StatusArgs),
+}
+
+/// Options of `epm status`.
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub json_opt: crate::common::JsonOpt,
 }
 
 /// `epm status --json`.
@@ -48,7 +56,7 @@ struct HandleJson {
 /// Configuration errors, or the EPM cannot be reached or refuses the key.
 pub async fn run(common: &Common, cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
-        Command::Status => status(common).await,
+        Command::Status(a) => status(&common.clone().with_json(a.json_opt)).await,
     }
 }
 

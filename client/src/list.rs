@@ -16,6 +16,9 @@ use crate::time::rfc3339_ms;
 /// null when unknown, since in RFC 3339).
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    #[command(flatten)]
+    pub json_opt: crate::common::JsonOpt,
+
     /// Only this handle
     pub handle: Option<Handle>,
 }

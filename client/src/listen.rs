@@ -20,6 +20,12 @@ use crate::out;
 /// events, or on SIGINT/SIGTERM after unregistering.
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    #[command(flatten)]
+    pub json_opt: crate::common::JsonOpt,
+
+    #[command(flatten)]
+    pub bind: crate::common::BindOpts,
+
     /// Handle (topic) to receive
     pub handle: Handle,
 

@@ -23,14 +23,14 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::common::{Common, ConfigError};
+use crate::common::{Common, ConfigError, ENV_HELP};
 
 /// Publish/subscribe events between processes on this host or across a LAN.
 ///
 /// Receivers register a handle (a topic name); senders send to every receiver of that
 /// handle. Try `ipcbus demo`.
 #[derive(Parser, Debug)]
-#[command(name = "ipcbus", version, propagate_version = true)]
+#[command(name = "ipcbus", version, propagate_version = true, after_help = ENV_HELP)]
 struct Cli {
     #[command(flatten)]
     common: Common,
@@ -40,13 +40,18 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    #[command(after_help = ENV_HELP)]
     Listen(listen::Args),
+    #[command(after_help = ENV_HELP)]
     Send(send::Args),
+    #[command(after_help = ENV_HELP)]
     List(list::Args),
+    #[command(after_help = ENV_HELP)]
     Demo(demo::Args),
+    #[command(after_help = ENV_HELP)]
     Bench(bench::Args),
     /// Talk to an endpoint manager (EPM) service
-    #[command(subcommand)]
+    #[command(subcommand, after_help = ENV_HELP)]
     Epm(epm::Command),
     /// One receiver process of `ipcbus bench` (internal)
     #[command(hide = true, name = "bench-receiver")]
@@ -68,6 +73,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(colours())
         .with_target(false)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -98,16 +104,33 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let common = &cli.common;
+    // The global options, with each command's own --json, --ip and --ports.
+    let g = cli.common;
     match cli.command {
-        Command::Listen(a) => listen::run(common, a).await,
-        Command::Send(a) => send::run(common, a).await,
-        Command::List(a) => list::run(common, a).await,
-        Command::Demo(a) => demo::run(common, a).await,
-        Command::Bench(a) => bench::run(common, a).await,
-        Command::Epm(c) => epm::run(common, c).await,
-        Command::BenchReceiver(a) => bench::run_receiver(common, a).await,
+        Command::Listen(a) => {
+            let c = g.with_json(a.json_opt).with_bind(a.bind.clone());
+            listen::run(&c, a).await
+        }
+        Command::Send(a) => send::run(&g.with_json(a.json_opt), a).await,
+        Command::List(a) => list::run(&g.with_json(a.json_opt), a).await,
+        Command::Demo(a) => demo::run(&g, a).await,
+        Command::Bench(a) => {
+            let c = g.with_json(a.json_opt).with_bind(a.bind.clone());
+            bench::run(&c, a).await
+        }
+        Command::Epm(c) => epm::run(&g, c).await,
+        Command::BenchReceiver(a) => {
+            let c = g.with_bind(a.bind.clone());
+            bench::run_receiver(&c, a).await
+        }
     }
+}
+
+/// Colours in logs only on a terminal, and not when `NO_COLOR` is set and not empty
+/// (<https://no-color.org>).
+fn colours() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty())
 }
 
 /// The error and its causes on one line, like `{:#}`, but without repeating a cause

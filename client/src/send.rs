@@ -27,6 +27,9 @@ const WINDOW: usize = 1024;
 /// acknowledged every event, 1 when any failed, 2 on usage or configuration errors.
 #[derive(clap::Args, Debug)]
 pub struct Args {
+    #[command(flatten)]
+    pub json_opt: crate::common::JsonOpt,
+
     /// Handle (topic) to send to
     pub handle: Handle,
 

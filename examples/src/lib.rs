@@ -8,49 +8,79 @@
 
 use anyhow::Context;
 use ipcbus::{
-    Discovery, Epm, Handle, Key, Receiver, ReceiverBuilder, Security, Sender, SenderBuilder,
+    Credentials, Discovery, Epm, Handle, Key, Receiver, ReceiverBuilder, Security, Sender,
+    SenderBuilder,
 };
 
-/// Options every example takes.
+/// Options every example takes. The password and salt are read as
+/// [`ipcbus::Credentials`] documents: `--password-file` and `--salt` first, then
+/// `IPCBUS_PASSWORD_FILE`, `IPCBUS_PASSWORD` and `IPCBUS_SALT` (or the same names
+/// with `EPM_`), exactly as the `ipcbus` command line and `epm-service` read them.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Opts {
-    /// Endpoint manager HOST:PORT [default: the local-user registry]
-    #[arg(long, env = "IPCBUS_EPM", value_name = "HOST:PORT")]
+    /// Endpoint manager HOST[:PORT] [env: IPCBUS_EPM] [default: the local-user
+    /// registry]
+    #[arg(long, value_name = "HOST:PORT")]
     pub epm: Option<String>,
 
-    /// Password: events are encrypted under a key derived from it and the salt
-    #[arg(long, env = "IPCBUS_PASSWORD", hide_env_values = true)]
+    /// File holding the password (its first line): events are encrypted under a key
+    /// derived from it and the salt [env: IPCBUS_PASSWORD_FILE, else the password
+    /// itself in IPCBUS_PASSWORD]
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<std::path::PathBuf>,
+
+    /// The password itself. Other local users can read it with `ps`: prefer
+    /// --password-file or IPCBUS_PASSWORD
+    #[arg(long, value_name = "PASSWORD", conflicts_with = "password_file")]
     pub password: Option<String>,
 
-    /// Salt for the password, hex or the classic {0x01,0x02,0x03} form
-    #[arg(long, env = "IPCBUS_SALT")]
+    /// Salt for the password, hex (010203) or the classic {0x01,0x02,0x03} form [env:
+    /// IPCBUS_SALT]
+    #[arg(long, value_name = "SALT")]
     pub salt: Option<String>,
 }
 
 impl Opts {
+    /// The EPM address: `--epm`, else `IPCBUS_EPM`.
+    pub fn epm_addr(&self) -> Option<String> {
+        self.epm
+            .clone()
+            .or_else(|| std::env::var("IPCBUS_EPM").ok())
+            .filter(|s| !s.trim().is_empty())
+    }
+
+    /// The password and salt of the options and the environment.
+    ///
+    /// # Errors
+    /// An unreadable password file or a malformed salt.
+    pub fn credentials(&self) -> anyhow::Result<Credentials> {
+        let mut b = Credentials::builder().password_file(self.password_file.as_ref());
+        if let Some(p) = &self.password {
+            b = b.password_from(p, "--password");
+        }
+        if let Some(s) = &self.salt {
+            b = b.salt(s);
+        }
+        Ok(b.resolve()?)
+    }
+
     /// The key from the password and salt, if a password is given.
     ///
     /// # Errors
-    /// A password without a salt (or the other way round), or a malformed salt.
+    /// As [`Opts::credentials`], or a password without a salt (or the other way round).
     pub fn key(&self) -> anyhow::Result<Option<Key>> {
-        match (&self.password, &self.salt) {
-            (None, None) => Ok(None),
-            (Some(p), Some(s)) => {
-                let salt = ipcbus::parse_salt(s).context("--salt")?;
-                Ok(Some(Key::derive(p, salt)?))
-            }
-            _ => anyhow::bail!("give both --password and --salt, or neither"),
-        }
+        Ok(self.credentials()?.key()?)
     }
 
-    /// The EPM if `--epm` is given (with the key), else the local-user registry.
+    /// The EPM if `--epm` or `IPCBUS_EPM` is given (with the key), else the
+    /// local-user registry.
     ///
     /// # Errors
-    /// As [`Opts::key`], or an unusable local registry.
+    /// As [`Opts::key`], a malformed EPM address, or an unusable local registry.
     pub fn discovery(&self) -> anyhow::Result<Discovery> {
-        match self.epm.as_deref().filter(|s| !s.is_empty()) {
+        match self.epm_addr() {
             Some(addr) => {
-                let mut b = Epm::builder(addr);
+                let mut b = Epm::parse(&addr).context("--epm")?;
                 if let Some(k) = self.key()? {
                     b = b.key(k);
                 }
@@ -94,11 +124,11 @@ impl Opts {
 
     /// Where events go, for the examples' first line of output.
     pub fn describe(&self) -> String {
-        let via = match self.epm.as_deref().filter(|s| !s.is_empty()) {
+        let via = match self.epm_addr() {
             Some(a) => format!("the EPM at {a}"),
             None => "the local-user registry".to_string(),
         };
-        let sec = if self.password.is_some() {
+        let sec = if self.credentials().is_ok_and(|c| c.password().is_some()) {
             "encrypted with the password's key"
         } else {
             "no password"
@@ -107,9 +137,14 @@ impl Opts {
     }
 }
 
-/// Logs warnings and errors of the library to stderr (`RUST_LOG` overrides).
+/// Logs warnings and errors of the library to stderr (`RUST_LOG` overrides), in
+/// colour only on a terminal and without `NO_COLOR` set.
 pub fn init_tracing() {
+    use std::io::IsTerminal;
+    let colours = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty());
     tracing_subscriber::fmt()
+        .with_ansi(colours)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
