@@ -99,17 +99,37 @@ impl Drop for Tmp {
 /// `ipcbus` with a private registry directory and no inherited ipcbus settings.
 pub fn ipcbus_cmd(runtime: &Path) -> Command {
     let mut c = Command::new(ipcbus());
-    c.env("IPCBUS_RUNTIME_DIR", runtime);
-    for v in [
-        "IPCBUS_EPM",
-        "IPCBUS_PASSWORD",
-        "IPCBUS_PASSWORD_FILE",
-        "IPCBUS_SALT",
-        "RUST_LOG",
-    ] {
+    for v in IPCBUS_VARS {
         c.env_remove(v);
     }
+    c.env("IPCBUS_RUNTIME_DIR", runtime);
     c
+}
+
+/// Every variable that changes what an ipcbus program does; the tests start their
+/// programs without them (and set what each test needs).
+pub const IPCBUS_VARS: [&str; 10] = [
+    "IPCBUS_EPM",
+    "IPCBUS_PASSWORD",
+    "IPCBUS_PASSWORD_FILE",
+    "IPCBUS_SALT",
+    "IPCBUS_EPM_PASSWORD",
+    "IPCBUS_EPM_PASSWORD_FILE",
+    "IPCBUS_EPM_SALT",
+    "RUST_LOG",
+    "NO_COLOR",
+    "IPCBUS_RUNTIME_DIR",
+];
+
+/// A runnable example of `ipcbus-examples` (`cargo test --workspace` builds them).
+pub fn example(name: &str) -> PathBuf {
+    let p = target_dir().join("examples").join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build the examples first (cargo build --workspace --examples)",
+        p.display()
+    );
+    p
 }
 
 /// What a finished command did.
@@ -321,10 +341,10 @@ impl Epm {
     /// and waits for its `listening on ADDR` log line.
     pub fn start(exe: &Path, args: &[&str]) -> Epm {
         let mut cmd = Command::new(exe);
-        cmd.args(args)
-            .env_remove("IPCBUS_EPM_PASSWORD")
-            .env_remove("IPCBUS_EPM_SALT")
-            .env("RUST_LOG", "info");
+        for v in IPCBUS_VARS {
+            cmd.env_remove(v);
+        }
+        cmd.args(args).env("RUST_LOG", "info");
         let proc = Proc::spawn(cmd);
         let line = strip_ansi(&proc.stderr_line("listening on "));
         let addr = line
