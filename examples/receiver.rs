@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run -p ipcbus-examples --example receiver
-//! cargo run -p ipcbus-examples --example receiver -- --password secret --salt '{0x01,0x02,0x03}'
+//! cargo run -p ipcbus-examples --example receiver -- --password-file pw --salt '{0x01,0x02,0x03}'
 //! ```
 
 use clap::Parser;
