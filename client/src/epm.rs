@@ -72,10 +72,7 @@ async fn status(common: &Common) -> anyhow::Result<ExitCode> {
         }
     };
     let at = epm.addr().to_string();
-    let mut client = epm
-        .client()
-        .await
-        .with_context(|| format!("cannot reach the epm at {at}"))?;
+    let mut client = epm.client().await.context("epm status")?;
     let st = client
         .status()
         .await

@@ -63,14 +63,10 @@ pub async fn run(common: &Common, args: Args) -> anyhow::Result<ExitCode> {
 
 async fn records(common: &Common, handle: Option<&Handle>) -> anyhow::Result<Vec<Record>> {
     if let Some(epm) = common.epm()? {
-        let at = epm.addr().to_string();
         let handles = match handle {
             Some(h) => vec![h.clone()],
             None => {
-                let (counts, _) = epm
-                    .list()
-                    .await
-                    .with_context(|| format!("cannot list the handles of the epm at {at}"))?;
+                let (counts, _) = epm.list().await.context("cannot list the handles")?;
                 counts.into_iter().map(|c| c.handle).collect()
             }
         };
@@ -79,7 +75,7 @@ async fn records(common: &Common, handle: Option<&Handle>) -> anyhow::Result<Vec
             let mut recs = epm
                 .lookup(&h)
                 .await
-                .with_context(|| format!("cannot look up {h} at the epm at {at}"))?;
+                .with_context(|| format!("cannot look up {h}"))?;
             recs.sort_by_key(|r| r.since_ms);
             out.extend(recs);
         }

@@ -181,8 +181,20 @@ fn epm_addresses_are_checked_and_the_bad_part_named() {
         assert!(r.stderr.contains("IPCBUS_EPM"), "{addr}: {r:?}");
     }
     // A well-formed address where nothing listens is a runtime failure: exit 1.
-    let r = ipcbus(&rt, &["--epm", "127.0.0.1:1", "list"], &[]);
-    assert_eq!(r.code(), 1, "{r:?}");
+    for args in [&["list"][..], &["epm", "status"], &["send", "h", "x"]] {
+        let mut all = vec!["--epm", "127.0.0.1:1"];
+        all.extend_from_slice(args);
+        let r = ipcbus(&rt, &all, &[]);
+        assert_eq!(r.code(), 1, "{args:?}: {r:?}");
+        // One line, and the address and the word "epm" are not said twice in a row.
+        assert_eq!(r.stderr.lines().count(), 1, "{args:?}: {r:?}");
+        assert_eq!(
+            r.stderr.matches("127.0.0.1:1").count(),
+            1,
+            "{args:?}: {r:?}"
+        );
+        assert!(!r.stderr.contains("epm: epm"), "{args:?}: {r:?}");
+    }
 }
 
 #[test]

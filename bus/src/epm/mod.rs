@@ -63,7 +63,7 @@ pub enum EpmError {
     },
     /// The handshake with the EPM failed: wrong password or salt, a password on one
     /// side only, or the peer is not an EPM.
-    #[error("epm handshake: {0}")]
+    #[error("epm handshake failed: {0}")]
     Handshake(#[from] HandshakeError),
     /// The EPM did not answer in time.
     #[error("the epm did not answer in time")]
