@@ -48,8 +48,9 @@ impl Discovery {
     }
 
     /// What the builders use when no discovery is set in code: the EPM named by
-    /// `IPCBUS_EPM=host:port` (key from `IPCBUS_EPM_PASSWORD` and `IPCBUS_EPM_SALT`)
-    /// when that variable is set and not empty, else the local-user registry.
+    /// `IPCBUS_EPM=host:port` (keyed with the environment's password and salt, see
+    /// [`Credentials`](crate::Credentials)) when that variable is set and not empty,
+    /// else the local-user registry.
     ///
     /// # Errors
     /// [`DiscoveryError`] for malformed `IPCBUS_EPM*` variables or an unusable local
