@@ -46,12 +46,13 @@ pub fn max_event() -> usize {
 /// Send each MESSAGE as one event (or each line of stdin, all of stdin, or a file)
 ///
 /// Input: each MESSAGE is one event. Without MESSAGEs (or with --stdin) each line of
-/// stdin is one event: a line ends at LF and a CR before the LF is removed; an empty
-/// line is sent as an empty event (as mosquitto_pub -l does); a last line without LF
-/// is sent too. -s/--stdin-whole sends all of stdin as one event, --file PATH the
-/// whole file. An event is at most 16777190 bytes (16 MiB minus 26): a longer line,
-/// stdin or file is an error (exit 1) once the events before it are reported, and no
-/// more than that is ever read into memory.
+/// stdin is one event: a line ends at LF (or at the end of input) and a CR at its end
+/// is removed, so CR LF files work; an empty line is sent as an empty event (as
+/// mosquitto_pub -l does); other bytes are sent as they are. -s/--stdin-whole sends
+/// all of stdin as one event, --file PATH the whole file (empty input: one empty
+/// event). An event is at most 16777190 bytes (16 MiB minus 26): a longer line, stdin
+/// or file is bad input, an error with exit status 1 once the events before it are
+/// reported; reading stops at that size, so memory stays bounded whatever the input.
 ///
 /// Output: one summary line on stdout at the end, e.g. `3000 events: 2 receivers
 /// acknowledged all; 127.0.0.1:4000 failed 998 from event 1003 (receiver closed)`,
@@ -85,7 +86,8 @@ pub struct Args {
     /// Messages to send, one event each [default: the lines of stdin]
     pub messages: Vec<OsString>,
 
-    /// Read events from stdin, one per line (what happens anyway without MESSAGEs)
+    /// Send each line of stdin as an event, without its LF or CR LF; empty lines are
+    /// empty events (what happens anyway without MESSAGEs)
     #[arg(long, conflicts_with_all = ["messages", "stdin_whole", "file"])]
     pub stdin: bool,
 
@@ -109,11 +111,11 @@ pub struct Args {
     #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_secs)]
     pub wait_timeout: Duration,
 
-    /// Print a line per event too
+    /// Print a line per event too (text output)
     #[arg(short, long, conflicts_with = "quiet")]
     pub verbose: bool,
 
-    /// Print nothing but errors
+    /// Print nothing but errors: failures, and the summary when something failed
     #[arg(short, long)]
     pub quiet: bool,
 }
