@@ -196,6 +196,7 @@ pub async fn run(common: &Common, args: Args) -> anyhow::Result<ExitCode> {
         handle: args.handle.clone(),
         initial: tx.receivers().into_iter().collect(),
         joined: HashSet::new(),
+        gone: HashSet::new(),
         tally: Tally::default(),
         said_no_receivers: false,
     };
@@ -702,8 +703,11 @@ struct Show {
     handle: Handle,
     /// Receivers known before sending whose "joined" has not come yet (it is not news).
     initial: HashSet<ReceiverInfo>,
-    /// Receivers connected now.
+    /// Receivers connected now: their "joined" came, or they acknowledged an event
+    /// (a receiver known before sending may have joined before we listened).
     joined: HashSet<ReceiverInfo>,
+    /// Receivers whose "left" came (and no "joined" since).
+    gone: HashSet<ReceiverInfo>,
     tally: Tally,
     said_no_receivers: bool,
 }
@@ -711,6 +715,11 @@ struct Show {
 impl Show {
     fn report(&mut self, r: &SendReport) -> anyhow::Result<()> {
         let first_failures = self.tally.add(r);
+        for who in &r.acked {
+            if !self.joined.contains(who) && !self.gone.contains(who) {
+                self.joined.insert(*who);
+            }
+        }
         if self.json {
             let line = ReportJson {
                 seq: r.seq,
@@ -745,6 +754,7 @@ impl Show {
         match ev {
             SenderEvent::ReceiverJoined(who) => {
                 self.joined.insert(who);
+                self.gone.remove(&who);
                 if !self.initial.remove(&who) {
                     self.presence("joined", &who, None)?;
                 }
@@ -753,6 +763,7 @@ impl Show {
                 // Closing ourselves is no news; a receiver that never connected is
                 // reported by its failed events.
                 self.initial.remove(&receiver);
+                self.gone.insert(receiver);
                 if reason != FailReason::SenderClosed && self.joined.remove(&receiver) {
                     self.presence("left", &receiver, Some(&reason))?;
                 }
