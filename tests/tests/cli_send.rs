@@ -5,8 +5,9 @@
 
 mod cli_support;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -58,13 +59,15 @@ fn payloads(l: &mut Proc) -> Vec<Value> {
 }
 
 /// A child with stdin, stdout and stderr piped: stdin is written by the test (or by a
-/// feeding thread), stdout and stderr are collected by threads. Killed and reaped on
-/// drop unless it was reaped already.
+/// feeding thread), stdout is collected by a thread, stderr is read line by line (so
+/// a test can wait for a note). Killed and reaped on drop unless it was reaped already.
 struct Piped {
     child: Child,
     stdin: Option<ChildStdin>,
     out: Option<JoinHandle<String>>,
-    err: Option<JoinHandle<String>>,
+    err: mpsc::Receiver<String>,
+    /// Stderr lines read by [`Piped::err_line`], kept for [`Piped::finish`].
+    err_seen: Vec<String>,
     reaped: bool,
 }
 
@@ -85,13 +88,44 @@ impl Piped {
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         let stdin = child.stdin.take();
         let out = child.stdout.take().map(collect);
-        let err = child.stderr.take().map(collect);
+        let (tx, err) = mpsc::channel();
+        if let Some(e) = child.stderr.take() {
+            std::thread::spawn(move || {
+                for line in BufReader::new(e).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
         Piped {
             child,
             stdin,
             out,
             err,
+            err_seen: Vec::new(),
             reaped: false,
+        }
+    }
+
+    /// Waits (bounded) for a stderr line containing `needle`.
+    fn err_line(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + T;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.err.recv_timeout(left) {
+                Ok(l) => {
+                    self.err_seen.push(l.clone());
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
+                Err(_) => panic!(
+                    "no stderr line with {needle:?} within {T:?}; saw {:#?}",
+                    self.err_seen
+                ),
+            }
         }
     }
 
@@ -130,7 +164,16 @@ impl Piped {
                 .unwrap_or_default()
         };
         let out = join(self.out.take());
-        let err = join(self.err.take());
+        let mut err = String::new();
+        for l in self.err_seen.drain(..) {
+            err.push_str(&l);
+            err.push('\n');
+        }
+        // The child has exited: its stderr ends as soon as the reader drains it.
+        while let Ok(l) = self.err.recv_timeout(Duration::from_secs(5)) {
+            err.push_str(&l);
+            err.push('\n');
+        }
         (status.code().unwrap_or(-1), out, err, peak)
     }
 }
@@ -400,6 +443,30 @@ fn a_receiver_joining_mid_stream_is_announced() {
         _ => panic!("{out:?}"),
     };
     assert_eq!(k + from, sent + 1, "{out:?}");
+}
+
+#[test]
+fn a_receiver_leaving_with_nothing_in_flight_is_announced() {
+    let rt = Tmp::new("send-leave");
+    let (l1, _) = listen(&rt, &["idle"]);
+    let (mut l2, a2) = listen(&rt, &["idle"]);
+    let mut s = Piped::spawn({
+        let mut c = ipcbus_cmd(rt.path());
+        c.args(["send", "idle"]);
+        c
+    });
+    s.write(b"one\n");
+    l1.stdout_line("one");
+    l2.stdout_line("one");
+    // It unregisters and says goodbye while send waits for the next line.
+    l2.signal(libc::SIGTERM);
+    assert!(l2.wait(T).is_some_and(|st| st.success()));
+    let note = s.err_line("left");
+    assert_eq!(note, format!("receiver {a2} left: receiver closed"));
+    let (code, out, err, _) = s.finish();
+    assert_eq!(code, 0, "stdout {out:?} stderr {err:?}");
+    assert_eq!(out, "1 event: 2 receivers acknowledged\n");
+    assert_eq!(err, format!("{note}\n"));
 }
 
 #[test]
