@@ -613,10 +613,11 @@ impl Tally {
                 if one { "" } else { " all" }
             ))
         } else if any_failed && late == 0 {
-            Some(if one {
-                "no receiver acknowledged".to_string()
-            } else {
+            let any_acked = self.per.values().any(|p| p.acked > 0);
+            Some(if any_acked {
                 "no receiver acknowledged all".to_string()
+            } else {
+                "no receiver acknowledged".to_string()
             })
         } else {
             None
@@ -901,6 +902,14 @@ mod tests {
             t.summary(),
             "3 events: 1 receiver acknowledged all; 127.0.0.1:4002 acknowledged 1 from event 3; \
              127.0.0.1:4001 failed event 2 (disconnected)"
+        );
+
+        let mut t = Tally::default();
+        t.add(&report(1, &[], &[(a, FailReason::AuthenticationFailed)]));
+        t.add(&report(2, &[], &[(a, FailReason::AuthenticationFailed)]));
+        assert_eq!(
+            t.summary(),
+            "2 events: no receiver acknowledged; 127.0.0.1:4000 failed 2 from event 1 (authentication failed)"
         );
 
         let mut t = Tally::default();

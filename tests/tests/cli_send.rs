@@ -251,6 +251,46 @@ fn summary_line_with_two_listeners_and_plurals() {
 }
 
 #[test]
+fn nobody_acknowledging_is_a_failure_summary_with_one_failure_line() {
+    let rt = Tmp::new("send-nobody");
+    let mut c = ipcbus_cmd(rt.path());
+    c.args(["listen", "secure"])
+        .env("IPCBUS_PASSWORD", "right")
+        .env("IPCBUS_SALT", "01");
+    let l = Proc::spawn(c);
+    let ready = l.stderr_line("ready ");
+    let addr = ready.split_whitespace().nth(2).expect("ADDR").to_string();
+
+    let mut c = ipcbus_cmd(rt.path());
+    c.args(["send", "secure", "--count", "50", "x"])
+        .env("IPCBUS_PASSWORD", "wrong")
+        .env("IPCBUS_SALT", "01");
+    let r = run(c, b"");
+    assert_eq!(r.code(), 1, "{r:?}");
+    assert_eq!(
+        r.stdout,
+        format!(
+            "50 events: no receiver acknowledged; {addr} failed 50 from event 1 (authentication failed)\n"
+        )
+    );
+    assert_eq!(
+        r.stderr,
+        format!("{addr}: event 1 failed: authentication failed\n")
+    );
+
+    let mut c = ipcbus_cmd(rt.path());
+    c.args(["send", "secure", "-q", "x"])
+        .env("IPCBUS_PASSWORD", "wrong")
+        .env("IPCBUS_SALT", "01");
+    let r = run(c, b"");
+    assert_eq!(r.code(), 1, "{r:?}");
+    assert_eq!(
+        r.stdout,
+        format!("1 event: no receiver acknowledged; {addr} failed (authentication failed)\n")
+    );
+}
+
+#[test]
 fn quiet_prints_nothing_and_verbose_a_line_per_event() {
     let rt = Tmp::new("send-qv");
     let (_l1, _) = listen(&rt, &["h"]);
