@@ -45,15 +45,15 @@ fn listen_and_send_round_trip_with_json() {
 
     let r = send(&rt, &["orders", "one", "twö"], &[], b"");
     assert_eq!(r.code(), 0, "{r:?}");
-    assert_eq!(
-        r.stdout, "sent to 1 receivers\nsent to 1 receivers\n",
-        "{r:?}"
-    );
+    assert_eq!(r.stdout, "2 events: 1 receiver acknowledged all\n", "{r:?}");
 
     // Lines of stdin when there are no MESSAGE arguments; binary stays binary.
     let r = send(&rt, &["orders", "--json"], &[], b"three\n\xff\xfe\n");
     assert_eq!(r.code(), 0, "{r:?}");
-    let reports = json_lines(&r.stdout);
+    // Report lines have a seq; receivers leaving and the summary are "event" objects.
+    let mut reports = json_lines(&r.stdout);
+    assert_eq!(reports.last().map(|s| &s["event"]), Some(&"summary".into()));
+    reports.retain(|v| v.get("seq").is_some());
     assert_eq!(reports.len(), 2, "{r:?}");
     for (i, rep) in reports.iter().enumerate() {
         assert_eq!(rep["seq"], i as u64 + 1);
@@ -89,7 +89,7 @@ fn plain_text_listen_and_count_repeats() {
     let (mut l, _) = listen(&rt, &["h", "--count", "3"], &[]);
     let r = send(&rt, &["h", "--count", "3", "hello"], &[], b"");
     assert_eq!(r.code(), 0, "{r:?}");
-    assert_eq!(r.stdout.lines().count(), 3, "{r:?}");
+    assert_eq!(r.stdout, "3 events: 1 receiver acknowledged all\n", "{r:?}");
     assert!(l.wait(T).is_some_and(|s| s.success()));
     assert_eq!(l.stdout_rest(), "hello\nhello\nhello\n");
 }
@@ -99,12 +99,12 @@ fn no_receivers_is_success_with_a_note() {
     let rt = Tmp::new("none");
     let r = send(&rt, &["nobody", "x"], &[], b"");
     assert_eq!(r.code(), 0, "{r:?}");
-    assert_eq!(r.stdout, "sent to 0 receivers\n");
+    assert_eq!(r.stdout, "1 event: no receivers\n");
     assert!(r.stderr.contains("no receivers found"), "{r:?}");
     let r = send(&rt, &["nobody", "--json", "x"], &[], b"");
     assert_eq!(
-        json_lines(&r.stdout),
-        vec![serde_json::json!({"seq": 1, "delivered": [], "failed": []})]
+        json_lines(&r.stdout)[0],
+        serde_json::json!({"seq": 1, "delivered": [], "failed": []})
     );
 }
 
@@ -142,7 +142,7 @@ fn wrong_password_fails_with_authentication_failed_and_exit_1() {
         b"",
     );
     assert_eq!(r.code(), 0, "{r:?}");
-    assert_eq!(r.stdout, "sent to 1 receivers\n");
+    assert_eq!(r.stdout, "1 event: 1 receiver acknowledged\n");
 }
 
 #[test]
@@ -197,7 +197,7 @@ fn wait_for_times_out_with_exit_1() {
         b"",
     );
     assert_eq!(r.code(), 1, "{r:?}");
-    assert!(r.stderr.contains("waiting for 1 receivers"), "{r:?}");
+    assert!(r.stderr.contains("waiting for 1 receiver of"), "{r:?}");
     assert_eq!(r.stderr.lines().count(), 1, "{r:?}");
 }
 
@@ -369,7 +369,7 @@ fn epm_mode_round_trip_list_and_status() {
 
     let r = send(&rt, &["lan.orders", "over the epm"], &env, b"");
     assert_eq!(r.code(), 0, "{r:?}");
-    assert_eq!(r.stdout, "sent to 1 receivers\n");
+    assert_eq!(r.stdout, "1 event: 1 receiver acknowledged\n");
     assert!(l.wait(T).is_some_and(|s| s.success()));
     let got = json_lines(&l.stdout_rest());
     assert_eq!(got[0]["payload"], "over the epm");
