@@ -167,6 +167,13 @@ impl<'a> CredentialsBuilder<'a> {
         self
     }
 
+    /// The password is the first line of this file, with a name for where the file
+    /// was named (used in errors, such as "the config file").
+    pub fn password_file_from(mut self, path: impl Into<PathBuf>, from: impl Into<String>) -> Self {
+        self.password_file = Some((path.into(), from.into()));
+        self
+    }
+
     /// The password itself, given in code.
     pub fn password(self, password: impl AsRef<[u8]>) -> Self {
         self.password_from(password, "the program")

@@ -310,22 +310,24 @@ impl Config {
         } else if let Some(s) = &args.salt {
             cli = cli.salt(s);
         }
-        let mut in_file = Credentials::builder()
-            .password_file(file.password_file.as_ref())
-            .env(|_| None);
-        if let Some(p) = &file.password {
-            in_file = in_file.password_from(p, "the config file");
-        }
-        if let Some(s) = &file.salt {
-            in_file = in_file.salt_from(s, "the config file");
-        }
         let cli = cli.resolve()?;
-        // The file's password (file) is read only when nothing above names one.
-        let creds = if cli.password().is_some() && cli.salt().is_some() {
-            cli
-        } else {
-            cli.or(in_file.resolve()?)
-        };
+        // The config file fills only what the command line and the environment left
+        // unset (its password file is not even read otherwise).
+        let mut in_file = Credentials::builder().env(|_| None);
+        if cli.password().is_none() {
+            // `password` before `password_file`, as documented for the file.
+            if let Some(p) = &file.password {
+                in_file = in_file.password_from(p, "the config file");
+            } else if let Some(f) = &file.password_file {
+                in_file = in_file.password_file_from(f, "the config file");
+            }
+        }
+        if cli.salt().is_none() {
+            if let Some(s) = &file.salt {
+                in_file = in_file.salt_from(s, "the config file");
+            }
+        }
+        let creds = cli.or(in_file.resolve()?);
         let key = creds.key()?;
         if key.is_none() {
             for b in &binds {
@@ -599,6 +601,33 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.key, Some(Key::derive("from-file", [10u8, 11]).unwrap()));
+        let _ = std::fs::remove_file(pwf);
+        let _ = std::fs::remove_file(cfg);
+    }
+
+    #[test]
+    fn the_file_fills_only_what_is_missing() {
+        // The command line's password file wins; the file's (missing) one is not read,
+        // and the salt still comes from the file.
+        let pwf = tmp("pw6", "on-the-command-line\n");
+        let cfg = tmp(
+            "toml6",
+            "password_file = \"/nonexistent/epm.password\"\nsalt = \"05\"\n",
+        );
+        let c = load(&[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--password-file",
+            pwf.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.key,
+            Some(Key::derive("on-the-command-line", [5u8]).unwrap())
+        );
+        // Without the flag, the missing file is an error naming the config file.
+        let e = load(&["--config", cfg.to_str().unwrap()]).unwrap_err();
+        assert!(e.to_string().contains("the config file"), "{e}");
         let _ = std::fs::remove_file(pwf);
         let _ = std::fs::remove_file(cfg);
     }

@@ -267,16 +267,13 @@ fn nobody_acknowledging_is_a_failure_summary_with_one_failure_line() {
         .env("IPCBUS_SALT", "01");
     let r = run(c, b"");
     assert_eq!(r.code(), 1, "{r:?}");
+    let reason = ipcbus::FailReason::AuthenticationFailed;
     assert_eq!(
         r.stdout,
-        format!(
-            "50 events: no receiver acknowledged; {addr} failed 50 from event 1 (authentication failed)\n"
-        )
+        format!("50 events: no receiver acknowledged; {addr} failed 50 from event 1 ({reason})\n")
     );
-    assert_eq!(
-        r.stderr,
-        format!("{addr}: event 1 failed: authentication failed\n")
-    );
+    let reason = ipcbus::FailReason::AuthenticationFailed;
+    assert_eq!(r.stderr, format!("{addr}: event 1 failed: {reason}\n"));
 
     let mut c = ipcbus_cmd(rt.path());
     c.args(["send", "secure", "-q", "x"])
@@ -286,7 +283,7 @@ fn nobody_acknowledging_is_a_failure_summary_with_one_failure_line() {
     assert_eq!(r.code(), 1, "{r:?}");
     assert_eq!(
         r.stdout,
-        format!("1 event: no receiver acknowledged; {addr} failed (authentication failed)\n")
+        format!("1 event: no receiver acknowledged; {addr} failed ({reason})\n")
     );
 }
 
