@@ -74,10 +74,6 @@ pub fn max_event() -> usize {
 /// Exit status: 0 when every targeted receiver acknowledged every event (also when
 /// there were none), 1 when any failed or an input event was too large or unreadable,
 /// 2 on usage or configuration errors (an unreadable --file too).
-///
-/// Environment: IPCBUS_EPM, IPCBUS_PASSWORD_FILE, IPCBUS_PASSWORD and IPCBUS_SALT (as
-/// the options say); IPCBUS_RUNTIME_DIR, the local registry's directory (else
-/// $XDG_RUNTIME_DIR/ipcbus, else /tmp/ipcbus-$UID); RUST_LOG, the log filter.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
