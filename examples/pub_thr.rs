@@ -28,6 +28,9 @@ struct Args {
     /// Events in flight before waiting for the oldest report
     #[arg(long, default_value_t = 8192)]
     window: usize,
+    /// Seconds to wait for the receivers before giving up
+    #[arg(long, default_value_t = 10)]
+    wait_secs: u64,
     #[command(flatten)]
     opts: Opts,
 }
@@ -37,13 +40,30 @@ async fn main() -> anyhow::Result<()> {
     ipcbus_examples::init_tracing();
     let args = Args::parse();
     let mut tx = args.opts.sender(args.handle.clone())?.build().await?;
-    let n = tx
-        .wait_for_receivers(args.receivers, Duration::from_secs(10))
-        .await;
+    // Receivers already running are usually connected within moments; only a longer
+    // wait is worth a word, so the user knows what it waits for.
+    let wait = Duration::from_secs(args.wait_secs);
+    let grace = wait.min(Duration::from_millis(300));
+    let mut n = tx.wait_for_receivers(args.receivers, grace).await;
+    if n < args.receivers {
+        eprintln!(
+            "pub_thr: waiting up to {} s for {} receiver{} of \"{}\" (start sub_thr --handle {} first)",
+            args.wait_secs,
+            args.receivers,
+            if args.receivers == 1 { "" } else { "s" },
+            args.handle,
+            args.handle
+        );
+        n = tx
+            .wait_for_receivers(args.receivers, wait.saturating_sub(grace))
+            .await;
+    }
     anyhow::ensure!(
         n >= args.receivers,
-        "only {n} of {} receivers found on \"{}\"",
+        "only {n} of {} receivers of \"{}\" found within {} s; start sub_thr --handle {} first",
         args.receivers,
+        args.handle,
+        args.wait_secs,
         args.handle
     );
     let payload = bytes::Bytes::from(vec![0xabu8; args.size]);

@@ -6,8 +6,9 @@
 #                             [--binary PATH] [--user ipcbus] [--root DIR] [--dry-run]
 #
 # What it does (each step is skipped when already done, so running it twice is safe):
-#   1. builds epm-service (cargo build --release) unless --binary names one;
-#   2. installs it as PREFIX/bin/epm-service;
+#   1. builds epm-service (cargo build --profile deploy: release without debug
+#      info, stripped) unless --binary names one;
+#   2. installs it as PREFIX/bin/epm-service, stripped of symbols and debug info;
 #   3. creates the system user (default ipcbus) that runs it;
 #   4. writes /etc/ipcbus/epm.toml (port, bind, salt, password_file) and the
 #      password file /etc/ipcbus/epm.password, mode 0600, owned by that user;
@@ -36,8 +37,10 @@ DRY=0
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
+# The comment block at the top of this file, up to the first line that is not a
+# comment.
 usage() {
-    sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"
 }
 
 die() {
@@ -179,29 +182,41 @@ toml_string() {
 if [ -z "$BINARY" ]; then
     REPO=$(cd "$HERE/.." && pwd)
     TARGET=${CARGO_TARGET_DIR:-$REPO/target}
-    say "building epm-service (cargo build --release)"
+    # The `deploy` profile (Cargo.toml): release without debug info, stripped.
+    say "building epm-service (cargo build --profile deploy)"
     if [ "$DRY" = 1 ]; then
-        echo "would run: cargo build --release --locked -p ipcbus-epm --bin epm-service (in $REPO)"
+        echo "would run: cargo build --profile deploy --locked -p ipcbus-epm --bin epm-service (in $REPO)"
     else
         command -v cargo >/dev/null || die "cargo not found: install Rust, or pass --binary PATH"
-        (cd "$REPO" && cargo build --release --locked -p ipcbus-epm --bin epm-service)
+        (cd "$REPO" && cargo build --profile deploy --locked -p ipcbus-epm --bin epm-service)
     fi
-    BINARY=$TARGET/release/epm-service
+    BINARY=$TARGET/deploy/epm-service
 fi
 if [ "$DRY" = 0 ]; then
     [ -f "$BINARY" ] && [ -x "$BINARY" ] || die "$BINARY is not an executable file"
 fi
 
+# The copy to install: without symbols and debug info (a --binary may have them).
+STRIPPED=$WORK/epm-service
+if [ "$DRY" = 0 ]; then
+    cp "$BINARY" "$STRIPPED"
+    if command -v strip >/dev/null; then
+        strip "$STRIPPED"
+    else
+        say "strip (binutils) not found: installing $BINARY with its symbols"
+    fi
+fi
+
 # ---- 2. install it ----------------------------------------------------------------
 
 if [ "$DRY" = 1 ]; then
-    echo "would install $BINARY as $ROOT$BINDIR/epm-service (mode 0755)"
+    echo "would install $BINARY, stripped, as $ROOT$BINDIR/epm-service (mode 0755)"
 else
     mkdir -p "$ROOT$BINDIR"
-    if [ -f "$ROOT$BINDIR/epm-service" ] && cmp -s "$BINARY" "$ROOT$BINDIR/epm-service"; then
+    if [ -f "$ROOT$BINDIR/epm-service" ] && cmp -s "$STRIPPED" "$ROOT$BINDIR/epm-service"; then
         say "unchanged $ROOT$BINDIR/epm-service"
     else
-        install -m 0755 "$BINARY" "$ROOT$BINDIR/.epm-service.new"
+        install -m 0755 "$STRIPPED" "$ROOT$BINDIR/.epm-service.new"
         mv -f "$ROOT$BINDIR/.epm-service.new" "$ROOT$BINDIR/epm-service"
         say "installed $ROOT$BINDIR/epm-service"
     fi
@@ -244,6 +259,7 @@ fi
 
 HAVE_PASSWORD=0
 GENERATED=0
+SALT_GENERATED=0
 if [ "$NO_PASSWORD" = 1 ]; then
     if [ -e "$ROOT$PWFILE" ]; then run rm -f "$ROOT$PWFILE"; fi
     SALT=""
@@ -264,7 +280,10 @@ else
         GENERATED=1
     fi
     [ -n "$SALT" ] || SALT=$(existing salt)
-    [ -n "$SALT" ] || SALT=$(random_hex 16)
+    if [ -z "$SALT" ]; then
+        SALT=$(random_hex 16)
+        SALT_GENERATED=1
+    fi
 fi
 
 {
@@ -291,7 +310,9 @@ put "$WORK/epm.toml" "$CONFIG" 0640 "root:$SERVICE_USER"
 
 CAPS=""
 if [ "$PORT" != 0 ] && [ "$PORT" -lt 1024 ]; then CAPS=CAP_NET_BIND_SERVICE; fi
-sed -e "s|@BINDIR@|$BINDIR|g" -e "s|@CONFDIR@|$CONFDIR|g" \
+# Lines starting with `#%` describe the template itself and are left out.
+sed -e '/^#%/d' \
+    -e "s|@BINDIR@|$BINDIR|g" -e "s|@CONFDIR@|$CONFDIR|g" \
     -e "s|@USER@|$SERVICE_USER|g" -e "s|@CAPS@|$CAPS|g" \
     "$HERE/ipcbus-epm.service" >"$WORK/unit"
 put "$WORK/unit" "$UNITDIR/$SERVICE" 0644 ""
@@ -318,13 +339,20 @@ fi
 if [ "$PORT" = 0 ]; then
     say "port 0: the service picks a free port at each start (tests only); its log says which"
 fi
-say "EPM port $PORT/tcp. Firewall hint: open it to your LAN only, e.g."
-say "  ufw allow from 192.168.1.0/24 to any port $PORT proto tcp"
-say "  firewall-cmd --permanent --add-port=$PORT/tcp && firewall-cmd --reload"
-say "  nft add rule inet filter input tcp dport $PORT accept"
+LAN=192.168.1.0/24
+say "EPM port $PORT/tcp. Firewall hint: open it to your LAN only; with your LAN's"
+say "subnet in place of $LAN, any one of:"
+say "  ufw allow from $LAN to any port $PORT proto tcp"
+say "  firewall-cmd --permanent --add-rich-rule='rule family=\"ipv4\" source address=\"$LAN\" port port=\"$PORT\" protocol=\"tcp\" accept' && firewall-cmd --reload"
+say "  nft add rule inet filter input ip saddr $LAN tcp dport $PORT accept"
 if [ "$HAVE_PASSWORD" = 1 ]; then
-    if [ "$GENERATED" = 1 ]; then
+    if [ "$GENERATED" = 1 ] && [ "$DRY" = 1 ]; then
+        say "would generate a random password in $ROOT$PWFILE; give clients a copy"
+    elif [ "$GENERATED" = 1 ]; then
         say "generated a random password in $ROOT$PWFILE; give clients a copy"
+    fi
+    if [ "$SALT_GENERATED" = 1 ] && [ "$DRY" = 1 ]; then
+        say "would generate a random salt (a dry run shows one that is not kept)"
     fi
     say "clients: ipcbus --epm HOST:$PORT --password-file FILE --salt $SALT list"
 else

@@ -37,7 +37,8 @@ while [ "$#" -gt 0 ]; do
         --root) need_value "$@"; ROOT=$2; shift 2 ;;
         --root=*) ROOT=${1#*=}; shift ;;
         --dry-run) DRY=1; shift ;;
-        -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        # The comment block at the top of this file.
+        -h|--help) awk 'NR == 1 { next } !/^#/ { exit } { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done

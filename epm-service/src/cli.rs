@@ -1,19 +1,49 @@
 //! What `epm-service`'s `main` does: parse the command line, log to stderr, bind,
 //! and run until SIGTERM or SIGINT.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 use crate::config::{process_env, Args, Config};
 
+/// Exit status of a configuration error (bad arguments, config file, password file,
+/// salt), as clap's own for a bad command line.
+pub const EXIT_CONFIG: u8 = 2;
+/// Exit status of a failure at run time (cannot listen, cannot start).
+pub const EXIT_RUNTIME: u8 = 1;
+
+/// Shown after the options in `--help`.
+const AFTER_HELP: &str = "\
+Environment:
+  IPCBUS_EPM_PASSWORD, IPCBUS_PASSWORD
+                  the password (not visible in `ps`, unlike PASSWORD)
+  IPCBUS_EPM_PASSWORD_FILE, IPCBUS_PASSWORD_FILE
+                  a file holding the password (its first line)
+  IPCBUS_EPM_SALT, IPCBUS_SALT
+                  the salt, like {0x01,0x02,0x03} or 010203
+  RUST_LOG        log filter, like info (the default), debug or ipcbus_epm=debug
+  NO_COLOR        when set and not empty, the log has no colours (it has them only
+                  when stderr is a terminal)
+The command line wins over the environment, which wins over --config.
+
+Exit status:
+  0  stopped by SIGTERM or SIGINT
+  1  failure while running, such as no address to listen on (port in use)
+  2  configuration error: command line, config file, password file or salt";
+
 /// Runs the service as the `epm-service` binary does; returns its exit code.
 pub fn main() -> ExitCode {
-    let args = Args::parse();
+    let matches = Args::command().after_help(AFTER_HELP).get_matches();
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(colour(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -21,29 +51,70 @@ pub fn main() -> ExitCode {
         .init();
     match start(args) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            ExitCode::FAILURE
+        Err(Failure::Config(e)) => {
+            tracing::error!("{}", describe(&e));
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(Failure::Runtime(e)) => {
+            tracing::error!("{}", describe(&e));
+            ExitCode::from(EXIT_RUNTIME)
         }
     }
 }
 
-fn start(args: Args) -> anyhow::Result<()> {
-    let config = Config::load(&args, &process_env).context("invalid configuration")?;
+/// Whether the log is coloured: only on a terminal, and not when `NO_COLOR` is set to
+/// something non-empty (<https://no-color.org>).
+fn colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.map_or(true, |v| v.is_empty())
+}
+
+/// Why the service did not run.
+enum Failure {
+    /// Exit status 2.
+    Config(anyhow::Error),
+    /// Exit status 1.
+    Runtime(anyhow::Error),
+}
+
+/// An error and its causes on one line, each cause once: an error whose message
+/// already includes its source's (`cannot read FILE: No such file or directory`)
+/// does not get that source appended again.
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if out.contains(&msg) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&msg);
+    }
+    out
+}
+
+fn start(args: Args) -> Result<(), Failure> {
+    let config = Config::load(&args, &process_env)
+        .context("invalid configuration")
+        .map_err(Failure::Config)?;
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
+        .context("cannot start the async runtime")
+        .map_err(Failure::Runtime)?;
     rt.block_on(async {
         // Catch the signals before anyone can see `listening on`.
         let shutdown = shutdown_signal().context("cannot watch SIGTERM and SIGINT")?;
-        let listeners = crate::server::bind_all(&config.binds).context("cannot listen")?;
+        // The error names each address and why it failed.
+        let listeners = crate::server::bind_all(&config.binds)?;
         crate::server::run(listeners, config, shutdown).await;
         Ok(())
     })
+    .map_err(Failure::Runtime)
 }
 
 /// Installs the SIGTERM and SIGINT handlers now; the future resolves on either.
@@ -57,4 +128,35 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             _ = int.recv() => tracing::info!("SIGINT received"),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(colour(true, None));
+        assert!(colour(true, Some(OsStr::new(""))));
+        assert!(!colour(true, Some(OsStr::new("1"))));
+        assert!(!colour(false, None));
+        assert!(!colour(false, Some(OsStr::new("1"))));
+    }
+
+    #[test]
+    fn describe_names_each_cause_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e = anyhow::Error::new(crate::config::ConfigError::Read {
+            path: "/nonexistent".into(),
+            source: io,
+        })
+        .context("invalid configuration");
+        let d = describe(&e);
+        assert_eq!(d.matches("not found").count(), 1, "{d}");
+        assert!(
+            d.starts_with("invalid configuration: cannot read /nonexistent"),
+            "{d}"
+        );
+    }
 }

@@ -33,15 +33,18 @@ const MAX_REFUSING: usize = 64;
 /// Connections that may be in their handshake at once; past it the oldest is evicted.
 const HALF_OPEN: usize = 64;
 
-/// Binds every address. One that fails is logged and skipped (so `[::]` failing on
-/// a host without IPv6 does not stop `0.0.0.0`); IPv6 sockets are IPv6-only so both
-/// families can share a port. Logs `listening on ADDR` for each.
+/// Binds every address. One that fails while another binds is logged as a warning
+/// and skipped (so `[::]` failing on a host without IPv6 does not stop `0.0.0.0`);
+/// IPv6 sockets are IPv6-only so both families can share a port. Logs `listening on
+/// ADDR` for each.
 ///
 /// # Errors
-/// When no address could be bound: the last error.
+/// When no address could be bound: one error naming each address and why it failed
+/// (`cannot listen on 127.0.0.1:4455: Address already in use (os error 98)`), with
+/// the kind of the last failure; nothing is logged then, the caller reports it.
 pub fn bind_all(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
     let mut out = Vec::new();
-    let mut last = None;
+    let mut failed = Vec::new();
     for &addr in addrs {
         match bind_one(addr) {
             Ok(l) => {
@@ -49,20 +52,26 @@ pub fn bind_all(addrs: &[SocketAddr]) -> std::io::Result<Vec<TcpListener>> {
                 tracing::info!("listening on {local}");
                 out.push(l);
             }
-            Err(e) => {
-                tracing::warn!(%addr, error = %e, "cannot listen");
-                last = Some(e);
-            }
+            Err(e) => failed.push((addr, e)),
         }
     }
-    match (out.is_empty(), last) {
-        (true, Some(e)) => Err(e),
-        (true, None) => Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "no address to listen on",
-        )),
-        _ => Ok(out),
+    if out.is_empty() {
+        let Some(kind) = failed.last().map(|(_, e)| e.kind()) else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no address to listen on",
+            ));
+        };
+        let each: Vec<String> = failed.iter().map(|(a, e)| format!("{a}: {e}")).collect();
+        return Err(std::io::Error::new(
+            kind,
+            format!("cannot listen on {}", each.join("; ")),
+        ));
     }
+    for (addr, e) in failed {
+        tracing::warn!(%addr, error = %e, "cannot listen");
+    }
+    Ok(out)
 }
 
 fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {

@@ -3,7 +3,8 @@
 //!
 //! Every service listens on 127.0.0.1 port 0 and is found through its `listening
 //! on ADDR` log line; every process is killed by pid when its guard drops. The LAN
-//! test builds its own network namespaces and runs only as root with `ip`.
+//! test builds its own network namespaces and runs only when `IPCBUS_TEST_NETNS=1` is
+//! set, as root, with `ip`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -722,13 +723,41 @@ fn skip(why: &str) {
     );
 }
 
+/// Why the LAN test must not run, if it must not: it changes the machine's network
+/// (namespaces, veth pairs, a bridge), so it runs only when asked for with
+/// `IPCBUS_TEST_NETNS=1` (`.ci/run` sets it), and only as root.
+fn lan_test_refusal(netns_var: Option<&str>, euid: u32) -> Option<&'static str> {
+    if netns_var != Some("1") {
+        return Some(
+            "it creates network namespaces, veth pairs and a bridge; \
+             set IPCBUS_TEST_NETNS=1 (as root) to run it",
+        );
+    }
+    if euid != 0 {
+        return Some("IPCBUS_TEST_NETNS=1 is set but it needs root (network namespaces)");
+    }
+    None
+}
+
+#[test]
+fn lan_test_runs_only_when_asked_for_and_as_root() {
+    assert!(lan_test_refusal(None, 0).is_some_and(|why| why.contains("IPCBUS_TEST_NETNS=1")));
+    assert!(lan_test_refusal(Some("0"), 0).is_some());
+    assert!(lan_test_refusal(Some(""), 0).is_some());
+    assert!(lan_test_refusal(Some("1"), 1000).is_some_and(|why| why.contains("root")));
+    assert_eq!(lan_test_refusal(Some("1"), 0), None);
+}
+
 /// The EPM in one namespace, two receivers in two others and a sender in a fourth,
-/// joined by a bridge in a fifth; a password is set. Runs only as root with `ip`.
+/// joined by a bridge in a fifth; a password is set. Runs only with
+/// `IPCBUS_TEST_NETNS=1`, as root, with `ip`.
 #[test]
 fn lan_across_network_namespaces() {
+    let var = std::env::var("IPCBUS_TEST_NETNS").ok();
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return skip("needs root (network namespaces)");
+    let euid = unsafe { libc::geteuid() };
+    if let Some(why) = lan_test_refusal(var.as_deref(), euid) {
+        return skip(why);
     }
     if Lab::ip(&["netns", "list"]).is_err() {
         return skip("the `ip` command (iproute2) is not available");

@@ -379,3 +379,182 @@ fn bad_options_exit_2() {
     let r = sh("uninstall.sh", &["--frobnicate"]);
     assert_eq!(r.code(), 2, "{r:?}");
 }
+
+/// `--help` of both scripts is their header comment and nothing after it (it used to
+/// end with the script's first command, `set -euo pipefail`).
+#[test]
+fn help_is_the_header_comment_only() {
+    for name in ["install.sh", "uninstall.sh"] {
+        let r = sh(name, &["--help"]);
+        assert_eq!(r.code(), 0, "{name}: {r:?}");
+        assert!(!r.stdout.contains("set -"), "{name} --help:\n{}", r.stdout);
+        assert_eq!(
+            r.stdout.trim_end().lines().last(),
+            Some("--dry-run prints what would be done and changes nothing."),
+            "{name} --help:\n{}",
+            r.stdout
+        );
+        assert!(!r.stdout.contains("#!"), "{name} --help:\n{}", r.stdout);
+    }
+}
+
+/// The installed unit's header reads as written: the template's own description,
+/// whose placeholder names the substitution used to replace by their values, is left
+/// out.
+#[test]
+fn installed_unit_header_reads_right() {
+    let tmp = Tmp::new("unit");
+    let root = tmp.path().join("root");
+    std::fs::create_dir(&root).expect("mkdir root");
+    let pw = tmp.path().join("pw");
+    std::fs::write(&pw, "pw\n").expect("write password");
+    let r = install(&root, &pw, &[]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    let unit = std::fs::read_to_string(root.join("etc/systemd/system/ipcbus-epm.service"))
+        .expect("read unit");
+    let header: Vec<&str> = unit.lines().take_while(|l| !l.starts_with('[')).collect();
+    assert_eq!(
+        header,
+        [
+            "# ipcbus endpoint manager (EPM): system-wide and LAN discovery for ipcbus.",
+            "#",
+            "# Written by ipcbus's installer/install.sh; re-run it rather than editing this file.",
+            "# Settings live in /etc/ipcbus/epm.toml, so they persist across restarts and reboots.",
+            "",
+        ],
+        "{unit}"
+    );
+}
+
+/// The names of the sections of an ELF64 little-endian file.
+fn elf_sections(bytes: &[u8]) -> Vec<String> {
+    let u16_at = |o: usize| u16::from_le_bytes(bytes[o..o + 2].try_into().expect("2 bytes"));
+    let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |o: usize| u64::from_le_bytes(bytes[o..o + 8].try_into().expect("8 bytes"));
+    assert_eq!(&bytes[..4], b"\x7fELF", "not an ELF file");
+    assert_eq!((bytes[4], bytes[5]), (2, 1), "not ELF64 little-endian");
+    let shoff = u64_at(0x28) as usize;
+    let shentsize = u16_at(0x3a) as usize;
+    let shnum = u16_at(0x3c) as usize;
+    let shstrndx = u16_at(0x3e) as usize;
+    let strtab = u64_at(shoff + shstrndx * shentsize + 0x18) as usize;
+    (0..shnum)
+        .map(|i| {
+            let name = strtab + u32_at(shoff + i * shentsize) as usize;
+            let end = bytes[name..]
+                .iter()
+                .position(|&b| b == 0)
+                .expect("NUL-terminated name");
+            String::from_utf8_lossy(&bytes[name..name + end]).into_owned()
+        })
+        .collect()
+}
+
+/// The installed binary has no symbols and no debug info, even from a `--binary` with
+/// both (the test binary is a debug build); the default build uses the `deploy`
+/// profile, without debug info.
+#[test]
+fn installed_binary_is_stripped() {
+    let tmp = Tmp::new("strip");
+    let root = tmp.path().join("root");
+    std::fs::create_dir(&root).expect("mkdir root");
+    let pw = tmp.path().join("pw");
+    std::fs::write(&pw, "pw\n").expect("write password");
+    let src = std::fs::read(epm_service()).expect("read the test's epm-service");
+    let src_sections = elf_sections(&src);
+    assert!(
+        src_sections.iter().any(|s| s == ".debug_info"),
+        "the test needs a binary with debug info: {src_sections:?}"
+    );
+    let r = install(&root, &pw, &[]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    let installed = std::fs::read(root.join("usr/local/bin/epm-service")).expect("read");
+    let sections = elf_sections(&installed);
+    for s in [".symtab", ".debug_info", ".debug_line"] {
+        assert!(!sections.iter().any(|x| x == s), "{s} in {sections:?}");
+    }
+    assert!(
+        installed.len() * 2 < src.len(),
+        "{} bytes installed from {}",
+        installed.len(),
+        src.len()
+    );
+
+    let cargo_toml = std::fs::read_to_string(repo().join("Cargo.toml")).expect("Cargo.toml");
+    let deploy = cargo_toml
+        .split("[profile.deploy]")
+        .nth(1)
+        .expect("a [profile.deploy] in Cargo.toml");
+    let deploy = deploy.split("\n[").next().unwrap_or(deploy);
+    for line in ["inherits = \"release\"", "debug = 0", "strip = true"] {
+        assert!(deploy.lines().any(|l| l == line), "{line:?} in {deploy}");
+    }
+    // Without --binary it builds with that profile.
+    let r = sh(
+        "install.sh",
+        &["--root", root.to_str().expect("utf-8"), "--dry-run"],
+    );
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert!(r.stdout.contains("cargo build --profile deploy"), "{r:?}");
+}
+
+/// A dry run does not claim to have generated a password, and the firewall hint's
+/// commands all open the port to a LAN subnet only, not to everyone.
+#[test]
+fn dry_run_and_firewall_hint_say_what_is_true() {
+    let tmp = Tmp::new("hint");
+    let root = tmp.path().join("root");
+    std::fs::create_dir(&root).expect("mkdir root");
+    let bin = epm_service();
+    let r = sh(
+        "install.sh",
+        &[
+            "--root",
+            root.to_str().expect("utf-8"),
+            "--binary",
+            bin.to_str().expect("utf-8"),
+            "--dry-run",
+        ],
+    );
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert!(
+        !r.stdout.contains("generated a random password"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("would generate a random password"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(files(&root), Vec::<PathBuf>::new(), "dry run wrote files");
+
+    let r = sh(
+        "install.sh",
+        &[
+            "--root",
+            root.to_str().expect("utf-8"),
+            "--binary",
+            bin.to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert!(
+        r.stdout.contains("generated a random password"),
+        "{}",
+        r.stdout
+    );
+    let hint: Vec<&str> = r
+        .stdout
+        .lines()
+        .skip_while(|l| !l.contains("Firewall hint"))
+        .filter(|l| l.contains("ufw ") || l.contains("firewall-cmd ") || l.contains("nft "))
+        .collect();
+    assert_eq!(hint.len(), 3, "{}", r.stdout);
+    for l in hint {
+        assert!(
+            l.contains("192.168.1.0/24"),
+            "opens the port beyond the LAN: {l}"
+        );
+    }
+}
