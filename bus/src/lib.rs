@@ -65,3 +65,4 @@ pub use report::{FailReason, ReceiverInfo, SendReport, SenderEvent};
 pub use salt::{parse_salt, SaltError};
 pub use security::Security;
 pub use sender::{BuildError, PendingReport, SendError, Sender, SenderBuilder};
+pub use sender::{Compression, CompressionStats, SenderEvents};
