@@ -88,6 +88,10 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "auto", value_delimiter = ',')]
     pub compress: Vec<Compress>,
 
+    /// Payload bytes: text (gzip shrinks it about 3x) or random (gzip cannot)
+    #[arg(long, value_enum, default_value = "text")]
+    pub payload: Payload,
+
     /// AES-256-GCM sealing: off, on, or off,on (on uses the configured password, else
     /// a random one for the run); with a password configured, the default is on
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -183,6 +187,16 @@ impl Toggle {
     fn on(self) -> bool {
         self == Toggle::On
     }
+}
+
+/// `--payload`: what the events carry.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Payload {
+    /// JSON-like text, compressible about 3x
+    Text,
+    /// Pseudo-random bytes, incompressible
+    Random,
 }
 
 /// `--compress`: the sender's compression mode.
@@ -286,6 +300,7 @@ struct Workload {
     size: usize,
     compress: Compress,
     encrypt: bool,
+    payload: Payload,
     /// Events sent per run.
     count: u64,
 }
@@ -556,15 +571,25 @@ impl Ctx<'_> {
             size,
             compress,
             encrypt,
+            payload: self.args.payload,
             // By time: set by `calibrate` before the workload runs.
             count: self.args.count.map_or(0, |c| c.min(cap)),
+        }
+    }
+
+    fn payload(&self, n: usize) -> Vec<u8> {
+        match self.args.payload {
+            Payload::Text => payload(n),
+            Payload::Random => random_payload(n),
         }
     }
 
     /// How many events make runs of `--duration` on each side: short untimed runs of
     /// the bus, ten times longer each (at most) until one lasts 40 % of that,
     /// then one of plain TCP as long (with `--baseline`); the count is the faster
-    /// side's rate times the duration. These runs are the workload's warm-up too.
+    /// side's rate times the duration, but at most twice the bus's (so a bus that
+    /// is much slower, e.g. compressing, does not run for many seconds). These runs
+    /// are the workload's warm-up too.
     async fn calibrate(&self, w: Workload, bar: &indicatif::ProgressBar) -> anyhow::Result<u64> {
         let want = self.args.duration.as_secs_f64();
         bar.set_message(format!("{} warm-up", w.label()));
@@ -582,7 +607,7 @@ impl Ctx<'_> {
         }
         if self.args.baseline {
             let raw = self.raw_run(Workload { count, ..w }).await?;
-            rate = rate.max(raw.sender_rate);
+            rate = rate.max(raw.sender_rate.min(2.0 * rate));
         }
         // Half as much again: shorter runs go slower (start-up), and the load moves.
         // With 10 % over and calibration runs of a tenth, and with 30 % over and runs
@@ -645,7 +670,7 @@ impl Ctx<'_> {
             bail!("the sender reached {found} of {n} receivers");
         }
 
-        let payload = bytes::Bytes::from(payload(w.size));
+        let payload = bytes::Bytes::from(self.payload(w.size));
         // Every event a receiver did not acknowledge is reported here.
         let mut events = Box::pin(tx.events());
         let t0 = Instant::now();
@@ -721,7 +746,7 @@ impl Ctx<'_> {
             let (rd, wr) = s.into_split();
             conns.push((rd, BufWriter::with_capacity(64 * 1024, wr)));
         }
-        let payload = payload(w.size);
+        let payload = self.payload(w.size);
         let len = u32::try_from(w.size).context("payload too large")?;
         let t0 = Instant::now();
         for _ in 0..w.count {
@@ -846,7 +871,7 @@ impl Ctx<'_> {
 impl Workload {
     fn label(&self) -> String {
         format!(
-            "1->{} {} B{}{}",
+            "1->{} {} B{}{}{}",
             self.receivers,
             self.size,
             match self.compress {
@@ -854,7 +879,12 @@ impl Workload {
                 Compress::On => " gzip",
                 Compress::Off => " gzip off",
             },
-            if self.encrypt { " aes" } else { "" }
+            if self.encrypt { " aes" } else { "" },
+            if self.payload == Payload::Random {
+                " random"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -963,6 +993,19 @@ fn payload(n: usize) -> Vec<u8> {
     }
     out.truncate(n);
     out
+}
+
+/// Pseudo-random bytes (xorshift): gzip cannot shrink them.
+fn random_payload(n: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
 }
 
 fn bench_handle() -> anyhow::Result<Handle> {
@@ -1520,5 +1563,8 @@ mod tests {
         let p = payload(1024);
         let z = ipcbus::proto::compress::gzip(&p, 1).map_or(p.len(), |z| z.len());
         assert!(z < p.len() / 2, "{z}");
+        let r = random_payload(1024);
+        assert_eq!(r.len(), 1024);
+        assert!(ipcbus::proto::compress::gzip(&r, 1).is_none());
     }
 }
