@@ -21,7 +21,9 @@ pub enum Compression {
     /// through a loopback address (127.0.0.0/8, `::1`), where gzip only burns CPU
     /// (1 KiB events go ~10x slower with it); on as soon as one receiver is reached
     /// at any other address. And while on, skipped for a while when recent events
-    /// did not compress: see [`CompressPolicy`].
+    /// did not compress: see [`CompressPolicy`]. (Local transports other than TCP,
+    /// such as Unix sockets or shared memory, would count as loopback; there are
+    /// none yet.)
     #[default]
     Auto,
     /// Every event at or above the threshold (what `compress(true)` asks for).
