@@ -128,7 +128,8 @@ impl SenderBuilder {
         self
     }
 
-    /// Payloads of at least this many bytes are compressed (default 512).
+    /// Payloads of at least this many bytes are compressed, as [`SenderBuilder::compression`]
+    /// decides (default 512).
     pub fn compress_threshold(mut self, bytes: usize) -> Self {
         self.compress_threshold = bytes;
         self
