@@ -72,6 +72,7 @@ pub use report::{FailReason, ReceiverInfo, SendReport, SenderEvent};
 pub use salt::{parse_salt, SaltError};
 pub use security::Security;
 pub use sender::{BuildError, PendingReport, SendError, Sender, SenderBuilder};
+pub use sender::{Compression, CompressionStats, SenderEvents};
 
 /// The Rust blocks of `README.md`, compiled and run as doc tests so that the README
 /// and the code cannot drift apart.

@@ -40,7 +40,8 @@ use crate::handshake::{self, HandshakeError};
 use crate::ids::SenderId;
 use crate::pool::Pool;
 use crate::proto::codec::{put_frame, CodecV1};
-use crate::proto::compress::{Gzipper, DEFAULT_THRESHOLD};
+use crate::proto::compress::{CompressPolicy, Gzipper, DEFAULT_THRESHOLD};
+pub use crate::proto::compress::{Compression, CompressionStats};
 use crate::proto::crypto::{Sealer, TAG_LEN};
 use crate::proto::frame::{
     parse_ack, DecodeError, Flags, Kind, RejectReason, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX,
@@ -88,7 +89,7 @@ pub enum BuildError {
 pub struct SenderBuilder {
     handle: Handle,
     security: Option<Security>,
-    compress: bool,
+    compression: Compression,
     compress_threshold: usize,
     compress_level: u32,
     send_timeout: Duration,
@@ -113,13 +114,27 @@ impl SenderBuilder {
         self.security(Security::Encrypt(key))
     }
 
-    /// Whether to gzip payloads at or above the threshold (default on).
-    pub fn compress(mut self, on: bool) -> Self {
-        self.compress = on;
+    /// Forces gzip of the payloads at or above the threshold on (`true`:
+    /// [`Compression::Always`]) or off (`false`: [`Compression::Never`]). The default
+    /// is [`Compression::Auto`]: off while every receiver is on loopback, on otherwise,
+    /// skipped while recent events do not compress.
+    pub fn compress(self, on: bool) -> Self {
+        self.compression(if on {
+            Compression::Always
+        } else {
+            Compression::Never
+        })
+    }
+
+    /// When to gzip the payloads at or above the threshold (default
+    /// [`Compression::Auto`]). [`Sender::compression_stats`] tells what was done.
+    pub fn compression(mut self, c: Compression) -> Self {
+        self.compression = c;
         self
     }
 
-    /// Payloads of at least this many bytes are compressed (default 512).
+    /// Payloads of at least this many bytes are compressed, as [`SenderBuilder::compression`]
+    /// decides (default 512).
     pub fn compress_threshold(mut self, bytes: usize) -> Self {
         self.compress_threshold = bytes;
         self
@@ -235,9 +250,8 @@ impl SenderBuilder {
             shared,
             next_seq: 1,
             max_payload: self.max_frame - HEADER_LEN - TAG_LEN,
-            compress: self
-                .compress
-                .then_some((self.compress_threshold, self.compress_level)),
+            compress: CompressPolicy::new(self.compression, self.compress_threshold),
+            compress_level: self.compress_level,
             conns: Vec::new(),
             targets: Arc::from(Vec::new()),
             updates: upd_rx,
@@ -261,7 +275,8 @@ pub struct Sender {
     shared: Arc<Shared>,
     next_seq: u64,
     max_payload: usize,
-    compress: Option<(usize, u32)>,
+    compress: CompressPolicy,
+    compress_level: u32,
     conns: Vec<Arc<Conn>>,
     targets: Arc<[Arc<Conn>]>,
     updates: mpsc::UnboundedReceiver<Update>,
@@ -290,7 +305,7 @@ impl Sender {
         SenderBuilder {
             handle,
             security: None,
-            compress: true,
+            compression: Compression::Auto,
             compress_threshold: DEFAULT_THRESHOLD,
             compress_level: 1,
             send_timeout: Duration::from_secs(10),
@@ -408,19 +423,23 @@ impl Sender {
             return Ok(seq);
         }
         let zipped;
-        let (flags, body) = match self.compress {
-            Some((threshold, level)) if payload.len() >= threshold => match self
+        let (flags, body) = if self.compress.should_compress(payload.len()) {
+            let level = self.compress_level;
+            let z = self
                 .gzipper
                 .get_or_insert_with(|| Gzipper::new(level))
-                .gzip(payload)
-            {
+                .gzip(payload);
+            self.compress
+                .record(payload.len(), z.as_ref().map(Vec::len));
+            match z {
                 Some(z) => {
                     zipped = z;
                     (Flags(Flags::COMPRESSED), &zipped[..])
                 }
                 None => (Flags(0), payload),
-            },
-            _ => (Flags(0), payload),
+            }
+        } else {
+            (Flags(0), payload)
         };
         // Encoded once, into the stage every receiver's writer takes from: the work per
         // event does not grow with the number of receivers.
@@ -490,18 +509,33 @@ impl Sender {
     }
 
     /// A stream of [`SenderEvent`]s from now on. A subscriber that falls more than 1024
-    /// events behind skips the oldest.
-    pub fn events(&self) -> impl Stream<Item = SenderEvent> + Send + 'static {
+    /// events behind skips the oldest. See [`SenderEvents`].
+    pub fn events(&self) -> SenderEvents {
         let rx = self.shared.events.subscribe();
-        futures::stream::unfold(rx, |mut rx| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(ev) => return Some((ev, rx)),
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return None,
+        SenderEvents {
+            inner: futures::stream::unfold(rx, |mut rx| async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(ev) => return Some((ev, rx)),
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
                 }
-            }
-        })
+            })
+            .boxed(),
+        }
+    }
+
+    /// The compression mode this sender was built with.
+    pub fn compression(&self) -> Compression {
+        self.compress.mode()
+    }
+
+    /// What compression did so far: how many events at or above the threshold were
+    /// compressed, and why the others were not. Its `Display` gives a summary such as
+    /// `off: loopback`.
+    pub fn compression_stats(&self) -> CompressionStats {
+        self.compress.stats()
     }
 
     /// This sender's identity.
@@ -539,6 +573,11 @@ impl Sender {
         }
         if changed {
             self.targets = Arc::from(self.conns.clone());
+            self.compress.set_remote(
+                self.targets
+                    .iter()
+                    .any(|c| !CompressPolicy::is_loopback(c.info.addr.ip())),
+            );
             // What is staged goes to the receivers it was published for.
             let mut stage = lock_stage(&self.shared.stage);
             stage.hand_over(&self.shared);
@@ -610,6 +649,65 @@ impl Drop for Sender {
         stage.targets = Arc::from(Vec::new());
         drop(stage);
         self.shared.shutdown.cancel();
+    }
+}
+
+/// The stream of a sender's [`SenderEvent`]s, from [`Sender::events`]: receivers
+/// joining and leaving, and events they did not acknowledge. It ends when the sender
+/// is closed or dropped (and its connections have ended).
+///
+/// It is `Unpin` (and `Send`, `'static`), so it can be polled in place, e.g. as a
+/// branch of `tokio::select!` in a loop, without `Box::pin`:
+///
+/// ```
+/// use futures::StreamExt;
+/// use ipcbus::{Discovery, Handle, Sender, SenderEvent};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = std::env::temp_dir().join(format!("ipcbus-doc-events-{}", std::process::id()));
+/// let handle: Handle = "orders".parse()?;
+/// let mut tx = Sender::builder(handle)
+///     .discovery(Discovery::local_at(&dir)?)
+///     .build()
+///     .await?;
+/// let mut events = tx.events();
+/// let mut tick = tokio::time::interval(std::time::Duration::from_millis(10));
+/// for _ in 0..3 {
+///     tokio::select! {
+///         ev = events.next() => match ev {
+///             Some(SenderEvent::SendFailed { first_seq, last_seq, .. }) => {
+///                 eprintln!("events {first_seq}..={last_seq} not acknowledged");
+///             }
+///             Some(_) => {}
+///             None => break,
+///         },
+///         _ = tick.tick() => {
+///             tx.queue_bytes(b"tick").await?;
+///         }
+///     }
+/// }
+/// tx.close().await;
+/// # std::fs::remove_dir_all(&dir).ok();
+/// # Ok(()) }
+/// ```
+pub struct SenderEvents {
+    inner: futures::stream::BoxStream<'static, SenderEvent>,
+}
+
+impl std::fmt::Debug for SenderEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SenderEvents(..)")
+    }
+}
+
+impl Stream for SenderEvents {
+    type Item = SenderEvent;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<SenderEvent>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.inner.size_hint()
     }
 }
 
@@ -1593,6 +1691,66 @@ mod tests {
         unpaced(&s);
         let cc = socket2::SockRef::from(&s).tcp_congestion().unwrap();
         assert_eq!(cc.split(|&b| b == 0).next().unwrap(), b"cubic");
+    }
+
+    #[test]
+    fn sender_events_is_a_named_unpin_send_stream() {
+        fn check<T: Stream<Item = SenderEvent> + Unpin + Send + 'static>() {}
+        check::<SenderEvents>();
+    }
+
+    /// The default compresses nothing on loopback; `compress(true)` everything that
+    /// shrinks; both deliver the same payloads.
+    #[tokio::test]
+    async fn auto_compression_is_off_on_loopback_and_forced_is_on() {
+        let dir = std::env::temp_dir().join(format!(
+            "ipcbus-auto-gzip-{}-{:x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let h: Handle = "auto-gzip".parse().unwrap();
+        let big = "compressible text ".repeat(64);
+        for (mode, compressed) in [
+            (Compression::Auto, 0),
+            (Compression::Always, 3),
+            (Compression::Never, 0),
+        ] {
+            let disc = Discovery::local_at(&dir).unwrap();
+            let mut rx = crate::Receiver::builder(h.clone())
+                .discovery(disc.clone())
+                .bind()
+                .await
+                .unwrap();
+            let mut tx = Sender::builder(h.clone())
+                .discovery(disc)
+                .compression(mode)
+                .build()
+                .await
+                .unwrap();
+            assert_eq!(tx.wait_for_receivers(1, Duration::from_secs(5)).await, 1);
+            assert_eq!(tx.compression(), mode);
+            for _ in 0..3 {
+                tx.queue_bytes(big.as_bytes()).await.unwrap();
+            }
+            tx.queue_bytes(b"small").await.unwrap();
+            for _ in 0..3 {
+                assert_eq!(&rx.recv().await.unwrap().payload()[..], big.as_bytes());
+            }
+            assert_eq!(&rx.recv().await.unwrap().payload()[..], b"small");
+            assert!(tx.last_report().await.all_acked());
+            let st = tx.compression_stats();
+            assert_eq!(
+                (st.eligible, st.compressed),
+                (3, compressed),
+                "{mode}: {st:?}"
+            );
+            if mode == Compression::Auto {
+                assert_eq!(st.to_string(), "off: loopback");
+            }
+            tx.close().await;
+            rx.close().await;
+        }
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[tokio::test]

@@ -261,6 +261,7 @@ async fn a_capture_of_encrypted_traffic_holds_no_plaintext() {
     let mut tx = Sender::builder(handle("cap"))
         .discovery(disc_tx.clone())
         .key(key)
+        .compress(true) // on loopback, compression is off unless forced
         .build()
         .await
         .unwrap();

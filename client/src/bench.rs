@@ -7,6 +7,10 @@
 //! acknowledgement. Lists of receiver counts, sizes and compression/encryption
 //! settings run as a matrix of workloads, each `--runs` times (medians reported).
 //!
+//! Without `--count`, each workload is first calibrated with short runs (which warm
+//! up both sides) and then sent as many events as last `--duration` (1 s) on each
+//! side, three times; a run of 0.04 s measured mostly start-up and noise.
+//!
 //! `--baseline` runs every workload again over plain tokio TCP (a u32 length prefix and
 //! the payload, nothing else; the same child processes in raw mode) in the same
 //! invocation, and shows our figure as a ratio of it. `--latency` adds a ping-pong
@@ -40,9 +44,11 @@ use crate::out;
 /// aggregate over all receivers, and the rate at which the sender saw events
 /// acknowledged by every receiver. Lists (`-n 1,5,20 --size 64,1024`) run every
 /// combination and print a table; `--baseline` adds the same workloads over plain
-/// TCP and the ratio; `--latency` adds a ping-pong. A table starts with one short,
-/// untimed warm-up run of each side. Exit status 1 if any event was not
-/// acknowledged.
+/// TCP and the ratio; `--latency` adds a ping-pong. By default every workload is
+/// calibrated by short, untimed runs of each side (a warm-up), then run 3 times for
+/// about a second each (--duration), and medians are shown; with --count, the
+/// given number of events (a table then starts with one untimed warm-up run of
+/// each side). Exit status 1 if any event was not acknowledged.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
@@ -60,12 +66,18 @@ pub struct Args {
     #[arg(long, default_value = "64", value_delimiter = ',')]
     pub size: Vec<usize>,
 
-    /// Events to send (capped by --max-bytes for large payloads)
-    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub count: u64,
+    /// Events to send per run (capped by --max-bytes for large payloads); default: as
+    /// many as take --duration, measured by calibration runs
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
 
-    /// Most payload bytes one receiver gets in one workload; fewer events are sent
-    /// when count x size is more (at least 1000)
+    /// Without --count: how long each run should last, on each side (the bus and
+    /// plain TCP)
+    #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_secs)]
+    pub duration: Duration,
+
+    /// With --count: most payload bytes one receiver gets in one workload; fewer
+    /// events are sent when count x size is more (at least 1000)
     #[arg(long, value_name = "BYTES", default_value_t = 256 << 20)]
     pub max_bytes: u64,
 
@@ -77,18 +89,24 @@ pub struct Args {
     #[arg(long, value_name = "SECS", default_value = "120", value_parser = parse_secs)]
     pub timeout: Duration,
 
-    /// gzip compression of payloads of 512 bytes and more: off, on, or off,on
-    #[arg(long, value_enum, default_value = "off", value_delimiter = ',')]
-    pub compress: Vec<Toggle>,
+    /// gzip compression of payloads of 512 bytes and more; a list runs each (e.g.
+    /// auto,on). The table says what was in effect
+    #[arg(long, value_enum, default_value = "auto", value_delimiter = ',')]
+    pub compress: Vec<Compress>,
+
+    /// Payload bytes: text (gzip shrinks it about 3x) or random (gzip cannot)
+    #[arg(long, value_enum, default_value = "text")]
+    pub payload: Payload,
 
     /// AES-256-GCM sealing: off, on, or off,on (on uses the configured password, else
     /// a random one for the run); with a password configured, the default is on
     #[arg(long, value_enum, value_delimiter = ',')]
     pub encrypt: Vec<Toggle>,
 
-    /// Run every workload this many times and report medians
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
-    pub runs: u64,
+    /// Run every workload this many times and report medians [default: 3, or 1 with
+    /// --count]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100))]
+    pub runs: Option<u64>,
 
     /// Also run every workload over plain tokio TCP with length-prefixed frames, and
     /// show the ratio
@@ -103,8 +121,8 @@ pub struct Args {
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub pings: u64,
 
-    /// The standard suite: -n 1,5,20 --size 64,1024,65536, plus 1 KiB with gzip and
-    /// AES on, --baseline and --latency (add --runs 5 for medians)
+    /// The standard suite: -n 1,5,20 --size 64,1024,65536 with compression off, plus
+    /// 1 KiB with gzip and AES on, --baseline and --latency (add --runs 5)
     #[arg(long)]
     pub suite: bool,
 
@@ -161,19 +179,52 @@ where
         .context("the bench thread ended without a result")?
 }
 
-/// On or off, for `--compress` and `--encrypt`.
+/// `--encrypt`.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Toggle {
-    /// Off.
+    /// Not sealed (the local-user authentication of the default security)
     Off,
-    /// On.
+    /// Sealed with AES-256-GCM under a key derived from the password
     On,
 }
 
 impl Toggle {
     fn on(self) -> bool {
         self == Toggle::On
+    }
+}
+
+/// `--payload`: what the events carry.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Payload {
+    /// JSON-like text, compressible about 3x
+    Text,
+    /// Pseudo-random bytes, incompressible
+    Random,
+}
+
+/// `--compress`: the sender's compression mode.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compress {
+    /// The library's default: off on loopback (as here unless --ip or --epm say
+    /// otherwise), on for other addresses, skipped while events do not compress
+    Auto,
+    /// Forced on (`compress(true)`): every event of 512 bytes or more
+    On,
+    /// Forced off (`compress(false)`)
+    Off,
+}
+
+impl Compress {
+    fn mode(self) -> ipcbus::Compression {
+        match self {
+            Compress::Auto => ipcbus::Compression::Auto,
+            Compress::On => ipcbus::Compression::Always,
+            Compress::Off => ipcbus::Compression::Never,
+        }
     }
 }
 
@@ -246,6 +297,9 @@ struct Figures {
     acked: u64,
     failed: u64,
     secs: f64,
+    /// The sender's compression mode, and what it did (e.g. "off: loopback").
+    compression: String,
+    compression_in_effect: String,
 }
 
 /// One throughput workload of a matrix run.
@@ -253,8 +307,9 @@ struct Figures {
 struct Workload {
     receivers: usize,
     size: usize,
-    compress: bool,
+    compress: Compress,
     encrypt: bool,
+    payload: Payload,
     /// Events sent per run.
     count: u64,
 }
@@ -274,6 +329,8 @@ struct Summary {
     /// receiver, there are no acknowledgements).
     sender_rate: f64,
     failed: u64,
+    /// Seconds per run (from the first event sent to the last delivered).
+    secs: f64,
 }
 
 /// One row of the matrix report.
@@ -285,6 +342,8 @@ struct Row {
     baseline: Option<Summary>,
     /// ipcbus median per-receiver rate / baseline's.
     ratio: Option<f64>,
+    /// What the bus's compression did in the last run (e.g. "off: loopback").
+    compression_in_effect: String,
 }
 
 /// Round-trip percentiles in microseconds (medians over runs).
@@ -361,7 +420,7 @@ async fn run_here(common: Common, mut args: Args) -> anyhow::Result<ExitCode> {
     if args.suite {
         args.receivers = vec![1, 5, 20];
         args.size = vec![64, 1024, 64 * 1024];
-        args.compress = vec![Toggle::Off];
+        args.compress = vec![Compress::Off];
         args.encrypt = vec![Toggle::Off];
         args.baseline = true;
         args.latency = true;
@@ -396,18 +455,23 @@ async fn run_here(common: Common, mut args: Args) -> anyhow::Result<ExitCode> {
         for &size in &args.size {
             for &compress in &args.compress {
                 for &encrypt in &args.encrypt {
-                    workloads.push(ctx.workload(n, size, compress.on(), encrypt.on()));
+                    workloads.push(ctx.workload(n, size, compress, encrypt.on()));
                 }
             }
         }
     }
     if args.suite {
-        workloads.push(ctx.workload(1, 1024, true, true));
+        workloads.push(ctx.workload(1, 1024, Compress::On, true));
     }
+    let by_time = args.count.is_none();
+    let runs = args.runs.unwrap_or(if by_time { 3 } else { 1 });
 
-    let single = workloads.len() == 1 && args.runs == 1 && !args.baseline && !args.latency;
+    let single = workloads.len() == 1 && runs == 1 && !args.baseline && !args.latency;
     if single {
-        let w = workloads[0];
+        let mut w = workloads[0];
+        if by_time {
+            w.count = ctx.calibrate(w, &indicatif::ProgressBar::hidden()).await?;
+        }
         let (fig, _) = ctx.bus_run(w).await?;
         print(common, &fig)?;
         return Ok(if fig.failed == 0 {
@@ -418,13 +482,12 @@ async fn run_here(common: Common, mut args: Args) -> anyhow::Result<ExitCode> {
     }
 
     let per = if args.baseline { 2 } else { 1 };
-    let steps =
-        workloads.len() as u64 * args.runs * per + u64::from(args.latency) * args.runs * per;
+    let steps = workloads.len() as u64 * runs * per + u64::from(args.latency) * runs * per;
     let bar = progress(common, steps);
     // One short, untimed run of each side first: the first run of an invocation
     // otherwise pays for cold caches and page faults (it measured the lowest of all
-    // workloads in two suites).
-    if let Some(first) = workloads.first() {
+    // workloads in two suites). By time, every workload's calibration does that.
+    if let Some(first) = workloads.first().filter(|_| !by_time) {
         let warm = Workload {
             count: first.count.min(100_000),
             ..*first
@@ -437,13 +500,19 @@ async fn run_here(common: Common, mut args: Args) -> anyhow::Result<ExitCode> {
     }
     let mut rows = Vec::new();
     let mut failed = 0u64;
-    for w in &workloads {
+    for w in &mut workloads {
+        if by_time {
+            w.count = ctx.calibrate(*w, &bar).await?;
+        }
         let mut bus = Vec::new();
         let mut raw = Vec::new();
-        for _ in 0..args.runs {
+        let mut in_effect = String::new();
+        for _ in 0..runs {
             // Interleaved, so both see the same machine load.
             bar.set_message(format!("{} ipcbus", w.label()));
-            bus.push(ctx.bus_run(*w).await?.1);
+            let (fig, run) = ctx.bus_run(*w).await?;
+            in_effect = fig.compression_in_effect;
+            bus.push(run);
             bar.inc(1);
             if args.baseline {
                 bar.set_message(format!("{} plain tcp", w.label()));
@@ -460,13 +529,14 @@ async fn run_here(common: Common, mut args: Args) -> anyhow::Result<ExitCode> {
             ipcbus,
             baseline,
             ratio,
+            compression_in_effect: in_effect,
         });
     }
     let latency = if args.latency {
         let size = args.size.first().copied().unwrap_or(64);
         let mut bus = Vec::new();
         let mut raw = Vec::new();
-        for _ in 0..args.runs {
+        for _ in 0..runs {
             bar.set_message("ping-pong ipcbus");
             bus.push(ctx.bus_latency(size).await?);
             bar.inc(1);
@@ -503,19 +573,59 @@ async fn run_here(common: Common, mut args: Args) -> anyhow::Result<ExitCode> {
 }
 
 impl Ctx<'_> {
-    fn workload(&self, n: u16, size: usize, compress: bool, encrypt: bool) -> Workload {
+    fn workload(&self, n: u16, size: usize, compress: Compress, encrypt: bool) -> Workload {
         let cap = (self.args.max_bytes / size.max(1) as u64).max(1000);
         Workload {
             receivers: usize::from(n),
             size,
             compress,
             encrypt,
-            count: self.args.count.min(cap),
+            payload: self.args.payload,
+            // By time: set by `calibrate` before the workload runs.
+            count: self.args.count.map_or(0, |c| c.min(cap)),
         }
     }
 
+    fn payload(&self, n: usize) -> Vec<u8> {
+        match self.args.payload {
+            Payload::Text => payload(n),
+            Payload::Random => random_payload(n),
+        }
+    }
+
+    /// How many events make runs of `--duration` on each side: short untimed runs of
+    /// the bus, ten times longer each (at most) until one lasts 40 % of that,
+    /// then one of plain TCP as long (with `--baseline`); the count is the faster
+    /// side's rate times the duration, but at most twice the bus's (so a bus that
+    /// is much slower, e.g. compressing, does not run for many seconds). These runs
+    /// are the workload's warm-up too.
+    async fn calibrate(&self, w: Workload, bar: &indicatif::ProgressBar) -> anyhow::Result<u64> {
+        let want = self.args.duration.as_secs_f64();
+        bar.set_message(format!("{} warm-up", w.label()));
+        let mut count = 10_000u64;
+        let mut rate;
+        loop {
+            let (_, run) = self.bus_run(Workload { count, ..w }).await?;
+            rate = run.sender_rate.max(1.0);
+            let secs = count as f64 / rate;
+            if secs >= want * 0.4 || count >= 1 << 40 {
+                break;
+            }
+            let grow = (want * 0.5 / secs.max(1e-6)).clamp(2.0, 10.0);
+            count = (count as f64 * grow) as u64;
+        }
+        if self.args.baseline {
+            let raw = self.raw_run(Workload { count, ..w }).await?;
+            rate = rate.max(raw.sender_rate.min(2.0 * rate));
+        }
+        // Half as much again: shorter runs go slower (start-up), and the load moves.
+        // With 10 % over and calibration runs of a tenth, and with 30 % over and runs
+        // of 40 %, a second asked for gave 0.92-0.97 s at 1 KiB.
+        Ok(((rate * want * 1.5) as u64).max(1000))
+    }
+
     fn discovery(&self) -> anyhow::Result<ipcbus::Discovery> {
-        Ok(match &self.common.epm {
+        Ok(match &self.common.epm_addr() {
             Some(_) => self.common.discovery()?,
             None => {
                 ipcbus::Discovery::local_at(self.dir).config("cannot open the bench registry")?
@@ -560,7 +670,7 @@ impl Ctx<'_> {
         let mut tx = Sender::builder(handle)
             .discovery(self.discovery()?)
             .security(self.security(w.encrypt))
-            .compress(w.compress)
+            .compression(w.compress.mode())
             .queue_capacity(usize::try_from(self.args.window).unwrap_or(usize::MAX))
             .build()
             .await?;
@@ -569,7 +679,7 @@ impl Ctx<'_> {
             bail!("the sender reached {found} of {n} receivers");
         }
 
-        let payload = bytes::Bytes::from(payload(w.size));
+        let payload = bytes::Bytes::from(self.payload(w.size));
         // Every event a receiver did not acknowledge is reported here.
         let mut events = Box::pin(tx.events());
         let t0 = Instant::now();
@@ -596,6 +706,8 @@ impl Ctx<'_> {
         }
         let failed = failed.min(w.count);
         let acked = w.count - failed;
+        let compression = tx.compression().to_string();
+        let compression_in_effect = tx.compression_stats().to_string();
         tx.close().await;
 
         let results = collect(&mut spawned, self.args.timeout).await?;
@@ -613,6 +725,8 @@ impl Ctx<'_> {
             acked,
             failed,
             secs,
+            compression,
+            compression_in_effect,
         };
         Ok((fig, run))
     }
@@ -641,7 +755,7 @@ impl Ctx<'_> {
             let (rd, wr) = s.into_split();
             conns.push((rd, BufWriter::with_capacity(64 * 1024, wr)));
         }
-        let payload = payload(w.size);
+        let payload = self.payload(w.size);
         let len = u32::try_from(w.size).context("payload too large")?;
         let t0 = Instant::now();
         for _ in 0..w.count {
@@ -766,11 +880,20 @@ impl Ctx<'_> {
 impl Workload {
     fn label(&self) -> String {
         format!(
-            "1->{} {} B{}{}",
+            "1->{} {} B{}{}{}",
             self.receivers,
             self.size,
-            if self.compress { " gzip" } else { "" },
-            if self.encrypt { " aes" } else { "" }
+            match self.compress {
+                Compress::Auto => "",
+                Compress::On => " gzip",
+                Compress::Off => " gzip off",
+            },
+            if self.encrypt { " aes" } else { "" },
+            if self.payload == Payload::Random {
+                " random"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -783,6 +906,7 @@ struct RunFigures {
     aggregate: f64,
     sender_rate: f64,
     failed: u64,
+    secs: f64,
 }
 
 impl RunFigures {
@@ -796,6 +920,7 @@ impl RunFigures {
             aggregate: rate(received, secs),
             sender_rate,
             failed,
+            secs,
         }
     }
 }
@@ -815,6 +940,7 @@ fn summarize(runs: &[RunFigures], size: usize) -> Summary {
         aggregate: med(|r| r.aggregate),
         sender_rate: med(|r| r.sender_rate),
         failed: runs.iter().map(|r| r.failed).sum(),
+        secs: med(|r| r.secs),
     }
 }
 
@@ -876,6 +1002,19 @@ fn payload(n: usize) -> Vec<u8> {
     }
     out.truncate(n);
     out
+}
+
+/// Pseudo-random bytes (xorshift): gzip cannot shrink them.
+fn random_payload(n: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
 }
 
 fn bench_handle() -> anyhow::Result<Handle> {
@@ -945,9 +1084,13 @@ async fn spawn_children(
             })
             .arg("--rt")
             .arg(ctx.args.rt.as_arg())
+            // The receivers get the password and salt below, or none.
             .env_remove("IPCBUS_PASSWORD_FILE")
             .env_remove("IPCBUS_PASSWORD")
             .env_remove("IPCBUS_SALT")
+            .env_remove("IPCBUS_EPM_PASSWORD_FILE")
+            .env_remove("IPCBUS_EPM_PASSWORD")
+            .env_remove("IPCBUS_EPM_SALT")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -955,7 +1098,7 @@ async fn spawn_children(
         if let Some(r) = reply {
             cmd.arg("--reply").arg(r.as_str());
         }
-        match &common.epm {
+        match &common.epm_addr() {
             Some(epm) => {
                 cmd.arg("--epm").arg(epm);
             }
@@ -1219,6 +1362,10 @@ fn print(common: &Common, f: &Figures) -> anyhow::Result<()> {
         f.count,
         f.secs
     ))?;
+    out::line(format!(
+        "  compression:  {} ({})",
+        f.compression, f.compression_in_effect
+    ))?;
     if f.failed > 0 {
         out::note(format!(
             "{} events were not acknowledged by every receiver",
@@ -1239,9 +1386,10 @@ fn print_report(common: &Common, r: &Report) -> anyhow::Result<()> {
         if runs == 1 { "" } else { "s" }
     ))?;
     out::line(format!(
-        "{:<22} {:>8} {:>12} {:>12} {:>9} {:>12} {:>12} {:>12} {:>6}",
+        "{:<22} {:>9} {:>5} {:>12} {:>12} {:>9} {:>12} {:>12} {:>12} {:>6}",
         "workload",
         "events",
+        "secs",
         "recv min",
         "recv median",
         "MB/s",
@@ -1254,9 +1402,10 @@ fn print_report(common: &Common, r: &Report) -> anyhow::Result<()> {
         let w = &row.workload;
         let b = &row.ipcbus;
         out::line(format!(
-            "{:<22} {:>8} {:>12} {:>12} {:>9.1} {:>12} {:>12} {:>12} {:>6}",
+            "{:<22} {:>9} {:>5.2} {:>12} {:>12} {:>9.1} {:>12} {:>12} {:>12} {:>6}",
             w.label(),
             w.count,
+            b.secs,
             human(b.min),
             human(b.median),
             b.median_mb_s,
@@ -1268,6 +1417,7 @@ fn print_report(common: &Common, r: &Report) -> anyhow::Result<()> {
             row.ratio.map_or("-".to_string(), |x| format!("{x:.2}")),
         ))?;
     }
+    print_notes(r)?;
     if let Some(l) = &r.latency {
         out::line(format!(
             "latency (round trip, {} B, {} pings; medians of {} run{}):",
@@ -1295,6 +1445,54 @@ fn print_report(common: &Common, r: &Report) -> anyhow::Result<()> {
         out::note(format!(
             "{failed} events were not acknowledged by every receiver"
         ));
+    }
+    Ok(())
+}
+
+/// What the columns of the throughput table mean, and what compression did.
+fn print_notes(r: &Report) -> anyhow::Result<()> {
+    let baseline = r.throughput.iter().any(|row| row.baseline.is_some());
+    out::line(
+        "  secs: length of one ipcbus run (median); recv: events/s one receiver took \
+         (the slowest, the median); aggregate: all receivers together",
+    )?;
+    if baseline {
+        out::line(
+            "  ratio = ipcbus recv median / plain tcp recv median: the same workload over \
+             plain tokio TCP\n    (length-prefixed frames, no acknowledgements), run by \
+             run in this invocation; 1.00 = as fast",
+        )?;
+    } else {
+        out::line("  ratio: needs --baseline (the same workload over plain TCP, in this run)")?;
+    }
+    for row in &r.throughput {
+        let w = &row.workload;
+        if w.size >= ipcbus::proto::compress::DEFAULT_THRESHOLD {
+            out::line(format!(
+                "  compression of {}: {} ({})",
+                w.label(),
+                w.compress.mode(),
+                row.compression_in_effect
+            ))?;
+        }
+    }
+    if !r
+        .throughput
+        .iter()
+        .any(|row| row.workload.size >= ipcbus::proto::compress::DEFAULT_THRESHOLD)
+    {
+        let modes: Vec<String> = r
+            .throughput
+            .iter()
+            .map(|row| row.workload.compress.mode().to_string())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        out::line(format!(
+            "  compression: {} (no event reaches its {} B threshold)",
+            modes.join(", "),
+            ipcbus::proto::compress::DEFAULT_THRESHOLD
+        ))?;
     }
     Ok(())
 }
@@ -1378,5 +1576,8 @@ mod tests {
         let p = payload(1024);
         let z = ipcbus::proto::compress::gzip(&p, 1).map_or(p.len(), |z| z.len());
         assert!(z < p.len() / 2, "{z}");
+        let r = random_payload(1024);
+        assert_eq!(r.len(), 1024);
+        assert!(ipcbus::proto::compress::gzip(&r, 1).is_none());
     }
 }

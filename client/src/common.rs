@@ -105,7 +105,7 @@ impl Common {
     }
 
     /// The EPM address: `--epm`, else `IPCBUS_EPM` (empty counts as unset).
-    fn epm_addr(&self) -> Option<String> {
+    pub fn epm_addr(&self) -> Option<String> {
         self.epm
             .clone()
             .or_else(|| std::env::var("IPCBUS_EPM").ok())

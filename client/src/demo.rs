@@ -90,7 +90,9 @@ async fn demo(dir: &std::path::Path) -> anyhow::Result<()> {
         "  encryption: AES-256-GCM, key from password {PASSWORD:?} + salt {} (hex; Argon2id)",
         hex::encode(SALT)
     ))?;
-    out::line("  compression: gzip for events of 512 bytes or more\n")?;
+    out::line(
+        "  compression: gzip for events of 512 bytes or more (forced on: by default it is off on loopback)\n",
+    )?;
 
     let mut names = Vec::new();
     let mut tasks = Vec::new();
@@ -112,6 +114,7 @@ async fn demo(dir: &std::path::Path) -> anyhow::Result<()> {
     let mut tx = Sender::builder(handle.clone())
         .discovery(disc.clone())
         .key(key.clone())
+        .compress(true)
         .build()
         .await?;
     let found = tx.wait_for_receivers(2, T).await;

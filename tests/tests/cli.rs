@@ -321,6 +321,36 @@ fn bench_one_to_two_prints_json() {
 }
 
 #[test]
+fn bench_by_time_reports_medians_and_the_compression_in_effect() {
+    let rt = Tmp::new("bench-time");
+    let mut c = ipcbus_cmd(rt.path());
+    c.args([
+        "bench",
+        "-n",
+        "1",
+        "--size",
+        "1024",
+        "--duration",
+        "0.1",
+        "--runs",
+        "2",
+        "--json",
+    ]);
+    let r = run(c, b"");
+    assert_eq!(r.code(), 0, "{r:?}");
+    let v: Value = serde_json::from_str(r.stdout.trim()).expect("bench --json is JSON");
+    let row = &v["throughput"][0];
+    assert_eq!(row["compress"], "auto", "{v}");
+    assert_eq!(row["compression_in_effect"], "off: loopback", "{v}");
+    assert_eq!(row["ipcbus"]["runs"], 2, "{v}");
+    assert!(row["count"].as_u64().is_some_and(|n| n >= 1000), "{v}");
+    assert!(
+        row["ipcbus"]["secs"].as_f64().is_some_and(|s| s > 0.0),
+        "{v}"
+    );
+}
+
+#[test]
 fn epm_mode_round_trip_list_and_status() {
     let rt = Tmp::new("epm");
     let pw = rt.path().join("epm.password");

@@ -144,6 +144,7 @@ async fn send_mode(a: &Args) -> anyhow::Result<()> {
     let mut tx = Sender::builder(Handle::new(HANDLE)?)
         .epm(epm)
         .send_timeout(SEND_TIMEOUT)
+        .compress(true) // the default skips gzip on loopback; the soak wants it on the path
         .build()
         .await?;
     say(&format!("ready {}", tx.id()));
