@@ -137,7 +137,8 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     println!(
-        "   {left} receivers registered for \"{handle}\" after {} ms",
+        "   {} registered for \"{handle}\" after {} ms",
+        ipcbus_examples::plural(left as u64, "receiver"),
         t.elapsed().as_millis()
     );
     tx.close().await;

@@ -54,6 +54,6 @@ async fn main() -> anyhow::Result<()> {
     }
     tx.close().await;
     rx.close().await;
-    println!("pong: answered {n} events");
+    println!("pong: answered {}", ipcbus_examples::plural(n, "event"));
     Ok(())
 }

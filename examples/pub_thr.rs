@@ -88,11 +88,16 @@ async fn main() -> anyhow::Result<()> {
     let secs = t0.elapsed().as_secs_f64();
     tx.close().await;
     println!(
-        "pub_thr: {} events of {} B to {n} receivers in {secs:.3} s: {:.0} msgs/s acknowledged by all ({failed} failed)",
-        args.count,
+        "pub_thr: {} of {} B to {} in {secs:.3} s: {:.0} msgs/s acknowledged by all ({failed} failed)",
+        ipcbus_examples::plural(args.count, "event"),
         args.size,
+        ipcbus_examples::plural(n as u64, "receiver"),
         acked as f64 / secs.max(1e-9)
     );
-    anyhow::ensure!(failed == 0, "{failed} events were not acknowledged");
+    anyhow::ensure!(
+        failed == 0,
+        "{} not acknowledged",
+        ipcbus_examples::plural(failed, "event")
+    );
     Ok(())
 }

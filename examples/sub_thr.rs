@@ -38,8 +38,8 @@ async fn main() -> anyhow::Result<()> {
         .bind()
         .await?;
     println!(
-        "sub_thr: waiting for {} events on \"{}\" at {}",
-        args.count,
+        "sub_thr: waiting for {} on \"{}\" at {}",
+        ipcbus_examples::plural(args.count, "event"),
         args.handle,
         rx.local_addr()
     );
@@ -61,12 +61,13 @@ async fn main() -> anyhow::Result<()> {
     rx.close().await;
     if secs > 0.0 {
         println!(
-            "sub_thr: {got} events in {secs:.3} s: {:.0} msgs/s, {:.1} MB/s",
+            "sub_thr: {} in {secs:.3} s: {:.0} msgs/s, {:.1} MB/s",
+            ipcbus_examples::plural(got, "event"),
             got as f64 / secs,
             bytes as f64 / secs / 1e6
         );
     } else {
-        println!("sub_thr: {got} events");
+        println!("sub_thr: {}", ipcbus_examples::plural(got, "event"));
     }
     Ok(())
 }

@@ -1343,8 +1343,14 @@ fn print(common: &Common, f: &Figures) -> anyhow::Result<()> {
         return Ok(());
     }
     out::line(format!(
-        "bench: 1 sender -> {} receiver processes, {} events of {} B",
-        f.receivers, f.count, f.size
+        "bench: 1 sender -> {}, {} of {} B",
+        if f.receivers == 1 {
+            "1 receiver process".to_owned()
+        } else {
+            format!("{} receiver processes", f.receivers)
+        },
+        out::plural(f.count, "event"),
+        f.size
     ))?;
     out::line(format!(
         "  per receiver: min {} msgs/s, median {} msgs/s",
@@ -1368,8 +1374,8 @@ fn print(common: &Common, f: &Figures) -> anyhow::Result<()> {
     ))?;
     if f.failed > 0 {
         out::note(format!(
-            "{} events were not acknowledged by every receiver",
-            f.failed
+            "{} not acknowledged by every receiver",
+            out::plural(f.failed, "event")
         ));
     }
     Ok(())
@@ -1443,7 +1449,8 @@ fn print_report(common: &Common, r: &Report) -> anyhow::Result<()> {
     let failed: u64 = r.throughput.iter().map(|row| row.ipcbus.failed).sum();
     if failed > 0 {
         out::note(format!(
-            "{failed} events were not acknowledged by every receiver"
+            "{} not acknowledged by every receiver",
+            out::plural(failed, "event")
         ));
     }
     Ok(())

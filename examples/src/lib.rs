@@ -137,6 +137,19 @@ impl Opts {
     }
 }
 
+/// `1 event`, `2 events`: a count and its noun, in the right number.
+///
+/// ```
+/// assert_eq!(ipcbus_examples::plural(1, "receiver"), "1 receiver");
+/// assert_eq!(ipcbus_examples::plural(0, "event"), "0 events");
+/// ```
+pub fn plural(n: impl Into<u64>, noun: &str) -> String {
+    match n.into() {
+        1 => format!("1 {noun}"),
+        n => format!("{n} {noun}s"),
+    }
+}
+
 /// Logs warnings and errors of the library to stderr (`RUST_LOG` overrides), in
 /// colour only on a terminal and without `NO_COLOR` set.
 pub fn init_tracing() {

@@ -3,14 +3,7 @@
 
 use super::*;
 
-/// `1 event`, `2 events`.
-pub(super) fn plural(n: u64, word: &str) -> String {
-    if n == 1 {
-        format!("1 {word}")
-    } else {
-        format!("{n} {word}s")
-    }
-}
+pub(super) use crate::out::plural;
 
 /// What one receiver did with the events sent to it.
 #[derive(Debug, Clone, Default)]
@@ -311,12 +304,5 @@ mod tests {
             event_line(&report(3, &[], &[(b, FailReason::TimedOut)])),
             "event 3: no receiver acknowledged; 127.0.0.1:4001 failed (timed out)"
         );
-    }
-
-    #[test]
-    fn plurals() {
-        assert_eq!(plural(0, "event"), "0 events");
-        assert_eq!(plural(1, "event"), "1 event");
-        assert_eq!(plural(2, "receiver"), "2 receivers");
     }
 }
