@@ -143,8 +143,8 @@ impl Opts {
 /// assert_eq!(ipcbus_examples::plural(1, "receiver"), "1 receiver");
 /// assert_eq!(ipcbus_examples::plural(0, "event"), "0 events");
 /// ```
-pub fn plural(n: impl Into<u64>, noun: &str) -> String {
-    match n.into() {
+pub fn plural(n: u64, noun: &str) -> String {
+    match n {
         1 => format!("1 {noun}"),
         n => format!("{n} {noun}s"),
     }
