@@ -35,6 +35,7 @@
 //! ```
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+mod chain;
 mod credentials;
 mod discovery;
 pub mod epm;
@@ -52,6 +53,7 @@ mod salt;
 mod security;
 mod sender;
 
+pub use chain::error_chain;
 pub use credentials::{Credentials, CredentialsBuilder, CredentialsError};
 pub use discovery::{Discovery, DiscoveryError};
 pub use epm::{Epm, EpmAddrError, EpmBuilder, EpmClient, EpmError};

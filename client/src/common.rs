@@ -193,7 +193,8 @@ impl Common {
         if let Some(s) = &self.salt {
             b = b.salt(s.to_hex());
         }
-        b.resolve().map_err(|e| config_error(error_chain(&e)))
+        b.resolve()
+            .map_err(|e| config_error(ipcbus::error_chain(&e)))
     }
 
     /// The key from the password and salt, if a password is configured.
@@ -204,7 +205,7 @@ impl Common {
     pub fn key(&self) -> anyhow::Result<Option<Key>> {
         self.creds()?
             .key()
-            .map_err(|e| config_error(error_chain(&e)))
+            .map_err(|e| config_error(ipcbus::error_chain(&e)))
     }
 
     /// The password and salt, when both are set (to hand on to child processes).
@@ -213,7 +214,7 @@ impl Common {
     /// As [`Common::key`].
     pub fn credentials(&self) -> anyhow::Result<Option<(Vec<u8>, Salt)>> {
         let c = self.creds()?;
-        c.key().map_err(|e| config_error(error_chain(&e)))?;
+        c.key().map_err(|e| config_error(ipcbus::error_chain(&e)))?;
         Ok(c.password()
             .map(<[u8]>::to_vec)
             .zip(c.salt().map(|s| Salt(s.to_vec()))))
@@ -230,22 +231,6 @@ impl Common {
             None => Security::default(),
         })
     }
-}
-
-/// An error and its causes, `: `-separated (a library error keeps its cause as its
-/// source, not in its message).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let s = c.to_string();
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        cur = c.source();
-    }
-    out
 }
 
 /// Salt bytes as given on the command line.

@@ -134,21 +134,9 @@ fn colours() -> bool {
 }
 
 /// The error and its causes on one line, like `{:#}`, but without repeating a cause
-/// whose text the message before it already includes (several library errors show
-/// their source in their own message too).
+/// whose text the message before it already includes.
 fn one_line(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let s = cause.to_string();
-        if out.contains(&s) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&s);
-    }
-    out
+    ipcbus::error_chain(e.as_ref())
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {

@@ -76,22 +76,9 @@ enum Failure {
     Runtime(anyhow::Error),
 }
 
-/// An error and its causes on one line, each cause once: an error whose message
-/// already includes its source's (`cannot read FILE: No such file or directory`)
-/// does not get that source appended again.
+/// An error and its causes on one line, each cause once.
 fn describe(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let msg = cause.to_string();
-        if out.contains(&msg) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&msg);
-    }
-    out
+    ipcbus::error_chain(e.as_ref())
 }
 
 fn start(args: Args) -> Result<(), Failure> {
