@@ -201,7 +201,7 @@ STRIPPED=$WORK/epm-service
 if [ "$DRY" = 0 ]; then
     cp "$BINARY" "$STRIPPED"
     if command -v strip >/dev/null; then
-        strip "$STRIPPED"
+        strip "$STRIPPED" 2>/dev/null || say "cannot strip $BINARY (another architecture, or not ELF?): installing it as it is"
     else
         say "strip (binutils) not found: installing $BINARY with its symbols"
     fi

@@ -2,7 +2,9 @@
 //! order, for every program of the workspace (library defaults, the `ipcbus` command
 //! line, the examples, `epm-service`).
 
+use std::ffi::OsString;
 use std::fmt;
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
 use crate::proto::crypto::{Key, KeyError};
@@ -122,13 +124,22 @@ pub enum CredentialsError {
         /// The other.
         second: String,
     },
+    /// A salt in the environment that is not UTF-8 text.
+    #[error(
+        "the salt in {from} is not UTF-8 text: write it as hex (010203) or {{0x01,0x02,0x03}}"
+    )]
+    NotUtf8 {
+        /// The variable.
+        from: String,
+    },
     /// The key could not be derived.
     #[error("cannot derive the key from the password")]
     Key(#[from] KeyError),
 }
 
-/// Reads an environment variable; `None` when unset (empty counts as unset).
-type EnvFn<'a> = Box<dyn Fn(&str) -> Option<String> + 'a>;
+/// Reads an environment variable, as raw bytes; `None` when unset (empty counts as
+/// unset).
+type EnvFn<'a> = Box<dyn Fn(&str) -> Option<OsString> + 'a>;
 
 /// Collects the explicit settings, then [`resolve`](CredentialsBuilder::resolve)s
 /// the rest from the environment.
@@ -200,6 +211,13 @@ impl<'a> CredentialsBuilder<'a> {
     /// Reads variables through `env` instead of the process environment (tests,
     /// programs with their own configuration).
     pub fn env(mut self, env: impl Fn(&str) -> Option<String> + 'a) -> Self {
+        self.env = Box::new(move |n| env(n).map(OsString::from));
+        self
+    }
+
+    /// As [`CredentialsBuilder::env`], with values as raw bytes (a password need not
+    /// be UTF-8).
+    pub fn env_os(mut self, env: impl Fn(&str) -> Option<OsString> + 'a) -> Self {
         self.env = Box::new(env);
         self
     }
@@ -224,14 +242,20 @@ impl<'a> CredentialsBuilder<'a> {
             (None, None) => match pair(&env, PASSWORD_FILE_VARS, "password")? {
                 Some((path, var)) => Some(read_password_file(Path::new(&path), &var)?),
                 None => match pair(&env, PASSWORD_VARS, "password")? {
-                    Some((pw, var)) => Some(checked(pw.into_bytes(), var)?),
+                    Some((pw, var)) => Some(checked(pw.into_vec(), var)?),
                     None => None,
                 },
             },
         };
         let salt = match self.salt {
             Some((s, from)) => Some((s, from)),
-            None => pair(&env, SALT_VARS, "salt")?,
+            None => match pair(&env, SALT_VARS, "salt")? {
+                Some((s, from)) => match s.into_string() {
+                    Ok(s) => Some((s, from)),
+                    Err(_) => return Err(CredentialsError::NotUtf8 { from }),
+                },
+                None => None,
+            },
         };
         let salt = match salt {
             Some((s, from)) => match parse_salt(&s) {
@@ -252,7 +276,7 @@ impl Credentials {
             password_file: None,
             password: None,
             salt: None,
-            env: Box::new(|n| std::env::var(n).ok()),
+            env: Box::new(|n| std::env::var_os(n)),
         }
     }
 
@@ -330,10 +354,10 @@ impl Credentials {
 /// The value of the first set variable of an equivalent pair; both set and different
 /// is a conflict.
 fn pair(
-    env: &dyn Fn(&str) -> Option<String>,
+    env: &dyn Fn(&str) -> Option<OsString>,
     names: [&'static str; 2],
     what: &'static str,
-) -> Result<Option<(String, String)>, CredentialsError> {
+) -> Result<Option<(OsString, String)>, CredentialsError> {
     match (env(names[0]), env(names[1])) {
         (Some(a), Some(b)) if a != b => Err(CredentialsError::Conflict {
             what,
@@ -478,6 +502,32 @@ mod tests {
             .key()
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn passwords_are_bytes_and_salts_text() {
+        use std::os::unix::ffi::OsStrExt;
+        let raw = |n: &str| match n {
+            "IPCBUS_PASSWORD" => Some(std::ffi::OsStr::from_bytes(b"p\xffw").to_owned()),
+            "IPCBUS_SALT" => Some(OsString::from("01")),
+            _ => None,
+        };
+        let c = Credentials::builder().env_os(raw).resolve().unwrap();
+        assert_eq!(c.password(), Some(&b"p\xffw"[..]));
+        assert!(c.key().unwrap().is_some());
+        let bad_salt = |n: &str| match n {
+            "IPCBUS_PASSWORD" => Some(OsString::from("pw")),
+            "IPCBUS_EPM_SALT" => Some(std::ffi::OsStr::from_bytes(b"\xff").to_owned()),
+            _ => None,
+        };
+        let e = Credentials::builder()
+            .env_os(bad_salt)
+            .resolve()
+            .unwrap_err();
+        assert!(
+            matches!(&e, CredentialsError::NotUtf8 { from } if from == "IPCBUS_EPM_SALT"),
+            "{e}"
+        );
     }
 
     #[test]

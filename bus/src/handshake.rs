@@ -43,7 +43,7 @@ pub enum HandshakeError {
     #[error(
         "authentication failed: the peer has another key: the password and salt \
          (IPCBUS_PASSWORD or --password-file, IPCBUS_SALT or --salt) must be the same \
-         on both sides (without them, both must run as the same user)"
+         on both sides (without a password, local peers must run as the same user)"
     )]
     AuthenticationFailed,
     /// One side uses a key or encryption and the other does not.

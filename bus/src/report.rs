@@ -52,7 +52,7 @@ impl fmt::Display for FailReason {
             FailReason::Refused => f.write_str("connection refused"),
             FailReason::TimedOut => f.write_str("timed out"),
             FailReason::AuthenticationFailed => f.write_str(
-                "authentication failed: the password and salt (IPCBUS_PASSWORD, IPCBUS_SALT) differ",
+                "authentication failed: the password and salt (IPCBUS_PASSWORD, IPCBUS_SALT) differ, or only one side has them",
             ),
             FailReason::Rejected(r) => write!(f, "rejected: {r}"),
             FailReason::WrongReceiver => {

@@ -385,6 +385,9 @@ impl Drop for Spawned {
     }
 }
 
+/// Bytes per receiver the first calibration run of a workload moves at most.
+const CALIBRATION_BYTES: u64 = 16 << 20;
+
 /// Password and salt for the processes of an encrypted workload.
 type Creds = Option<(Vec<u8>, Salt)>;
 
@@ -602,7 +605,9 @@ impl Ctx<'_> {
     async fn calibrate(&self, w: Workload, bar: &indicatif::ProgressBar) -> anyhow::Result<u64> {
         let want = self.args.duration.as_secs_f64();
         bar.set_message(format!("{} warm-up", w.label()));
-        let mut count = 10_000u64;
+        // The first run moves at most 16 MiB per receiver (10,000 events up to 1 KiB;
+        // 4 events of 4 MiB), so large events do not start with minutes of warm-up.
+        let mut count = (CALIBRATION_BYTES / (w.size as u64).max(1)).clamp(1, 10_000);
         let mut rate;
         loop {
             let (_, run) = self.bus_run(Workload { count, ..w }).await?;
@@ -621,11 +626,11 @@ impl Ctx<'_> {
         // Half as much again: shorter runs go slower (start-up), and the load moves.
         // With 10 % over and calibration runs of a tenth, and with 30 % over and runs
         // of 40 %, a second asked for gave 0.92-0.97 s at 1 KiB.
-        Ok(((rate * want * 1.5) as u64).max(1000))
+        Ok(((rate * want * 1.5) as u64).max(3))
     }
 
     fn discovery(&self) -> anyhow::Result<ipcbus::Discovery> {
-        Ok(match &self.common.epm_addr() {
+        Ok(match &self.common.epm_addr()? {
             Some(_) => self.common.discovery()?,
             None => {
                 ipcbus::Discovery::local_at(self.dir).config("cannot open the bench registry")?
@@ -1098,7 +1103,7 @@ async fn spawn_children(
         if let Some(r) = reply {
             cmd.arg("--reply").arg(r.as_str());
         }
-        match &common.epm_addr() {
+        match &common.epm_addr()? {
             Some(epm) => {
                 cmd.arg("--epm").arg(epm);
             }

@@ -66,6 +66,11 @@ pub struct Common {
     /// Print JSON instead of text (from [`JsonOpt`], for the commands that have it).
     #[arg(skip)]
     pub json: bool,
+
+    /// The password and salt once read: a password file is read once per process,
+    /// so `--password-file <(...)` or a FIFO works.
+    #[arg(skip)]
+    creds: std::sync::OnceLock<Credentials>,
 }
 
 /// `--json`, for the commands that can print JSON.
@@ -104,13 +109,22 @@ impl Common {
         self
     }
 
-    /// The EPM address: `--epm`, else `IPCBUS_EPM` (empty counts as unset).
-    pub fn epm_addr(&self) -> Option<String> {
-        self.epm
-            .clone()
-            .or_else(|| std::env::var("IPCBUS_EPM").ok())
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty())
+    /// The EPM address: `--epm`, else `IPCBUS_EPM` (an empty or blank variable
+    /// counts as unset; an empty `--epm` is an error).
+    ///
+    /// # Errors
+    /// A [`ConfigError`] for `--epm ""`.
+    pub fn epm_addr(&self) -> anyhow::Result<Option<String>> {
+        match &self.epm {
+            Some(e) if e.trim().is_empty() => Err(config_error(
+                "--epm is empty: give HOST[:PORT], or leave it out for the local-user registry",
+            )),
+            Some(e) => Ok(Some(e.trim().to_owned())),
+            None => Ok(std::env::var("IPCBUS_EPM")
+                .ok()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())),
+        }
     }
 }
 
@@ -167,7 +181,7 @@ impl Common {
     /// A [`ConfigError`] for a malformed address (naming the bad part), or as
     /// [`Common::key`].
     pub fn epm(&self) -> anyhow::Result<Option<Epm>> {
-        let Some(addr) = self.epm_addr() else {
+        let Some(addr) = self.epm_addr()? else {
             return Ok(None);
         };
         let from = if self.epm.is_some() {
@@ -189,12 +203,17 @@ impl Common {
     /// A [`ConfigError`] when the password file cannot be read or is empty, or a
     /// salt is malformed.
     pub fn creds(&self) -> anyhow::Result<Credentials> {
+        if let Some(c) = self.creds.get() {
+            return Ok(c.clone());
+        }
         let mut b = Credentials::builder().password_file(self.password_file.as_ref());
         if let Some(s) = &self.salt {
             b = b.salt(s.to_hex());
         }
-        b.resolve()
-            .map_err(|e| config_error(ipcbus::error_chain(&e)))
+        let c = b
+            .resolve()
+            .map_err(|e| config_error(ipcbus::error_chain(&e)))?;
+        Ok(self.creds.get_or_init(|| c).clone())
     }
 
     /// The key from the password and salt, if a password is configured.

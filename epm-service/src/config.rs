@@ -6,6 +6,7 @@
 //! built-in defaults. A password always needs a salt and the other way round; a
 //! malformed salt is an error, never a silent fall back to plaintext.
 
+use std::ffi::OsString;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -223,6 +224,9 @@ pub enum ConfigError {
     /// malformed salt, one without the other, two different passwords.
     #[error(transparent)]
     Credentials(#[from] CredentialsError),
+    /// The classic positional salt and `--salt` differ.
+    #[error("salt given twice: SALT (positional) and --salt differ; give one")]
+    SaltConflict,
     /// The positional port and `--port` differ.
     #[error("port given twice: {positional} (positional) and {flag} (--port)")]
     PortConflict {
@@ -246,11 +250,11 @@ pub enum ConfigError {
 
 /// Reads environment variables; a function so tests need not touch the process
 /// environment.
-pub type EnvFn<'a> = &'a dyn Fn(&str) -> Option<String>;
+pub type EnvFn<'a> = &'a dyn Fn(&str) -> Option<OsString>;
 
 /// The process environment, ignoring empty values.
-pub fn process_env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
+pub fn process_env(name: &str) -> Option<OsString> {
+    std::env::var_os(name).filter(|v| !v.is_empty())
 }
 
 impl Config {
@@ -296,7 +300,7 @@ impl Config {
         // `ipcbus::Credentials` documents), then file.
         let mut cli = Credentials::builder()
             .password_file(args.password_file.as_ref())
-            .env(env);
+            .env_os(env);
         if let Some(p) = &args.classic_password {
             warnings.push(
                 "password given on the command line: other local users can see it \
@@ -305,10 +309,11 @@ impl Config {
             );
             cli = cli.password_from(p, "the command line");
         }
-        if let Some(s) = &args.classic_salt {
-            cli = cli.salt_from(s, "the command line");
-        } else if let Some(s) = &args.salt {
-            cli = cli.salt(s);
+        match (&args.classic_salt, &args.salt) {
+            (Some(a), Some(b)) if a.trim() != b.trim() => return Err(ConfigError::SaltConflict),
+            (Some(s), _) => cli = cli.salt_from(s, "the command line"),
+            (None, Some(s)) => cli = cli.salt(s),
+            (None, None) => {}
         }
         let cli = cli.resolve()?;
         // The config file fills only what the command line and the environment left
@@ -329,6 +334,24 @@ impl Config {
         }
         let creds = cli.or(in_file.resolve()?);
         let key = creds.key()?;
+        if let (Some(p), Some(s)) = (creds.password_from(), creds.salt_from()) {
+            let level = |from: &str| {
+                if from.starts_with("IPCBUS_") {
+                    "environment"
+                } else if from == "the config file" {
+                    "config"
+                } else {
+                    "command line"
+                }
+            };
+            if level(p) != level(s) {
+                warnings.push(format!(
+                    "the password comes from {p} and the salt from {s}: check that they \
+                     belong together (a stray IPCBUS_SALT or IPCBUS_PASSWORD in the \
+                     environment, say), or every client will fail to authenticate"
+                ));
+            }
+        }
         if key.is_none() {
             for b in &binds {
                 if !b.ip().is_loopback() {
@@ -451,8 +474,26 @@ pub fn parse_file(path: &Path, bytes: &[u8]) -> Result<FileConfig, ConfigError> 
     })?;
     toml::from_str(text).map_err(|e| ConfigError::Toml {
         path: path.to_owned(),
-        message: e.to_string().trim().to_owned(),
+        message: toml_message(&e),
     })
+}
+
+/// A TOML error on one line: its message, with the line and column where it is
+/// (the `toml` crate's own text spans several lines with a caret diagram).
+fn toml_message(e: &toml::de::Error) -> String {
+    let msg = e.message().trim().replace('\n', "; ");
+    // The span is in bytes; the line and column come from the first line of the
+    // crate's text ("TOML parse error at line L, column C").
+    let full = e.to_string();
+    match full.lines().next() {
+        Some(first) if first.contains("line") => {
+            let at = first
+                .trim_start_matches("TOML parse error ")
+                .trim_end_matches(':');
+            format!("{msg} ({at})")
+        }
+        _ => msg,
+    }
 }
 
 /// Parses `IP` or `IP:PORT` (`[v6]:PORT`); a bare IP gets `port`.
@@ -477,7 +518,7 @@ pub fn parse_bind(s: &str, port: u16) -> Result<SocketAddr, ConfigError> {
 mod tests {
     use super::*;
 
-    fn no_env(_: &str) -> Option<String> {
+    fn no_env(_: &str) -> Option<OsString> {
         None
     }
 
@@ -576,8 +617,8 @@ mod tests {
         assert!(c.warnings.is_empty(), "{:?}", c.warnings);
         // flags beat the file; env beats the file
         let env = |n: &str| match n {
-            "IPCBUS_EPM_PASSWORD" => Some("from-env".to_owned()),
-            "IPCBUS_EPM_SALT" => Some("{0x05}".to_owned()),
+            "IPCBUS_EPM_PASSWORD" => Some("from-env".into()),
+            "IPCBUS_EPM_SALT" => Some("{0x05}".into()),
             _ => None,
         };
         let a = args(&[
@@ -602,6 +643,25 @@ mod tests {
         .unwrap();
         assert_eq!(c.key, Some(Key::derive("from-file", [10u8, 11]).unwrap()));
         let _ = std::fs::remove_file(pwf);
+        let _ = std::fs::remove_file(cfg);
+    }
+
+    #[test]
+    fn password_and_salt_from_different_places_are_warned_about() {
+        let cfg = tmp("toml7", "password = \"in-file\"\nsalt = \"05\"\n");
+        let env = |n: &str| (n == "IPCBUS_SALT").then(|| OsString::from("06"));
+        let a = args(&["--config", cfg.to_str().unwrap(), "--bind", "127.0.0.1"]);
+        let c = Config::load(&a, &env).unwrap();
+        assert_eq!(c.key, Some(Key::derive("in-file", [6u8]).unwrap()));
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("salt from IPCBUS_SALT")),
+            "{:?}",
+            c.warnings
+        );
+        let c = Config::load(&a, &no_env).unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
         let _ = std::fs::remove_file(cfg);
     }
 
@@ -640,8 +700,8 @@ mod tests {
         ] {
             let env = move |n: &str| {
                 (n == pw)
-                    .then(|| "from-env".to_owned())
-                    .or_else(|| (n == salt).then(|| "05".to_owned()))
+                    .then(|| OsString::from("from-env"))
+                    .or_else(|| (n == salt).then(|| OsString::from("05")))
             };
             let c = Config::load(&args(&[]), &env).unwrap();
             assert_eq!(c.key, Some(Key::derive("from-env", [5u8]).unwrap()), "{pw}");
@@ -649,8 +709,8 @@ mod tests {
         let pwf = tmp("pw5", "in-a-file\n");
         let path = pwf.to_str().unwrap().to_owned();
         let env = move |n: &str| match n {
-            "IPCBUS_PASSWORD_FILE" => Some(path.clone()),
-            "IPCBUS_EPM_SALT" => Some("05".to_owned()),
+            "IPCBUS_PASSWORD_FILE" => Some(path.clone().into()),
+            "IPCBUS_EPM_SALT" => Some("05".into()),
             _ => None,
         };
         let c = Config::load(&args(&[]), &env).unwrap();
@@ -678,6 +738,11 @@ mod tests {
             Err(ConfigError::PortConflict { .. })
         ));
         assert!(load(&["5000", "--port", "5000"]).is_ok());
+        assert!(matches!(
+            load(&["5000", "pw", "01", "--salt", "02"]),
+            Err(ConfigError::SaltConflict)
+        ));
+        assert!(load(&["5000", "pw", "01", "--salt", "01"]).is_ok());
         assert!(matches!(
             load(&["--bind", "localhost:80"]),
             Err(ConfigError::BadBind(_))
@@ -713,6 +778,11 @@ mod tests {
         let e = parse_file(p, b"prot = 1").unwrap_err().to_string();
         assert!(e.contains("prot"), "{e}");
         assert!(parse_file(p, b"port = 1\n[[[").is_err());
+        let e = parse_file(p, b"port = 1\nprot = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.contains("line 2"), "{e}");
         assert!(parse_file(p, &[0xff, 0xfe]).is_err());
         assert_eq!(parse_file(p, b"").unwrap().port, None);
     }

@@ -38,6 +38,10 @@ pub struct Opts {
     /// IPCBUS_SALT]
     #[arg(long, value_name = "SALT")]
     pub salt: Option<String>,
+
+    /// The password and salt once read (a password file is read once).
+    #[arg(skip)]
+    creds: std::sync::OnceLock<Credentials>,
 }
 
 impl Opts {
@@ -46,7 +50,8 @@ impl Opts {
         self.epm
             .clone()
             .or_else(|| std::env::var("IPCBUS_EPM").ok())
-            .filter(|s| !s.trim().is_empty())
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
     }
 
     /// The password and salt of the options and the environment.
@@ -54,6 +59,9 @@ impl Opts {
     /// # Errors
     /// An unreadable password file or a malformed salt.
     pub fn credentials(&self) -> anyhow::Result<Credentials> {
+        if let Some(c) = self.creds.get() {
+            return Ok(c.clone());
+        }
         let mut b = Credentials::builder().password_file(self.password_file.as_ref());
         if let Some(p) = &self.password {
             b = b.password_from(p, "--password");
@@ -61,7 +69,8 @@ impl Opts {
         if let Some(s) = &self.salt {
             b = b.salt(s);
         }
-        Ok(b.resolve()?)
+        let c = b.resolve()?;
+        Ok(self.creds.get_or_init(|| c).clone())
     }
 
     /// The key from the password and salt, if a password is given.
@@ -80,7 +89,12 @@ impl Opts {
     pub fn discovery(&self) -> anyhow::Result<Discovery> {
         match self.epm_addr() {
             Some(addr) => {
-                let mut b = Epm::parse(&addr).context("--epm")?;
+                let from = if self.epm.is_some() {
+                    "--epm"
+                } else {
+                    "IPCBUS_EPM"
+                };
+                let mut b = Epm::parse(&addr).context(from)?;
                 if let Some(k) = self.key()? {
                     b = b.key(k);
                 }

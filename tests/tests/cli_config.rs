@@ -8,7 +8,7 @@ mod cli_support;
 
 use std::process::Command;
 
-use cli_support::{example, ipcbus_cmd, run, Proc, Tmp, IPCBUS_VARS, T};
+use cli_support::{epm_service, example, ipcbus_cmd, run, Epm, Proc, Tmp, IPCBUS_VARS, T};
 use serde_json::Value;
 
 /// `ipcbus listen` in the background; returns it once it printed `ready`.
@@ -312,4 +312,61 @@ fn logs_have_no_colour_codes_when_stderr_is_not_a_terminal() {
     let p = Proc::spawn(c);
     let line = p.stderr_line("DEBUG");
     assert!(!line.contains('\u{1b}'), "colour codes in a pipe: {line:?}");
+}
+
+#[test]
+fn a_password_file_is_read_once_so_a_pipe_works_with_an_epm() {
+    let rt = Tmp::new("pwpipe");
+    let pw = rt.path().join("pw");
+    std::fs::write(&pw, "piped\n").expect("write the password file");
+    let epm = Epm::start(
+        &epm_service(),
+        &[
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--password-file",
+            pw.to_str().expect("utf-8"),
+            "--salt",
+            "01",
+        ],
+    );
+    // The password arrives on a pipe, which can be read only once.
+    let mut c = ipcbus_cmd(rt.path());
+    c.args([
+        "--epm",
+        &epm.addr,
+        "--password-file",
+        "/dev/stdin",
+        "--salt",
+        "01",
+        "send",
+        "nobody.here",
+        "x",
+    ]);
+    let r = run(c, b"piped\n");
+    assert_eq!(r.code(), 0, "{r:?}");
+}
+
+#[test]
+fn empty_epm_and_unreadable_file_are_configuration_errors() {
+    let rt = Tmp::new("emptyepm");
+    let r = ipcbus(&rt, &["send", "--epm", "", "h", "x"], &[]);
+    assert_eq!(r.code(), 2, "{r:?}");
+    assert!(r.stderr.contains("--epm is empty"), "{r:?}");
+    // A blank IPCBUS_EPM counts as unset: the local registry.
+    let r = ipcbus(&rt, &["send", "h", "x"], &[("IPCBUS_EPM", " ")]);
+    assert_eq!(r.code(), 0, "{r:?}");
+    // A directory given as --file opens but cannot be read: exit 2 as for a missing
+    // file.
+    let dir = rt.path().to_str().expect("utf-8").to_owned();
+    let r = ipcbus(&rt, &["send", "h", "--file", &dir], &[]);
+    assert_eq!(r.code(), 2, "{r:?}");
+    let r = ipcbus(
+        &rt,
+        &["send", "h", "--file", "/nonexistent/ipcbus-file"],
+        &[],
+    );
+    assert_eq!(r.code(), 2, "{r:?}");
 }

@@ -232,7 +232,10 @@ impl Epm {
     /// [`EpmError::Credentials`] for an unreadable password file, a malformed salt,
     /// or a password without a salt (or the other way round).
     pub fn from_env() -> Result<Option<Epm>, EpmError> {
-        let Some(addr) = std::env::var("IPCBUS_EPM").ok().filter(|v| !v.is_empty()) else {
+        let Some(addr) = std::env::var("IPCBUS_EPM")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+        else {
             return Ok(None);
         };
         let mut b = Epm::parse(&addr)?;

@@ -32,9 +32,11 @@ pub(super) fn read_file(path: &std::path::Path, max: usize) -> anyhow::Result<By
         }
     }
     let mut buf = Vec::with_capacity(size.map_or(0, |s| s as usize));
+    // An unreadable file (a directory, say) is a configuration error, like a
+    // missing one.
     f.take(max as u64 + 1)
         .read_to_end(&mut buf)
-        .with_context(|| format!("cannot read file {}", path.display()))?;
+        .map_err(|e| config_error(format!("cannot read file {}: {e}", path.display())))?;
     if buf.len() > max {
         anyhow::bail!(too_large(&what, None, max));
     }
