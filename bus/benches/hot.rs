@@ -17,7 +17,6 @@ use ipcbus::proto::compress::{gunzip, gzip, Gunzipper, Gzipper};
 use ipcbus::proto::crypto::{proofs_equal, Key, Sealer, SessionKeys};
 use ipcbus::proto::frame::{Flags, Hello, HelloParse, Kind, Mode, Welcome, VERSION};
 use ipcbus::{Discovery, Handle, Receiver, ReceiverId, Sender, SenderId};
-use tokio_util::codec::Decoder;
 
 const SIZES: [usize; 3] = [64, 1024, 64 * 1024];
 

@@ -3,17 +3,16 @@
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_util::codec::Decoder;
 
-use crate::handle::Handle;
-use crate::ids::{ReceiverId, SenderId};
-use crate::proto::codec::{put_frame, CodecV1};
-use crate::proto::crypto::{proofs_equal, Sealer, SessionKeys};
-use crate::proto::frame::{
+use crate::security::Resolved;
+use ipcbus_proto::codec::{put_frame, CodecV1};
+use ipcbus_proto::crypto::{proofs_equal, Sealer, SessionKeys};
+use ipcbus_proto::frame::{
     parse_proof, DecodeError, Flags, Hello, HelloParse, Kind, Mode, RawFrame, Reject, RejectReason,
     Welcome, VERSION,
 };
-use crate::security::Resolved;
+use ipcbus_proto::handle::Handle;
+use ipcbus_proto::ids::{ReceiverId, SenderId};
 
 /// Why a handshake failed.
 #[derive(Debug, thiserror::Error)]
@@ -376,11 +375,11 @@ pub mod fuzzing {
     use tokio::io::{AsyncRead, AsyncWrite};
 
     use super::HandshakeError;
-    use crate::handle::Handle;
-    use crate::ids::{ReceiverId, SenderId};
-    use crate::proto::crypto::Key;
-    use crate::proto::frame::Mode;
     use crate::security::Resolved;
+    use ipcbus_proto::crypto::Key;
+    use ipcbus_proto::frame::Mode;
+    use ipcbus_proto::handle::Handle;
+    use ipcbus_proto::ids::{ReceiverId, SenderId};
 
     fn resolved(key: Option<Key>, sealed: bool) -> Resolved {
         let mode = match (&key, sealed) {
@@ -430,7 +429,7 @@ pub mod fuzzing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::crypto::Key;
+    use ipcbus_proto::crypto::Key;
 
     fn sec(mode: Mode, key: Option<&Key>) -> Resolved {
         Resolved {

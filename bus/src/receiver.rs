@@ -22,19 +22,19 @@ use crate::discovery::Announcement;
 use crate::discovery::Discovery;
 use crate::epm::{Epm, EpmError};
 use crate::gate::{HandshakeGate, HandshakeSlot};
-use crate::handle::Handle;
 use crate::handshake;
-use crate::ids::{ReceiverId, SenderId};
 use crate::message::Message;
 use crate::pool::Pool;
-use crate::proto::codec::{put_frame, CodecV1};
-use crate::proto::compress::Gunzipper;
-use crate::proto::crypto::{Sealer, TAG_LEN};
-use crate::proto::frame::{
+use crate::registry::{record_now, RegistryError};
+use crate::security::{Resolved, Security};
+use ipcbus_proto::codec::{put_frame, CodecV1};
+use ipcbus_proto::compress::Gunzipper;
+use ipcbus_proto::crypto::{Sealer, TAG_LEN};
+use ipcbus_proto::frame::{
     parse_ack_request, DecodeError, Flags, Kind, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX,
 };
-use crate::registry::{Record, RegistryError};
-use crate::security::{Resolved, Security};
+use ipcbus_proto::handle::Handle;
+use ipcbus_proto::ids::{ReceiverId, SenderId};
 
 /// Why a receiver could not be bound.
 #[derive(Debug, thiserror::Error)]
@@ -192,7 +192,7 @@ impl ReceiverBuilder {
             half_open: HandshakeGate::new((self.max_connections / 4).clamp(1, 64)),
         });
         tasks.spawn(accept_loop(listener, shared, tx));
-        let record = Record::new(self.handle.clone(), advertised, id);
+        let record = record_now(self.handle.clone(), advertised, id);
         let registration = match discovery.register(&record).await {
             Ok(r) => r,
             Err(e) => {
@@ -906,8 +906,8 @@ async fn ack_writer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::codec::put_frame;
-    use crate::proto::compress::gzip;
+    use ipcbus_proto::codec::put_frame;
+    use ipcbus_proto::compress::gzip;
 
     #[test]
     fn acks_are_batched_unless_requested() {

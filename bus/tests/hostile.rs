@@ -6,7 +6,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use ipcbus::proto::codec::put_frame;
 use ipcbus::proto::frame::{Flags, Hello, Kind, Mode, VERSION};
-use ipcbus::{Discovery, FailReason, Handle, Key, Receiver, Record, Security, Sender, SenderId};
+use ipcbus::registry::record_now;
+use ipcbus::{Discovery, FailReason, Handle, Key, Receiver, Security, Sender, SenderId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -181,7 +182,7 @@ async fn a_port_reused_by_another_handle_or_program_is_detected_and_dropped() {
         .bind()
         .await
         .unwrap();
-    let stale = Record::new(
+    let stale = record_now(
         Handle::new("a").unwrap(),
         rb.local_addr(),
         ipcbus::ReceiverId::random(),
@@ -195,7 +196,7 @@ async fn a_port_reused_by_another_handle_or_program_is_detected_and_dropped() {
             let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").await;
         }
     });
-    let junk = Record::new(
+    let junk = record_now(
         Handle::new("a").unwrap(),
         other_addr,
         ipcbus::ReceiverId::random(),

@@ -26,7 +26,6 @@ use ipcbus::proto::frame::{
 };
 use ipcbus::{Handle, ReceiverId, SenderId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::codec::Decoder;
 
 /// The name of every target, as in `fuzz/Cargo.toml` and the corpus directories.
 pub const TARGETS: &[&str] = &[

@@ -32,7 +32,6 @@ use ipcbus::{Discovery, Epm, Handle, Key, ReceiverId, Security, Sender, SenderId
 use ipcbus_tests::{Proc, TempDir};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::codec::Decoder;
 
 const PEER: &str = env!("CARGO_BIN_EXE_ipcbus-testpeer");
 const EPM_BIN: &str = env!("CARGO_BIN_EXE_test-epm-service");

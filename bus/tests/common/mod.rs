@@ -12,7 +12,6 @@ use ipcbus::proto::frame::{Flags, Hello, Kind, Mode, RawFrame, Welcome, VERSION}
 use ipcbus::{Handle, Key, SenderId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::codec::Decoder;
 
 pub const T: Duration = Duration::from_secs(10);
 

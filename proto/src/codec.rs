@@ -1,4 +1,5 @@
-//! Length-prefixed framing of wire protocol v1 as a `tokio_util::codec` decoder.
+//! Length-prefixed framing of wire protocol v1. The `tokio_util::codec::Decoder`
+//! adapter over [`CodecV1::decode`] lives in `ipcbus`, so this core has no I/O error.
 //!
 //! ```text
 //! u32 BE  length of what follows (10 + body), at most the configured maximum
@@ -9,7 +10,6 @@
 //! ```
 
 use bytes::{Buf, BufMut, BytesMut};
-use tokio_util::codec::Decoder;
 
 use super::frame::{DecodeError, Flags, Kind, RawFrame, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX};
 
@@ -70,17 +70,15 @@ impl CodecV1 {
     }
 }
 
-impl Default for CodecV1 {
-    fn default() -> Self {
-        CodecV1::new(DEFAULT_MAX_FRAME)
-    }
-}
-
-impl Decoder for CodecV1 {
-    type Item = RawFrame;
-    type Error = DecodeError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<RawFrame>, DecodeError> {
+impl CodecV1 {
+    /// Takes the next whole frame off the front of `src`: `Ok(None)` means "need more
+    /// bytes" (room for the announced frame is reserved, the maximum checked first),
+    /// `Err` means the bytes are not a v1 frame and the connection should end.
+    ///
+    /// # Errors
+    /// [`DecodeError::TooLong`], [`DecodeError::TooShort`],
+    /// [`DecodeError::UnknownKind`], [`DecodeError::UnknownFlags`].
+    pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<RawFrame>, DecodeError> {
         let Some(len) = self.check_front(src)? else {
             return Ok(None);
         };
@@ -101,6 +99,12 @@ impl Decoder for CodecV1 {
             seq,
             body: frame,
         }))
+    }
+}
+
+impl Default for CodecV1 {
+    fn default() -> Self {
+        CodecV1::new(DEFAULT_MAX_FRAME)
     }
 }
 

@@ -160,21 +160,12 @@ pub enum DecodeError {
     /// The gzip body is corrupt.
     #[error("corrupt gzip body")]
     Inflate,
-    /// The connection failed while reading.
-    #[error("i/o error: {0}")]
-    Io(std::io::ErrorKind),
     /// The gzip body inflates past the maximum.
     #[error("gzip body inflates past the maximum of {max} bytes")]
     InflateTooLarge {
         /// Configured maximum.
         max: usize,
     },
-}
-
-impl From<std::io::Error> for DecodeError {
-    fn from(e: std::io::Error) -> Self {
-        DecodeError::Io(e.kind())
-    }
 }
 
 /// Security mode announced in `Hello`; both sides must agree.

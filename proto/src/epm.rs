@@ -24,7 +24,7 @@ use super::crypto::Sealer;
 use super::frame::{DecodeError, Flags, Kind, RawFrame};
 use crate::handle::Handle;
 use crate::ids::ReceiverId;
-use crate::registry::Record;
+use crate::record::Record;
 
 /// The handle an EPM client puts in its `Hello`; the EPM rejects any other.
 pub const EPM_HANDLE: &str = "ipcbus.epm.v1";
@@ -418,10 +418,9 @@ mod receiver_serde {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::codec::CodecV1;
-    use crate::proto::crypto::{Key, SessionKeys};
+    use crate::codec::CodecV1;
+    use crate::crypto::{Key, SessionKeys};
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
-    use tokio_util::codec::Decoder;
 
     fn h(s: &str) -> Handle {
         Handle::new(s).unwrap()
