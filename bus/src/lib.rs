@@ -56,10 +56,6 @@ pub use credentials::{Credentials, CredentialsBuilder, CredentialsError};
 pub use discovery::{Discovery, DiscoveryError};
 pub use epm::{Epm, EpmAddrError, EpmBuilder, EpmClient, EpmError};
 pub use gate::{HandshakeGate, HandshakeSlot};
-/// Handshake entry points for the fuzz targets (feature `fuzzing`); not a stable API.
-#[cfg(feature = "fuzzing")]
-#[doc(hidden)]
-pub use handshake::fuzzing;
 pub use handshake::HandshakeError;
 pub use ipcbus_proto as proto;
 pub use ipcbus_proto::{

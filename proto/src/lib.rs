@@ -13,6 +13,9 @@
 //!   [`SessionKeys`](crypto::SessionKeys) (HKDF over the handshake) and the AES-256-GCM
 //!   [`Sealer`](crypto::Sealer).
 //! - [`compress`]: gzip per frame, inflation capped by the frame maximum.
+//! - [`handshake`]: the handshake as two state machines ([`Client`](handshake::Client),
+//!   [`Server`](handshake::Server)): frames in, frames to send and "established" with
+//!   the session's sealers, or a typed failure, out.
 //! - [`epm`]: the endpoint manager's messages and their framing.
 //! - [`record`]: one receiver's registration, and its JSON form.
 //! - [`handle`], [`ids`], [`salt`]: validated handles, sender and receiver ids, the
@@ -27,6 +30,7 @@ pub mod crypto;
 pub mod epm;
 pub mod frame;
 pub mod handle;
+pub mod handshake;
 pub mod ids;
 pub mod record;
 pub mod salt;
