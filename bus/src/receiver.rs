@@ -31,7 +31,7 @@ use ipcbus_proto::codec::{put_frame, CodecV1};
 use ipcbus_proto::compress::Gunzipper;
 use ipcbus_proto::crypto::{Sealer, TAG_LEN};
 use ipcbus_proto::frame::{
-    parse_ack_request, DecodeError, Flags, Kind, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX,
+    parse_ack_request, DecodeError, Flags, Header, Kind, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX,
 };
 use ipcbus_proto::handle::Handle;
 use ipcbus_proto::ids::{ReceiverId, SenderId};
@@ -298,14 +298,15 @@ impl Batch {
             if end > d.len() {
                 return None;
             }
-            if header[0] == Kind::Data as u8 {
+            // Checked by `Input::scan` already.
+            let header = Header::parse(&header).ok()?;
+            if header.kind == Kind::Data {
                 break (end, header);
             }
             // An AckRequest, already acted on by the connection task.
             self.data.advance(end);
         };
-        let flags = Flags(header[1]);
-        let seq = u64::from_be_bytes(*header[2..].first_chunk::<8>()?);
+        let Header { flags, seq, .. } = header;
         let body_end = if flags.sealed() { end - TAG_LEN } else { end };
         let payload = if flags.compressed() {
             self.inflated.next()?
@@ -384,11 +385,10 @@ impl Input {
             let start = self.checked + LEN_PREFIX;
             let frame = &mut self.buf[start..start + len];
             let (header, body) = frame.split_at_mut(HEADER_LEN);
-            let kind = Kind::from_u8(header[0]).ok_or(DecodeError::UnknownKind(header[0]))?;
-            let flags = Flags(header[1]);
-            let mut seq_bytes = [0u8; 8];
-            seq_bytes.copy_from_slice(&header[2..]);
-            let seq = u64::from_be_bytes(seq_bytes);
+            let header = header
+                .first_chunk::<HEADER_LEN>()
+                .ok_or(DecodeError::TooShort { len })?;
+            let Header { kind, flags, seq } = Header::parse(header)?;
             if kind == Kind::AckRequest {
                 if seq <= self.last_request {
                     return Err(DecodeError::OutOfOrder {

@@ -11,7 +11,9 @@
 
 use bytes::{Buf, BufMut, BytesMut};
 
-use super::frame::{DecodeError, Flags, Kind, RawFrame, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX};
+use super::frame::{
+    DecodeError, Flags, Header, Kind, RawFrame, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX,
+};
 
 /// Decoder of v1 frames with a hard maximum length, checked before any allocation.
 #[derive(Debug, Clone, Copy)]
@@ -89,10 +91,11 @@ impl CodecV1 {
         }
         src.advance(LEN_PREFIX);
         let mut frame = src.split_to(len);
-        let kind = Kind::from_u8(frame[0]).ok_or(DecodeError::UnknownKind(frame[0]))?;
-        let flags = Flags(frame[1]);
-        frame.advance(2);
-        let seq = frame.get_u64();
+        let header = frame
+            .first_chunk::<HEADER_LEN>()
+            .ok_or(DecodeError::TooShort { len })?;
+        let Header { kind, flags, seq } = Header::parse(header)?;
+        frame.advance(HEADER_LEN);
         Ok(Some(RawFrame {
             kind,
             flags,
@@ -110,10 +113,7 @@ impl Default for CodecV1 {
 
 /// Appends the length prefix and header of a frame whose body is `body_len` bytes.
 pub fn put_header(dst: &mut BytesMut, kind: Kind, flags: Flags, seq: u64, body_len: usize) {
-    dst.put_u32((HEADER_LEN + body_len) as u32);
-    dst.put_u8(kind as u8);
-    dst.put_u8(flags.0);
-    dst.put_u64(seq);
+    dst.put_slice(&Header { kind, flags, seq }.to_bytes(body_len));
 }
 
 /// Appends a whole unsealed frame.
