@@ -16,6 +16,9 @@
 //! - [`handshake`]: the handshake as two state machines ([`Client`](handshake::Client),
 //!   [`Server`](handshake::Server)): frames in, frames to send and "established" with
 //!   the session's sealers, or a typed failure, out.
+//! - [`session`]: one connection after the handshake: [`Outbound`](session::Outbound)
+//!   numbers and seals what is sent, [`Inbound`](session::Inbound) checks kind, order
+//!   and seal of what arrives, opens it and inflates it within the maximum.
 //! - [`epm`]: the endpoint manager's messages and their framing.
 //! - [`record`]: one receiver's registration, and its JSON form.
 //! - [`handle`], [`ids`], [`salt`]: validated handles, sender and receiver ids, the
@@ -34,6 +37,7 @@ pub mod handshake;
 pub mod ids;
 pub mod record;
 pub mod salt;
+pub mod session;
 
 pub use crypto::{Key, KeyError};
 pub use frame::{DecodeError, RejectReason};
