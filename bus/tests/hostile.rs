@@ -4,10 +4,10 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use ipcbus::proto::codec::put_frame;
-use ipcbus::proto::frame::{Flags, Hello, Kind, Mode, VERSION};
 use ipcbus::registry::record_now;
 use ipcbus::{Discovery, FailReason, Handle, Key, Receiver, Security, Sender, SenderId};
+use ipcbus_proto::codec::put_frame;
+use ipcbus_proto::frame::{Flags, Hello, Kind, Mode, VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -93,7 +93,7 @@ async fn garbage_truncated_and_oversized_input_closes_only_that_connection() {
 
     // A gzip bomb: 64 MiB of zeros in a small frame, past the 1 MiB cap.
     let (mut s, _) = handshake(addr, "h", SenderId::random(), None).await;
-    let bomb = ipcbus::proto::compress::gzip(&vec![0u8; 64 << 20], 9).unwrap();
+    let bomb = ipcbus_proto::compress::gzip(&vec![0u8; 64 << 20], 9).unwrap();
     assert!(bomb.len() < 1 << 20);
     let mut out = BytesMut::new();
     put_frame(&mut out, Kind::Data, Flags(Flags::COMPRESSED), 1, &bomb);
