@@ -7,10 +7,11 @@
 //!
 //! Modules:
 //! - [`proto`]: the crate `ipcbus-proto`, the I/O-free core of wire protocol v1 —
-//!   frame types, the codec, key derivation and sealing, compression, EPM messages,
-//!   registry records. No sockets, no clocks.
+//!   frame types, the codec, key derivation and sealing, compression, the handshake
+//!   state machines, the per-connection session checks, EPM messages, registry
+//!   records. No sockets, no clocks.
 //! - `framing`: the `tokio_util` decoder adapter over the core's v1 codec.
-//! - `handshake`: the async driver of the connection handshake over that core.
+//! - `handshake`: the async driver of the core's handshake state machines.
 //! - [`registry`]: records filled in for this process, and the local-user registry
 //!   directory.
 //! - [`epm`]: the client of the endpoint manager service (registrations with
