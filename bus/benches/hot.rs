@@ -12,12 +12,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ipcbus::proto::codec::{put_frame, CodecV1};
-use ipcbus::proto::compress::{gunzip, gzip, Gunzipper, Gzipper};
-use ipcbus::proto::crypto::{proofs_equal, Key, Sealer, SessionKeys};
-use ipcbus::proto::frame::{Flags, Hello, HelloParse, Kind, Mode, Welcome, VERSION};
 use ipcbus::{Discovery, Handle, Receiver, ReceiverId, Sender, SenderId};
-use tokio_util::codec::Decoder;
+use ipcbus_proto::codec::{put_frame, CodecV1};
+use ipcbus_proto::compress::{gunzip, gzip, Gunzipper, Gzipper};
+use ipcbus_proto::crypto::{proofs_equal, Key, Sealer, SessionKeys};
+use ipcbus_proto::frame::{Flags, Hello, HelloParse, Kind, Mode, Welcome, VERSION};
 
 const SIZES: [usize; 3] = [64, 1024, 64 * 1024];
 

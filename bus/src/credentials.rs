@@ -7,8 +7,8 @@ use std::fmt;
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
-use crate::proto::crypto::{Key, KeyError};
-use crate::salt::{parse_salt, SaltError};
+use ipcbus_proto::crypto::{Key, KeyError};
+use ipcbus_proto::salt::{parse_salt, SaltError};
 
 /// Largest password file read, in bytes (its first line is the password).
 const MAX_PASSWORD_FILE: u64 = 1 << 20;

@@ -1,18 +1,17 @@
 //! The async driver of the v1 handshake (Hello, Welcome, Proof, Ready / Reject) over
-//! any byte stream. The message formats and key schedule live in [`crate::proto`].
+//! any byte stream: it moves bytes between the socket and the I/O-free state machines
+//! of [`ipcbus_proto::handshake`], which hold the whole protocol.
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_util::codec::Decoder;
-
-use crate::handle::Handle;
-use crate::ids::{ReceiverId, SenderId};
-use crate::proto::codec::{put_frame, CodecV1};
-use crate::proto::crypto::{proofs_equal, Sealer, SessionKeys};
-use crate::proto::frame::{
-    parse_proof, DecodeError, Flags, Hello, HelloParse, Kind, Mode, RawFrame, Reject, RejectReason,
-    Welcome, VERSION,
+use ipcbus_proto::crypto::Sealer;
+use ipcbus_proto::frame::{DecodeError, RejectReason};
+use ipcbus_proto::handle::Handle;
+use ipcbus_proto::handshake::{
+    Client, ClientConfig, HandshakeFailure, Server, ServerConfig, Status,
 };
+use ipcbus_proto::ids::{ReceiverId, SenderId};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
 use crate::security::Resolved;
 
 /// Why a handshake failed.
@@ -67,6 +66,9 @@ pub enum HandshakeError {
         /// The id that answered.
         got: ReceiverId,
     },
+    /// Another failure found by the protocol core.
+    #[error("{0}")]
+    Other(HandshakeFailure),
 }
 
 impl HandshakeError {
@@ -84,6 +86,25 @@ impl HandshakeError {
     }
 }
 
+impl From<HandshakeFailure> for HandshakeError {
+    fn from(f: HandshakeFailure) -> Self {
+        match f {
+            HandshakeFailure::Decode(e) => HandshakeError::Decode(e),
+            HandshakeFailure::Rejected { reason, text } => {
+                HandshakeError::Rejected { reason, text }
+            }
+            HandshakeFailure::AuthenticationFailed => HandshakeError::AuthenticationFailed,
+            HandshakeFailure::SecurityMismatch => HandshakeError::SecurityMismatch,
+            HandshakeFailure::WrongHandle(h) => HandshakeError::WrongHandle(h),
+            HandshakeFailure::UnsupportedVersion(v) => HandshakeError::UnsupportedVersion(v),
+            HandshakeFailure::WrongReceiver { expected, got } => {
+                HandshakeError::WrongReceiver { expected, got }
+            }
+            other => HandshakeError::Other(other),
+        }
+    }
+}
+
 /// A connection after a successful handshake.
 pub(crate) struct Established<S> {
     pub(crate) io: S,
@@ -95,74 +116,6 @@ pub(crate) struct Established<S> {
     pub(crate) rx: Option<Sealer>,
 }
 
-struct Conv<S> {
-    io: S,
-    buf: BytesMut,
-    codec: CodecV1,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Conv<S> {
-    async fn read_frame(&mut self) -> Result<RawFrame, HandshakeError> {
-        loop {
-            if let Some(f) = self.codec.decode(&mut self.buf)? {
-                if f.flags != Flags(0) || f.seq != 0 {
-                    return Err(DecodeError::Malformed("handshake frame header").into());
-                }
-                return Ok(f);
-            }
-            if self.io.read_buf(&mut self.buf).await? == 0 {
-                return Err(HandshakeError::Closed);
-            }
-        }
-    }
-
-    async fn send(&mut self, kind: Kind, body: &[u8]) -> Result<(), HandshakeError> {
-        let mut out = BytesMut::new();
-        put_frame(&mut out, kind, Flags(0), 0, body);
-        self.io.write_all(&out).await?;
-        Ok(())
-    }
-
-    async fn reject(&mut self, reason: RejectReason, text: &str) {
-        let mut body = BytesMut::new();
-        Reject {
-            reason,
-            text: text.to_owned(),
-        }
-        .encode(&mut body);
-        let _ = self.send(Kind::Reject, &body).await;
-        let _ = self.io.flush().await;
-    }
-
-    fn done(self, keys: Option<SessionKeys>, we_connected: bool) -> Established<S> {
-        let (tx, rx) = match keys {
-            Some(k) if we_connected => (Some(Sealer::new(&k.c2s)), Some(Sealer::new(&k.s2c))),
-            Some(k) => (Some(Sealer::new(&k.s2c)), Some(Sealer::new(&k.c2s))),
-            None => (None, None),
-        };
-        Established {
-            io: self.io,
-            read_buf: self.buf,
-            tx,
-            rx,
-        }
-    }
-}
-
-fn rejected(body: &[u8]) -> HandshakeError {
-    match Reject::parse(body) {
-        Ok(r) if r.reason == RejectReason::AuthenticationFailed => {
-            HandshakeError::AuthenticationFailed
-        }
-        Ok(r) if r.reason == RejectReason::SecurityMismatch => HandshakeError::SecurityMismatch,
-        Ok(r) => HandshakeError::Rejected {
-            reason: r.reason,
-            text: r.text,
-        },
-        Err(e) => e.into(),
-    }
-}
-
 /// Runs the connecting side of the handshake.
 pub(crate) async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     io: S,
@@ -172,94 +125,21 @@ pub(crate) async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     expect: Option<ReceiverId>,
     max_frame: usize,
 ) -> Result<Established<S>, HandshakeError> {
-    let mut c = Conv {
-        io,
-        buf: BytesMut::with_capacity(4096),
-        codec: CodecV1::new(max_frame),
+    let mut out = BytesMut::new();
+    let config = ClientConfig {
+        expect,
+        max_frame,
+        ..ClientConfig::new(
+            handle.clone(),
+            sender,
+            sec.mode,
+            sec.key.clone(),
+            rand::random(),
+        )
     };
-    let hello = Hello {
-        version: VERSION,
-        mode: sec.mode,
-        handle: handle.clone(),
-        sender,
-        nonce: rand::random(),
-    };
-    let mut hello_body = BytesMut::new();
-    hello.encode(&mut hello_body);
-    c.send(Kind::Hello, &hello_body).await?;
-
-    let f = c.read_frame().await?;
-    let welcome = match f.kind {
-        Kind::Welcome => Welcome::parse(&f.body)?,
-        Kind::Reject => return Err(rejected(&f.body)),
-        got => {
-            return Err(DecodeError::Unexpected {
-                got,
-                expected: "Welcome or Reject",
-            }
-            .into())
-        }
-    };
-    if let Some(expected) = expect {
-        if welcome.receiver != expected {
-            c.reject(RejectReason::Other(0), "not the registered receiver")
-                .await;
-            return Err(HandshakeError::WrongReceiver {
-                expected,
-                got: welcome.receiver,
-            });
-        }
-    }
-    let keys = match (&sec.key, sec.mode) {
-        (Some(key), Mode::Authenticated | Mode::Sealed) => {
-            let keys = SessionKeys::derive(
-                key,
-                &hello_body,
-                &hello.nonce,
-                &welcome.receiver,
-                &welcome.nonce,
-            );
-            let Some(proof) = welcome.proof else {
-                c.reject(RejectReason::SecurityMismatch, "no proof in welcome")
-                    .await;
-                return Err(HandshakeError::SecurityMismatch);
-            };
-            if !proofs_equal(&proof, &keys.proof_s) {
-                c.reject(
-                    RejectReason::AuthenticationFailed,
-                    "receiver's key proof did not verify",
-                )
-                .await;
-                return Err(HandshakeError::AuthenticationFailed);
-            }
-            c.send(Kind::Proof, &keys.proof_c).await?;
-            Some(keys)
-        }
-        _ => {
-            if welcome.proof.is_some() {
-                c.reject(RejectReason::SecurityMismatch, "unexpected proof")
-                    .await;
-                return Err(HandshakeError::SecurityMismatch);
-            }
-            c.send(Kind::Proof, &[]).await?;
-            None
-        }
-    };
-    let f = c.read_frame().await?;
-    match f.kind {
-        Kind::Ready if f.body.is_empty() => {}
-        Kind::Ready => return Err(DecodeError::Malformed("ready").into()),
-        Kind::Reject => return Err(rejected(&f.body)),
-        got => {
-            return Err(DecodeError::Unexpected {
-                got,
-                expected: "Ready or Reject",
-            }
-            .into())
-        }
-    }
-    let sealed = sec.mode == Mode::Sealed;
-    Ok(c.done(keys.filter(|_| sealed), true))
+    let mut client = Client::new(config, &mut out);
+    let (est, _) = drive(io, out, |src, out| client.feed(src, out)).await?;
+    Ok(est)
 }
 
 /// Runs the accepting side of the handshake; returns the connection and the peer's
@@ -271,166 +151,67 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     sec: &Resolved,
     max_frame: usize,
 ) -> Result<(Established<S>, SenderId), HandshakeError> {
-    let mut c = Conv {
-        io,
-        buf: BytesMut::with_capacity(4096),
-        // A hello is small; do not let an unauthenticated peer make us buffer 16 MiB.
-        codec: CodecV1::new(max_frame.min(4096)),
-    };
-    let f = c.read_frame().await?;
-    if f.kind != Kind::Hello {
-        return Err(DecodeError::Unexpected {
-            got: f.kind,
-            expected: "Hello",
-        }
-        .into());
-    }
-    let hello_body = f.body;
-    let hello = match Hello::parse(&hello_body) {
-        Ok(HelloParse::Hello(h)) => h,
-        Ok(HelloParse::UnsupportedVersion(v)) => {
-            c.reject(
-                RejectReason::UnsupportedVersion,
-                &format!("this receiver speaks version {VERSION}, not {v}"),
-            )
-            .await;
-            return Err(HandshakeError::UnsupportedVersion(v));
-        }
-        Err(e) => {
-            c.reject(RejectReason::Malformed, &e.to_string()).await;
-            return Err(e.into());
-        }
-    };
-    if hello.handle != *handle {
-        c.reject(
-            RejectReason::WrongHandle,
-            &format!("this receiver serves {:?}", handle.as_str()),
+    let mut server = Server::new(ServerConfig {
+        max_frame,
+        ..ServerConfig::new(
+            handle.clone(),
+            receiver,
+            sec.mode,
+            sec.key.clone(),
+            rand::random(),
         )
-        .await;
-        return Err(HandshakeError::WrongHandle(hello.handle.to_string()));
-    }
-    if hello.mode != sec.mode {
-        c.reject(
-            RejectReason::SecurityMismatch,
-            &format!("receiver uses {:?}, sender {:?}", sec.mode, hello.mode),
-        )
-        .await;
-        return Err(HandshakeError::SecurityMismatch);
-    }
-    let nonce_s: [u8; 32] = rand::random();
-    let keys = match (&sec.key, sec.mode) {
-        (Some(key), Mode::Authenticated | Mode::Sealed) => Some(SessionKeys::derive(
-            key,
-            &hello_body,
-            &hello.nonce,
-            &receiver,
-            &nonce_s,
-        )),
-        _ => None,
-    };
-    let mut body = BytesMut::new();
-    Welcome {
-        receiver,
-        nonce: nonce_s,
-        proof: keys.as_ref().map(|k| k.proof_s),
-    }
-    .encode(&mut body);
-    c.send(Kind::Welcome, &body).await?;
-
-    let f = c.read_frame().await?;
-    let proof = match f.kind {
-        Kind::Proof => parse_proof(&f.body)?,
-        Kind::Reject => return Err(rejected(&f.body)),
-        got => {
-            return Err(DecodeError::Unexpected {
-                got,
-                expected: "Proof or Reject",
-            }
-            .into())
-        }
-    };
-    match (&keys, proof) {
-        (Some(k), Some(p)) if proofs_equal(&p, &k.proof_c) => {}
-        (None, None) => {}
-        _ => {
-            c.reject(
-                RejectReason::AuthenticationFailed,
-                "sender's key proof did not verify",
-            )
-            .await;
-            return Err(HandshakeError::AuthenticationFailed);
-        }
-    }
-    c.send(Kind::Ready, &[]).await?;
-    // Handshake frames are small; from here on the full maximum applies.
-    c.codec = CodecV1::new(max_frame);
-    let sealed = sec.mode == Mode::Sealed;
-    Ok((c.done(keys.filter(|_| sealed), false), hello.sender))
+    });
+    drive(io, BytesMut::new(), |src, out| server.feed(src, out)).await
 }
 
-/// Both sides of the handshake over any byte stream, for the fuzz targets in `fuzz/`
-/// (feature `fuzzing`). Not a stable API.
-#[cfg(feature = "fuzzing")]
-#[doc(hidden)]
-pub mod fuzzing {
-    use tokio::io::{AsyncRead, AsyncWrite};
-
-    use super::HandshakeError;
-    use crate::handle::Handle;
-    use crate::ids::{ReceiverId, SenderId};
-    use crate::proto::crypto::Key;
-    use crate::proto::frame::Mode;
-    use crate::security::Resolved;
-
-    fn resolved(key: Option<Key>, sealed: bool) -> Resolved {
-        let mode = match (&key, sealed) {
-            (None, _) => Mode::Open,
-            (Some(_), false) => Mode::Authenticated,
-            (Some(_), true) => Mode::Sealed,
-        };
-        Resolved { mode, key }
-    }
-
-    /// Runs the accepting side against `io`; `Ok` when the peer completed it.
-    ///
-    /// # Errors
-    /// [`HandshakeError`], as a receiver sees it.
-    pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
-        io: S,
-        handle: &Handle,
-        key: Option<Key>,
-        sealed: bool,
-        max_frame: usize,
-    ) -> Result<(), HandshakeError> {
-        let sec = resolved(key, sealed);
-        super::accept(io, handle, ReceiverId([7; 16]), &sec, max_frame)
-            .await
-            .map(|_| ())
-    }
-
-    /// Runs the connecting side against `io`; `Ok` when the peer completed it.
-    ///
-    /// # Errors
-    /// [`HandshakeError`], as a sender sees it.
-    pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
-        io: S,
-        handle: &Handle,
-        key: Option<Key>,
-        sealed: bool,
-        expect: Option<ReceiverId>,
-        max_frame: usize,
-    ) -> Result<(), HandshakeError> {
-        let sec = resolved(key, sealed);
-        super::connect(io, handle, SenderId([9; 16]), &sec, expect, max_frame)
-            .await
-            .map(|_| ())
+/// Writes what the state machine wants sent, reads, and feeds it until the handshake
+/// is established or fails; a failure's `Reject` is sent (best effort) before the
+/// error returns. Returns the connection and the connecting side's id.
+async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+    mut io: S,
+    mut out: BytesMut,
+    mut feed: impl FnMut(&mut BytesMut, &mut BytesMut) -> Result<Status, HandshakeFailure>,
+) -> Result<(Established<S>, SenderId), HandshakeError> {
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        if !out.is_empty() {
+            io.write_all(&out).await?;
+            out.clear();
+        }
+        if io.read_buf(&mut buf).await? == 0 {
+            return Err(HandshakeError::Closed);
+        }
+        match feed(&mut buf, &mut out) {
+            Ok(Status::NeedMore) => {}
+            Ok(Status::Established(e)) => {
+                if !out.is_empty() {
+                    io.write_all(&out).await?;
+                }
+                let est = Established {
+                    io,
+                    read_buf: buf,
+                    tx: e.tx,
+                    rx: e.rx,
+                };
+                return Ok((est, e.sender));
+            }
+            Err(f) => {
+                if !out.is_empty() {
+                    let _ = io.write_all(&out).await;
+                    let _ = io.flush().await;
+                }
+                return Err(f.into());
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::crypto::Key;
+    use ipcbus_proto::codec::put_frame;
+    use ipcbus_proto::crypto::Key;
+    use ipcbus_proto::frame::{Flags, Kind, Mode};
 
     fn sec(mode: Mode, key: Option<&Key>) -> Resolved {
         Resolved {

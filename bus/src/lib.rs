@@ -6,10 +6,14 @@
 //! and reports per event which receivers acknowledged and which failed.
 //!
 //! Modules:
-//! - [`proto`]: the I/O-free core of wire protocol v1 — frame types, the codec,
-//!   key derivation and sealing, compression. No sockets, no clocks.
-//! - `handshake`: the async driver of the connection handshake over that core.
-//! - [`registry`]: registry records and the local-user registry directory.
+//! - [`proto`]: the crate `ipcbus-proto`, the I/O-free core of wire protocol v1 —
+//!   frame types, the codec, key derivation and sealing, compression, the handshake
+//!   state machines, the per-connection session checks, EPM messages, registry
+//!   records. No sockets, no clocks.
+//! - `framing`: the `tokio_util` decoder adapter over the core's v1 codec.
+//! - `handshake`: the async driver of the core's handshake state machines.
+//! - [`registry`]: records filled in for this process, and the local-user registry
+//!   directory.
 //! - [`epm`]: the client of the endpoint manager service (registrations with
 //!   leases, watches, reconnects); [`proto::epm`] holds its I/O-free messages.
 //! - `sender` / `receiver`: the async layer — connections, writer tasks, discovery.
@@ -39,17 +43,14 @@ mod chain;
 mod credentials;
 mod discovery;
 pub mod epm;
+mod framing;
 pub mod gate;
-mod handle;
 mod handshake;
-mod ids;
 mod message;
 mod pool;
-pub mod proto;
 mod receiver;
 pub mod registry;
 mod report;
-mod salt;
 mod security;
 mod sender;
 
@@ -58,20 +59,16 @@ pub use credentials::{Credentials, CredentialsBuilder, CredentialsError};
 pub use discovery::{Discovery, DiscoveryError};
 pub use epm::{Epm, EpmAddrError, EpmBuilder, EpmClient, EpmError};
 pub use gate::{HandshakeGate, HandshakeSlot};
-pub use handle::{Handle, HandleError};
-/// Handshake entry points for the fuzz targets (feature `fuzzing`); not a stable API.
-#[cfg(feature = "fuzzing")]
-#[doc(hidden)]
-pub use handshake::fuzzing;
 pub use handshake::HandshakeError;
-pub use ids::{ReceiverId, SenderId};
+pub use ipcbus_proto as proto;
+pub use ipcbus_proto::{
+    parse_salt, DecodeError, Handle, HandleError, Key, KeyError, ReceiverId, RejectReason,
+    SaltError, SenderId,
+};
 pub use message::{Message, PayloadError};
-pub use proto::crypto::{Key, KeyError};
-pub use proto::frame::{DecodeError, RejectReason};
 pub use receiver::{BindError, Receiver, ReceiverBuilder};
 pub use registry::{LocalRegistry, Record, RegistryError};
 pub use report::{FailReason, ReceiverInfo, SendReport, SenderEvent};
-pub use salt::{parse_salt, SaltError};
 pub use security::Security;
 pub use sender::{BuildError, PendingReport, SendError, Sender, SenderBuilder};
 pub use sender::{Compression, CompressionStats, SenderEvents};

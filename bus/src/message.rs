@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
-use crate::ids::SenderId;
+use ipcbus_proto::ids::SenderId;
 
 /// One event as the application receives it.
 #[derive(Clone, PartialEq, Eq)]

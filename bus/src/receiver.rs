@@ -22,19 +22,19 @@ use crate::discovery::Announcement;
 use crate::discovery::Discovery;
 use crate::epm::{Epm, EpmError};
 use crate::gate::{HandshakeGate, HandshakeSlot};
-use crate::handle::Handle;
 use crate::handshake;
-use crate::ids::{ReceiverId, SenderId};
 use crate::message::Message;
 use crate::pool::Pool;
-use crate::proto::codec::{put_frame, CodecV1};
-use crate::proto::compress::Gunzipper;
-use crate::proto::crypto::{Sealer, TAG_LEN};
-use crate::proto::frame::{
-    parse_ack_request, DecodeError, Flags, Kind, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX,
-};
-use crate::registry::{Record, RegistryError};
+use crate::registry::{record_now, RegistryError};
 use crate::security::{Resolved, Security};
+use ipcbus_proto::codec::CodecV1;
+use ipcbus_proto::crypto::{Sealer, TAG_LEN};
+use ipcbus_proto::frame::{
+    DecodeError, Flags, Header, Kind, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX,
+};
+use ipcbus_proto::handle::Handle;
+use ipcbus_proto::ids::{ReceiverId, SenderId};
+use ipcbus_proto::session::{Inbound, Opened, Outbound};
 
 /// Why a receiver could not be bound.
 #[derive(Debug, thiserror::Error)]
@@ -192,7 +192,7 @@ impl ReceiverBuilder {
             half_open: HandshakeGate::new((self.max_connections / 4).clamp(1, 64)),
         });
         tasks.spawn(accept_loop(listener, shared, tx));
-        let record = Record::new(self.handle.clone(), advertised, id);
+        let record = record_now(self.handle.clone(), advertised, id);
         let registration = match discovery.register(&record).await {
             Ok(r) => r,
             Err(e) => {
@@ -298,14 +298,15 @@ impl Batch {
             if end > d.len() {
                 return None;
             }
-            if header[0] == Kind::Data as u8 {
+            // Checked by `Input::scan` already.
+            let header = Header::parse(&header).ok()?;
+            if header.kind == Kind::Data {
                 break (end, header);
             }
             // An AckRequest, already acted on by the connection task.
             self.data.advance(end);
         };
-        let flags = Flags(header[1]);
-        let seq = u64::from_be_bytes(*header[2..].first_chunk::<8>()?);
+        let Header { flags, seq, .. } = header;
         let body_end = if flags.sealed() { end - TAG_LEN } else { end };
         let payload = if flags.compressed() {
             self.inflated.next()?
@@ -328,18 +329,14 @@ const POOLED: usize = 4;
 /// frames are checked.
 struct Input {
     codec: CodecV1,
-    opener: Option<Sealer>,
+    /// Kind, order and seal checks, opening and inflation of each frame.
+    session: Inbound,
     buf: Vec<u8>,
     /// `buf[..checked]` holds whole, checked frames.
     checked: usize,
-    last_seq: u64,
-    /// Sequence of the last AckRequest frame (their own counter).
-    last_request: u64,
     inflated: Vec<Bytes>,
     read_size: usize,
     pool: Arc<Pool>,
-    /// Decompressor state kept across frames (set up on first use).
-    gunzipper: Option<Gunzipper>,
 }
 
 impl Input {
@@ -347,21 +344,19 @@ impl Input {
         let mut buf = Vec::with_capacity(FIRST_READ.max(already.len()));
         buf.extend_from_slice(&already);
         Input {
+            session: Inbound::events(opener, codec.max_frame()),
             codec,
-            opener,
             buf,
             checked: 0,
-            last_seq: 0,
-            last_request: 0,
             inflated: Vec::new(),
             read_size: FIRST_READ,
             pool: Pool::new(POOLED, usize::MAX),
-            gunzipper: None,
         }
     }
 
-    /// Checks every complete frame after `checked`: a Data frame, in order, sealed
-    /// exactly when the connection is, opened in place, inflated if compressed. Then
+    /// Checks every complete frame after `checked` through the session: a Data frame
+    /// (or an AckRequest, acted on at once), in order, sealed exactly when the
+    /// connection is, opened in place, inflated if compressed. Then
     /// checks what has arrived of the next, incomplete frame.
     ///
     /// Returns `true` when it stopped early because the batch already holds
@@ -384,60 +379,18 @@ impl Input {
             let start = self.checked + LEN_PREFIX;
             let frame = &mut self.buf[start..start + len];
             let (header, body) = frame.split_at_mut(HEADER_LEN);
-            let kind = Kind::from_u8(header[0]).ok_or(DecodeError::UnknownKind(header[0]))?;
-            let flags = Flags(header[1]);
-            let mut seq_bytes = [0u8; 8];
-            seq_bytes.copy_from_slice(&header[2..]);
-            let seq = u64::from_be_bytes(seq_bytes);
-            if kind == Kind::AckRequest {
-                if seq <= self.last_request {
-                    return Err(DecodeError::OutOfOrder {
-                        seq,
-                        last: self.last_request,
-                    });
+            let header = header
+                .first_chunk::<HEADER_LEN>()
+                .ok_or(DecodeError::TooShort { len })?;
+            match self.session.open_in_place(Header::parse(header)?, body)? {
+                Opened::Plain(_) => {}
+                Opened::Inflated(inflated) => {
+                    inflated_bytes += inflated.len();
+                    self.inflated.push(inflated.into());
                 }
-                if flags.compressed() {
-                    return Err(DecodeError::Malformed("ack request"));
-                }
-                let body_len = match &self.opener {
-                    Some(s) => s.open_in_place(kind, flags, seq, body)?,
-                    None if flags.sealed() => return Err(DecodeError::SealMismatch),
-                    None => body.len(),
-                };
-                let up_to = parse_ack_request(&body[..body_len])?;
-                self.last_request = seq;
-                ack.request(up_to);
-                // Left in the buffer; the batch skips it.
-                self.checked = start + len;
-                continue;
+                // Acted on now and left in the buffer; the batch skips it.
+                Opened::AckRequest(up_to) => ack.request(up_to),
             }
-            if kind != Kind::Data {
-                return Err(DecodeError::Unexpected {
-                    got: kind,
-                    expected: "Data",
-                });
-            }
-            if seq <= self.last_seq {
-                return Err(DecodeError::OutOfOrder {
-                    seq,
-                    last: self.last_seq,
-                });
-            }
-            let body_len = match &self.opener {
-                Some(s) => s.open_in_place(kind, flags, seq, body)?,
-                None if flags.sealed() => return Err(DecodeError::SealMismatch),
-                None => body.len(),
-            };
-            if flags.compressed() {
-                let max = self.codec.max_frame();
-                let inflated = self
-                    .gunzipper
-                    .get_or_insert_with(Gunzipper::default)
-                    .gunzip(&body[..body_len], max)?;
-                inflated_bytes += inflated.len();
-                self.inflated.push(inflated.into());
-            }
-            self.last_seq = seq;
             self.checked = start + len;
         }
     }
@@ -841,15 +794,8 @@ async fn ack_writer(
     conn_done: CancellationToken,
 ) {
     let mut sent = 0u64;
-    let mut frame_seq = 0u64;
+    let mut out = Outbound::new(sealer);
     let mut buf = BytesMut::with_capacity(64);
-    let put = |buf: &mut BytesMut, kind: Kind, body: &[u8], frame_seq: &mut u64| {
-        *frame_seq += 1;
-        match &sealer {
-            Some(s) => s.put_sealed(buf, kind, Flags(0), *frame_seq, body),
-            None => put_frame(buf, kind, Flags(0), *frame_seq, body),
-        }
-    };
     loop {
         let (closing, conn_ended) = loop {
             // Declare ourselves idle (and whether the delay timer runs), then look
@@ -886,12 +832,12 @@ async fn ack_writer(
         let up = ack.taken.load(Ordering::Acquire);
         buf.clear();
         if up > sent {
-            put(&mut buf, Kind::Ack, &up.to_be_bytes(), &mut frame_seq);
+            out.put(&mut buf, Kind::Ack, Flags(0), &up.to_be_bytes());
             sent = up;
             ack.sent.store(up, Ordering::Release);
         }
         if closing {
-            put(&mut buf, Kind::Bye, &[], &mut frame_seq);
+            out.put(&mut buf, Kind::Bye, Flags(0), &[]);
         }
         if !buf.is_empty() && wr.write_all(&buf).await.is_err() {
             return;
@@ -906,8 +852,8 @@ async fn ack_writer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::codec::put_frame;
-    use crate::proto::compress::gzip;
+    use ipcbus_proto::codec::put_frame;
+    use ipcbus_proto::compress::gzip;
 
     #[test]
     fn acks_are_batched_unless_requested() {

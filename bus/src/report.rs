@@ -3,8 +3,8 @@
 use std::fmt;
 use std::net::SocketAddr;
 
-use crate::ids::ReceiverId;
-use crate::proto::frame::RejectReason;
+use ipcbus_proto::frame::RejectReason;
+use ipcbus_proto::ids::ReceiverId;
 
 /// One receiver as a sender sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

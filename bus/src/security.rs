@@ -1,8 +1,8 @@
 //! How a connection is authenticated and whether its frames are encrypted.
 
-use crate::proto::crypto::Key;
-use crate::proto::frame::Mode;
 use crate::registry::{LocalRegistry, RegistryError};
+use ipcbus_proto::crypto::Key;
+use ipcbus_proto::frame::Mode;
 
 /// Security settings of a sender or receiver. Both ends of a connection must agree.
 #[derive(Debug, Clone, Default)]

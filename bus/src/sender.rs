@@ -35,20 +35,21 @@ use tokio_util::task::TaskTracker;
 
 use crate::discovery::Discovery;
 use crate::epm::{Epm, EpmError};
-use crate::handle::Handle;
+use crate::framing::{FrameReader, ReadError};
 use crate::handshake::{self, HandshakeError};
-use crate::ids::SenderId;
 use crate::pool::Pool;
-use crate::proto::codec::{put_frame, CodecV1};
-use crate::proto::compress::{CompressPolicy, Gzipper, DEFAULT_THRESHOLD};
-pub use crate::proto::compress::{Compression, CompressionStats};
-use crate::proto::crypto::{Sealer, TAG_LEN};
-use crate::proto::frame::{
-    parse_ack, DecodeError, Flags, Kind, RejectReason, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX,
-};
 use crate::registry::{LocalRegistry, Record, RegistryError};
 use crate::report::{FailReason, ReceiverInfo, SendReport, SenderEvent};
 use crate::security::{Resolved, Security};
+use ipcbus_proto::codec::{put_frame, CodecV1};
+use ipcbus_proto::compress::{CompressPolicy, Gzipper, DEFAULT_THRESHOLD};
+pub use ipcbus_proto::compress::{Compression, CompressionStats};
+use ipcbus_proto::crypto::{Sealer, TAG_LEN};
+use ipcbus_proto::frame::{
+    parse_ack, DecodeError, Flags, Kind, RejectReason, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX,
+};
+use ipcbus_proto::handle::Handle;
+use ipcbus_proto::ids::SenderId;
 
 /// Why an event could not be sent at all (per-receiver failures go in the
 /// [`SendReport`] instead).
@@ -1250,7 +1251,7 @@ fn seal_all(sealer: &Sealer, mut plain: &[u8], out: &mut BytesMut) {
     }
 }
 
-async fn drive(conn: &Arc<Conn>, receiver_id: crate::ids::ReceiverId) -> FailReason {
+async fn drive(conn: &Arc<Conn>, receiver_id: ipcbus_proto::ids::ReceiverId) -> FailReason {
     let shared = &conn.shared;
     let addr = conn.info.addr;
     let connected = tokio::time::timeout(shared.connect_timeout, async {
@@ -1379,7 +1380,10 @@ async fn drive(conn: &Arc<Conn>, receiver_id: crate::ids::ReceiverId) -> FailRea
     };
 
     let reader = async {
-        let mut frames = FramedRead::new(rd, CodecV1::new(shared.max_frame.min(64 * 1024)));
+        let mut frames = FramedRead::new(
+            rd,
+            FrameReader(CodecV1::new(shared.max_frame.min(64 * 1024))),
+        );
         frames.read_buffer_mut().extend_from_slice(&est.read_buf);
         let mut last_frame_seq = 0u64;
         let tick = (shared.send_timeout / 4).max(Duration::from_millis(5));
@@ -1407,8 +1411,8 @@ async fn drive(conn: &Arc<Conn>, receiver_id: crate::ids::ReceiverId) -> FailRea
             let mut f = match next {
                 None => return FailReason::Disconnected,
                 // A reset or other socket error is a lost connection, not bad input.
-                Some(Err(DecodeError::Io(_))) => return FailReason::Disconnected,
-                Some(Err(e)) => return protocol(conn, e),
+                Some(Err(ReadError::Io(_))) => return FailReason::Disconnected,
+                Some(Err(ReadError::Decode(e))) => return protocol(conn, e),
                 Some(Ok(f)) => f,
             };
             if f.seq <= last_frame_seq {
@@ -1480,7 +1484,7 @@ fn protocol(conn: &Conn, e: DecodeError) -> FailReason {
 pub(crate) struct Tracker {
     shared: Arc<Shared>,
     on_stale: Arc<dyn Fn(&Record) + Send + Sync>,
-    known: HashMap<crate::ids::ReceiverId, Known>,
+    known: HashMap<ipcbus_proto::ids::ReceiverId, Known>,
 }
 
 struct Known {

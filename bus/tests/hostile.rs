@@ -4,9 +4,10 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use ipcbus::proto::codec::put_frame;
-use ipcbus::proto::frame::{Flags, Hello, Kind, Mode, VERSION};
-use ipcbus::{Discovery, FailReason, Handle, Key, Receiver, Record, Security, Sender, SenderId};
+use ipcbus::registry::record_now;
+use ipcbus::{Discovery, FailReason, Handle, Key, Receiver, Security, Sender, SenderId};
+use ipcbus_proto::codec::put_frame;
+use ipcbus_proto::frame::{Flags, Hello, Kind, Mode, VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -92,7 +93,7 @@ async fn garbage_truncated_and_oversized_input_closes_only_that_connection() {
 
     // A gzip bomb: 64 MiB of zeros in a small frame, past the 1 MiB cap.
     let (mut s, _) = handshake(addr, "h", SenderId::random(), None).await;
-    let bomb = ipcbus::proto::compress::gzip(&vec![0u8; 64 << 20], 9).unwrap();
+    let bomb = ipcbus_proto::compress::gzip(&vec![0u8; 64 << 20], 9).unwrap();
     assert!(bomb.len() < 1 << 20);
     let mut out = BytesMut::new();
     put_frame(&mut out, Kind::Data, Flags(Flags::COMPRESSED), 1, &bomb);
@@ -181,7 +182,7 @@ async fn a_port_reused_by_another_handle_or_program_is_detected_and_dropped() {
         .bind()
         .await
         .unwrap();
-    let stale = Record::new(
+    let stale = record_now(
         Handle::new("a").unwrap(),
         rb.local_addr(),
         ipcbus::ReceiverId::random(),
@@ -195,7 +196,7 @@ async fn a_port_reused_by_another_handle_or_program_is_detected_and_dropped() {
             let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").await;
         }
     });
-    let junk = Record::new(
+    let junk = record_now(
         Handle::new("a").unwrap(),
         other_addr,
         ipcbus::ReceiverId::random(),

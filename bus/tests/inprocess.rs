@@ -256,7 +256,7 @@ async fn a_capture_of_encrypted_traffic_holds_no_plaintext() {
         unreachable!()
     };
     let _reg = reg
-        .register(&ipcbus::Record::new(handle("cap"), proxy, rx.id()))
+        .register(&ipcbus::registry::record_now(handle("cap"), proxy, rx.id()))
         .unwrap();
     let mut tx = Sender::builder(handle("cap"))
         .discovery(disc_tx.clone())
@@ -525,7 +525,7 @@ async fn a_waiting_report_asks_every_receiver_at_once() {
             .unwrap();
         let (proxy, capture) = recording_proxy(rx.local_addr()).await;
         regs.push(
-            reg.register(&ipcbus::Record::new(handle("ask"), proxy, rx.id()))
+            reg.register(&ipcbus::registry::record_now(handle("ask"), proxy, rx.id()))
                 .unwrap(),
         );
         captures.push(capture);

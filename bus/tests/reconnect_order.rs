@@ -10,9 +10,9 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use ipcbus::proto::codec::put_frame;
-use ipcbus::proto::frame::{Flags, Kind};
 use ipcbus::{Discovery, Handle, Receiver, Security, SenderId};
+use ipcbus_proto::codec::put_frame;
+use ipcbus_proto::frame::{Flags, Kind};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 

@@ -1586,7 +1586,7 @@ mod tests {
             assert_eq!(payload(n).len(), n);
         }
         let p = payload(1024);
-        let z = ipcbus::proto::compress::gzip(&p, 1).map_or(p.len(), |z| z.len());
+        let z = ipcbus_proto::compress::gzip(&p, 1).map_or(p.len(), |z| z.len());
         assert!(z < p.len() / 2, "{z}");
         let r = random_payload(1024);
         assert_eq!(r.len(), 1024);

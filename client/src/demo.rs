@@ -147,7 +147,7 @@ async fn demo(dir: &std::path::Path) -> anyhow::Result<()> {
     let r = tx.send_bytes(raw).await?;
     all_ok &= report(&format!("raw   {raw:?} ({} B)", raw.len()), &r, &names)?;
     let big = big_text();
-    let wire = ipcbus::proto::compress::gzip(&big, 1).map_or(big.len(), |z| z.len());
+    let wire = ipcbus_proto::compress::gzip(&big, 1).map_or(big.len(), |z| z.len());
     let r = tx.send_bytes(big.clone()).await?;
     all_ok &= report(
         &format!(

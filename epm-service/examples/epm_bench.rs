@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ipcbus::epm::WatchEvent;
-use ipcbus::{Epm, Handle, ReceiverId, Record};
+use ipcbus::registry::record_now;
+use ipcbus::{Epm, Handle, ReceiverId};
 
 const REGISTRATIONS: usize = 10_000;
 const REG_CONNS: usize = 100;
@@ -146,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
             for k in 0..REGISTRATIONS / REG_CONNS {
                 let n = c * (REGISTRATIONS / REG_CONNS) + k;
                 let port = 10_000 + (n % 50_000) as u16;
-                let rec = Record::new(
+                let rec = record_now(
                     handle(n % HANDLES),
                     SocketAddr::from(([127, 0, 0, 1], port)),
                     ReceiverId::random(),
@@ -225,7 +226,7 @@ async fn main() -> anyhow::Result<()> {
     let mut reg = epm.client().await?;
     let mut lat = Vec::new();
     for i in 0..200u16 {
-        let rec = Record::new(
+        let rec = record_now(
             h.clone(),
             SocketAddr::from(([127, 0, 0, 1], 20_000 + i)),
             ReceiverId::random(),

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use ipcbus::proto::epm::{DEFAULT_EPM_MAX_FRAME, DEFAULT_PORT};
 use ipcbus::{Credentials, CredentialsError, Key};
+use ipcbus_proto::epm::{DEFAULT_EPM_MAX_FRAME, DEFAULT_PORT};
 use serde::Deserialize;
 
 /// Largest config or password file read.

@@ -11,8 +11,8 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use ipcbus::proto::epm::{Entry, ErrorCode, HandleCount, Response};
 use ipcbus::{Handle, ReceiverId};
+use ipcbus_proto::epm::{Entry, ErrorCode, HandleCount, Response};
 use tokio::time::Instant;
 
 use crate::config::Limits;

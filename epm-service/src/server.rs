@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ipcbus::epm::link::{self, LinkWriter};
-use ipcbus::proto::epm::{Answer, ErrorCode, Op, Request, Response, Status};
 use ipcbus::{HandshakeGate, HandshakeSlot, ReceiverId, RejectReason};
+use ipcbus_proto::epm::{Answer, ErrorCode, Op, Request, Response, Status};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
@@ -465,8 +465,8 @@ async fn write_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ipcbus::proto::epm::Entry;
     use ipcbus::Handle;
+    use ipcbus_proto::epm::Entry;
 
     fn entry() -> Entry {
         Entry {

@@ -7,26 +7,28 @@
 //! the committed corpus and regressions (and a bounded number of mutations of them)
 //! under plain `cargo test` on stable.
 //!
-//! Only `ipcbus`, `ipcbus-epm`, `tokio`, `tokio-util` and `bytes` are used, so the
-//! tests crate can include this file with `#[path]`.
+//! Everything but `epm_config` drives the I/O-free protocol core `ipcbus-proto`
+//! directly (no runtime, no hidden feature); only `ipcbus-proto`, `ipcbus-epm` and
+//! `bytes` are used, so the tests crate can include this file with `#[path]`.
 
 use std::net::SocketAddr;
 use std::path::Path;
 
 use bytes::BytesMut;
-use ipcbus::proto::codec::{put_frame, CodecV1};
-use ipcbus::proto::compress::{gunzip, gzip};
-use ipcbus::proto::crypto::{Key, Sealer, SessionKeys, TAG_LEN};
-use ipcbus::proto::epm::{
+use ipcbus_proto::codec::{put_frame, CodecV1};
+use ipcbus_proto::compress::{gunzip, gzip};
+use ipcbus_proto::crypto::{Key, Sealer, SessionKeys, TAG_LEN};
+use ipcbus_proto::epm::{
     decode_body, encode_body, Entry, FrameDecoder, FrameEncoder, Op, Request, Response,
 };
-use ipcbus::proto::frame::{
+use ipcbus_proto::frame::{
     parse_ack, parse_proof, DecodeError, Flags, Hello, HelloParse, Kind, Mode, Reject,
     RejectReason, Welcome, VERSION,
 };
-use ipcbus::{Handle, ReceiverId, SenderId};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::codec::Decoder;
+use ipcbus_proto::handshake::{
+    Client, ClientConfig, HandshakeFailure, Server, ServerConfig, Status,
+};
+use ipcbus_proto::{Handle, ReceiverId, SenderId};
 
 /// The name of every target, as in `fuzz/Cargo.toml` and the corpus directories.
 pub const TARGETS: &[&str] = &[
@@ -144,12 +146,6 @@ pub fn handshake_messages(data: &[u8]) {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("a current-thread runtime")
-}
-
 /// The fixed handle the handshake targets serve.
 pub const FUZZ_HANDLE: &str = "fuzz";
 
@@ -159,11 +155,11 @@ fn fuzz_key() -> Key {
 
 /// `data[0]` bits 0-1: mode (open, authenticated, sealed); bit 2: prepend a valid
 /// Hello for that mode, so the input starts one step into the conversation.
-fn handshake_setup(sel: u8) -> (Option<Key>, bool, Mode) {
+fn handshake_setup(sel: u8) -> (Option<Key>, Mode) {
     match sel % 3 {
-        0 => (None, false, Mode::Open),
-        1 => (Some(fuzz_key()), false, Mode::Authenticated),
-        _ => (Some(fuzz_key()), true, Mode::Sealed),
+        0 => (None, Mode::Open),
+        1 => (Some(fuzz_key()), Mode::Authenticated),
+        _ => (Some(fuzz_key()), Mode::Sealed),
     }
 }
 
@@ -183,28 +179,55 @@ pub fn hello_frame(mode: Mode) -> Vec<u8> {
     out.to_vec()
 }
 
-/// Feeds `input` to one side of a handshake over an in-memory stream (then EOF) and
-/// drains what it writes; the side must end, with success or an error, never hang
-/// or panic.
-fn drive<F, Fut>(input: Vec<u8>, side: F)
-where
-    F: FnOnce(tokio::io::DuplexStream) -> Fut,
-    Fut: std::future::Future<Output = Result<(), ipcbus::HandshakeError>>,
-{
-    let rt = runtime();
-    rt.block_on(async move {
-        let (peer, ours) = tokio::io::duplex(64 * 1024);
-        let (mut r, mut w) = tokio::io::split(peer);
-        let write = async move {
-            let _ = w.write_all(&input).await;
-            let _ = w.shutdown().await;
-        };
-        let read = async move {
-            let mut sink = Vec::new();
-            let _ = r.read_to_end(&mut sink).await;
-        };
-        let _ = tokio::join!(write, read, side(ours));
-    });
+/// Feeds `input` to one side of the handshake (a fresh state machine from `start`)
+/// twice: all at once, then one byte at a time. Neither may panic; both must end the
+/// same way (established, the same failure, or waiting for more) having written the
+/// same bytes, and whatever the side writes must be whole handshake frames.
+fn drive<M>(
+    input: &[u8],
+    start: impl Fn(&mut BytesMut) -> M,
+    feed: impl Fn(&mut M, &mut BytesMut, &mut BytesMut) -> Result<Status, HandshakeFailure>,
+) {
+    let run = |chunk: usize| {
+        let mut out = BytesMut::new();
+        let mut side = start(&mut out);
+        let mut src = BytesMut::new();
+        let mut end = None;
+        for piece in input.chunks(chunk) {
+            src.extend_from_slice(piece);
+            match feed(&mut side, &mut src, &mut out) {
+                Ok(Status::NeedMore) => {}
+                Ok(Status::Established(e)) => {
+                    end = Some(Ok((e.sender, e.receiver, e.tx.is_some())));
+                    break;
+                }
+                Err(e) => {
+                    end = Some(Err(e));
+                    break;
+                }
+            }
+        }
+        (end, out)
+    };
+    let (end, out) = run(input.len().max(1));
+    let (end_bytewise, out_bytewise) = run(1);
+    assert_eq!(
+        end, end_bytewise,
+        "the outcome depends on how the bytes arrive"
+    );
+    assert_eq!(
+        out, out_bytewise,
+        "the output depends on how the bytes arrive"
+    );
+    let mut codec = CodecV1::new(1 << 16);
+    let mut out = out;
+    while let Some(f) = codec
+        .decode(&mut out)
+        .expect("the side writes valid frames")
+    {
+        assert_eq!((f.flags, f.seq), (Flags(0), 0), "handshake frame header");
+    }
+    assert!(out.is_empty(), "the side writes whole frames");
 }
 
 /// The accepting (receiver) side of the handshake against arbitrary client bytes.
@@ -212,21 +235,23 @@ pub fn handshake_accept(data: &[u8]) {
     let [sel, rest @ ..] = data else {
         return;
     };
-    let (key, sealed, mode) = handshake_setup(*sel);
+    let (key, mode) = handshake_setup(*sel);
     let mut input = Vec::new();
     if sel & 4 != 0 {
         input.extend_from_slice(&hello_frame(mode));
     }
     input.extend_from_slice(rest);
     let max = MAXES[usize::from(sel >> 3) % MAXES.len()].max(4096);
-    accept_side(input, key, sealed, max);
-}
-
-fn accept_side(input: Vec<u8>, key: Option<Key>, sealed: bool, max: usize) {
     let handle = Handle::new(FUZZ_HANDLE).expect("valid handle");
-    drive(input, |io| async move {
-        ipcbus::fuzzing::accept(io, &handle, key, sealed, max).await
-    });
+    let config = ServerConfig {
+        max_frame: max,
+        ..ServerConfig::new(handle, ReceiverId([7; 16]), mode, key, [8; 32])
+    };
+    drive(
+        &input,
+        |_| Server::new(config.clone()),
+        |side, src, out| side.feed(src, out),
+    );
 }
 
 /// The connecting (sender) side of the handshake against arbitrary server bytes.
@@ -234,23 +259,20 @@ pub fn handshake_connect(data: &[u8]) {
     let [sel, rest @ ..] = data else {
         return;
     };
-    let (key, sealed, _) = handshake_setup(*sel);
+    let (key, mode) = handshake_setup(*sel);
     let expect = (sel & 4 != 0).then_some(ReceiverId([7; 16]));
     let max = MAXES[usize::from(sel >> 3) % MAXES.len()].max(4096);
-    connect_side(rest.to_vec(), key, sealed, expect, max);
-}
-
-fn connect_side(
-    input: Vec<u8>,
-    key: Option<Key>,
-    sealed: bool,
-    expect: Option<ReceiverId>,
-    max: usize,
-) {
     let handle = Handle::new(FUZZ_HANDLE).expect("valid handle");
-    drive(input, |io| async move {
-        ipcbus::fuzzing::connect(io, &handle, key, sealed, expect, max).await
-    });
+    let config = ClientConfig {
+        expect,
+        max_frame: max,
+        ..ClientConfig::new(handle, SenderId([9; 16]), mode, key, [10; 32])
+    };
+    drive(
+        rest,
+        |out| Client::new(config.clone(), out),
+        |side, src, out| side.feed(src, out),
+    );
 }
 
 fn session_sealers() -> (Sealer, Sealer) {
@@ -376,17 +398,17 @@ pub fn salt(data: &[u8]) {
     let Ok(s) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(v) = ipcbus::parse_salt(s) {
+    if let Ok(v) = ipcbus_proto::parse_salt(s) {
         assert!(
             !v.is_empty() && v.len() <= 1024,
             "salt of {} bytes",
             v.len()
         );
         let hex: String = v.iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(ipcbus::parse_salt(&hex).as_ref(), Ok(&v));
+        assert_eq!(ipcbus_proto::parse_salt(&hex).as_ref(), Ok(&v));
         let list: Vec<String> = v.iter().map(|b| format!("0x{b:02x}")).collect();
         assert_eq!(
-            ipcbus::parse_salt(&format!("{{{}}}", list.join(","))).as_ref(),
+            ipcbus_proto::parse_salt(&format!("{{{}}}", list.join(","))).as_ref(),
             Ok(&v)
         );
     }

@@ -14,16 +14,16 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use ipcbus::epm::WatchEvent;
-use ipcbus::proto::codec::{put_frame, CodecV1};
-use ipcbus::proto::epm::{Entry, ErrorCode, Op, Request, EPM_HANDLE};
-use ipcbus::proto::frame::{Flags, Hello, Kind, Mode, VERSION};
+use ipcbus::registry::record_now;
 use ipcbus::{
     BindError, Epm, EpmError, Handle, HandshakeError, Key, Receiver, ReceiverId, Record,
     RejectReason, Sender, SenderId,
 };
+use ipcbus_proto::codec::{put_frame, CodecV1};
+use ipcbus_proto::epm::{Entry, ErrorCode, Op, Request, EPM_HANDLE};
+use ipcbus_proto::frame::{Flags, Hello, Kind, Mode, VERSION};
 use ipcbus_tests::{Proc, TempDir};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::codec::Decoder;
 
 const EPM_BIN: &str = env!("CARGO_BIN_EXE_test-epm-service");
 const PEER: &str = env!("CARGO_BIN_EXE_ipcbus-testpeer");
@@ -153,7 +153,7 @@ fn h(s: &str) -> Handle {
 }
 
 fn record(handle: &str, port: u16) -> Record {
-    Record::new(
+    record_now(
         h(handle),
         SocketAddr::from(([127, 0, 0, 1], port)),
         ReceiverId::random(),
@@ -573,7 +573,7 @@ async fn garbage_and_oversized_frames_leave_the_service_serving() {
     assert!(line.contains("127.0.0.1:"), "peer address logged: {line}");
     // ... a replayed sequence number ...
     let (mut s, _) = raw_handshake(addr).await;
-    let req = ipcbus::proto::epm::encode_body(&Request {
+    let req = ipcbus_proto::epm::encode_body(&Request {
         id: 1,
         op: Op::Status,
     });
@@ -584,7 +584,7 @@ async fn garbage_and_oversized_frames_leave_the_service_serving() {
     expect_closed(&mut s).await;
     // ... a registration of an unspecified address is refused, not fatal.
     let mut c = epm.client().await.unwrap();
-    let bad = Record::new(
+    let bad = record_now(
         h("survivor"),
         "0.0.0.0:1".parse().unwrap(),
         ReceiverId::random(),

@@ -23,16 +23,16 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use ipcbus::proto::codec::{put_frame, CodecV1};
-use ipcbus::proto::compress::gzip;
-use ipcbus::proto::crypto::{Sealer, SessionKeys};
-use ipcbus::proto::epm::{decode_body, encode_body, Entry, Op, Request, Response, EPM_HANDLE};
-use ipcbus::proto::frame::{Flags, Hello, Kind, Mode, RawFrame, Welcome, VERSION};
 use ipcbus::{Discovery, Epm, Handle, Key, ReceiverId, Security, Sender, SenderId};
+use ipcbus_proto::codec::{put_frame, CodecV1};
+use ipcbus_proto::compress::gzip;
+use ipcbus_proto::crypto::Sealer;
+use ipcbus_proto::epm::{decode_body, encode_body, Entry, Op, Request, Response, EPM_HANDLE};
+use ipcbus_proto::frame::{Flags, Hello, Kind, Mode, VERSION};
+use ipcbus_proto::handshake::{Client, ClientConfig, Status};
 use ipcbus_tests::{Proc, TempDir};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::codec::Decoder;
 
 const PEER: &str = env!("CARGO_BIN_EXE_ipcbus-testpeer");
 const EPM_BIN: &str = env!("CARGO_BIN_EXE_test-epm-service");
@@ -154,20 +154,9 @@ fn rand_nonce() -> [u8; 32] {
     n
 }
 
-async fn read_frame(s: &mut TcpStream, buf: &mut BytesMut) -> Option<RawFrame> {
-    let mut codec = CodecV1::default();
-    loop {
-        if let Ok(Some(f)) = codec.decode(buf) {
-            return Some(f);
-        }
-        if tokio::time::timeout(T, s.read_buf(buf)).await.ok()?.ok()? == 0 {
-            return None;
-        }
-    }
-}
-
-/// The client side of a handshake by hand; returns the stream and, when keyed, the
-/// client-to-server sealer.
+/// The client side of a handshake, driving the protocol core's state machine; returns
+/// the stream, when keyed the client-to-server sealer, and the bytes read past the
+/// handshake.
 async fn handshake(
     addr: SocketAddr,
     handle: &str,
@@ -179,21 +168,24 @@ async fn handshake(
     } else {
         Mode::Open
     };
-    let (f, hello, body) = hello_frame(handle, mode);
-    s.write_all(&f).await.unwrap();
+    let handle = Handle::new(handle).unwrap();
+    let config = ClientConfig::new(handle, SenderId::random(), mode, key.cloned(), rand_nonce());
+    let mut out = BytesMut::new();
+    let mut client = Client::new(config, &mut out);
     let mut buf = BytesMut::new();
-    let w = read_frame(&mut s, &mut buf).await.expect("welcome");
-    assert_eq!(w.kind, Kind::Welcome);
-    let w = Welcome::parse(&w.body).unwrap();
-    let keys = key.map(|k| SessionKeys::derive(k, &body, &hello.nonce, &w.receiver, &w.nonce));
-    let proof = match &keys {
-        Some(k) => frame(Kind::Proof, 0, 0, &k.proof_c),
-        None => frame(Kind::Proof, 0, 0, &[]),
-    };
-    s.write_all(&proof).await.unwrap();
-    let r = read_frame(&mut s, &mut buf).await.expect("ready");
-    assert_eq!(r.kind, Kind::Ready);
-    (s, keys.map(|k| Sealer::new(&k.c2s)), buf)
+    loop {
+        s.write_all(&out).await.unwrap();
+        out.clear();
+        let n = tokio::time::timeout(T, s.read_buf(&mut buf))
+            .await
+            .expect("handshake in time")
+            .unwrap();
+        assert!(n > 0, "closed during the handshake");
+        if let Status::Established(e) = client.feed(&mut buf, &mut out).expect("handshake") {
+            s.write_all(&out).await.unwrap();
+            return (s, e.tx, buf);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -524,7 +516,7 @@ async fn burst(s: &mut TcpStream, buf: &mut BytesMut, seq: &mut u64, reqs: &[Req
         };
         if let Ok(Response::Reply { answer, .. }) = decode_body::<Response>(&f.body) {
             replies += 1;
-            if matches!(answer, ipcbus::proto::epm::Answer::Error { .. }) {
+            if matches!(answer, ipcbus_proto::epm::Answer::Error { .. }) {
                 refused += 1;
             }
         }

@@ -3,10 +3,10 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use crate::handle::Handle;
-use crate::ids::ReceiverId;
-use crate::proto::epm::{Answer, Entry, HandleCount, Op, Request, Response, Status};
 use crate::registry::Record;
+use ipcbus_proto::epm::{Answer, Entry, HandleCount, Op, Request, Response, Status};
+use ipcbus_proto::handle::Handle;
+use ipcbus_proto::ids::ReceiverId;
 
 use super::link::{LinkReader, LinkWriter};
 use super::EpmError;

@@ -13,20 +13,33 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
 
-use crate::handle::Handle;
+use crate::framing::{FrameReader, ReadError};
 use crate::handshake::{self, HandshakeError};
-use crate::ids::{ReceiverId, SenderId};
-use crate::proto::codec::{put_frame, CodecV1};
-use crate::proto::crypto::Key;
-use crate::proto::epm::{EpmDecodeError, FrameDecoder, FrameEncoder, EPM_HANDLE};
-use crate::proto::frame::{Flags, Kind, Mode, Reject, RejectReason};
 use crate::security::Resolved;
+use ipcbus_proto::codec::{put_frame, CodecV1};
+use ipcbus_proto::crypto::Key;
+use ipcbus_proto::epm::{EpmDecodeError, FrameDecoder, FrameEncoder, EPM_HANDLE};
+use ipcbus_proto::frame::{Flags, Kind, Mode, Reject, RejectReason};
+use ipcbus_proto::handle::Handle;
+use ipcbus_proto::ids::{ReceiverId, SenderId};
 
 /// The reading half of an EPM connection.
 #[derive(Debug)]
 pub struct LinkReader {
-    frames: FramedRead<OwnedReadHalf, CodecV1>,
+    frames: FramedRead<OwnedReadHalf, FrameReader>,
     dec: FrameDecoder,
+}
+
+/// Why [`LinkReader::recv`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecvError {
+    /// The connection failed while reading.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The bytes are not a valid next message.
+    #[error(transparent)]
+    Decode(#[from] EpmDecodeError),
 }
 
 /// The writing half of an EPM connection.
@@ -57,7 +70,7 @@ fn epm_handle() -> Handle {
 
 fn split(est: handshake::Established<TcpStream>, max_frame: usize) -> (LinkReader, LinkWriter) {
     let (rd, wr) = est.io.into_split();
-    let mut frames = FramedRead::new(rd, CodecV1::new(max_frame));
+    let mut frames = FramedRead::new(rd, FrameReader(CodecV1::new(max_frame)));
     frames.read_buffer_mut().extend_from_slice(&est.read_buf);
     (
         LinkReader {
@@ -136,16 +149,17 @@ impl LinkReader {
     /// The next message; `Ok(None)` when the peer closed the connection cleanly.
     ///
     /// # Errors
-    /// [`EpmDecodeError`] for bytes that are not a valid next message (including
-    /// I/O errors, as [`DecodeError::Io`](crate::DecodeError::Io)).
+    /// [`RecvError::Io`] when the connection fails, [`RecvError::Decode`] for bytes
+    /// that are not a valid next message.
     ///
     /// # Cancel safety
     /// Cancel safe: a partly read frame stays buffered for the next call.
-    pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, EpmDecodeError> {
+    pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, RecvError> {
         match self.frames.next().await {
             None => Ok(None),
-            Some(Err(e)) => Err(e.into()),
-            Some(Ok(f)) => self.dec.decode(f).map(Some),
+            Some(Err(ReadError::Io(e))) => Err(RecvError::Io(e)),
+            Some(Err(ReadError::Decode(e))) => Err(RecvError::Decode(e.into())),
+            Some(Ok(f)) => Ok(Some(self.dec.decode(f)?)),
         }
     }
 }

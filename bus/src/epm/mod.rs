@@ -35,11 +35,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::credentials::{Credentials, CredentialsError};
-use crate::handle::Handle;
 use crate::handshake::HandshakeError;
-use crate::proto::crypto::Key;
-use crate::proto::epm::{EpmDecodeError, ErrorCode, HandleCount, Status, DEFAULT_EPM_MAX_FRAME};
 use crate::registry::Record;
+use ipcbus_proto::crypto::Key;
+use ipcbus_proto::epm::{EpmDecodeError, ErrorCode, HandleCount, Status, DEFAULT_EPM_MAX_FRAME};
+use ipcbus_proto::handle::Handle;
 
 /// Why talking to the EPM failed.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +98,15 @@ pub enum EpmError {
     /// The address (`IPCBUS_EPM`) is not `HOST[:PORT]`.
     #[error(transparent)]
     Address(#[from] EpmAddrError),
+}
+
+impl From<link::RecvError> for EpmError {
+    fn from(e: link::RecvError) -> Self {
+        match e {
+            link::RecvError::Io(e) => EpmError::Io(e),
+            link::RecvError::Decode(e) => EpmError::Protocol(e),
+        }
+    }
 }
 
 impl EpmError {
@@ -405,7 +414,7 @@ fn normalize_addr(addr: &str) -> Result<String, EpmAddrError> {
             }),
         }
     };
-    let default = crate::proto::epm::DEFAULT_PORT;
+    let default = ipcbus_proto::epm::DEFAULT_PORT;
     if let Ok(IpAddr::V6(v6)) = a.parse::<IpAddr>() {
         return Ok(format!("[{v6}]:{default}"));
     }

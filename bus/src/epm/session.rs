@@ -11,9 +11,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Epm, EpmClient, EpmError, WatchEvent};
-use crate::handle::Handle;
-use crate::ids::ReceiverId;
 use crate::registry::Record;
+use ipcbus_proto::handle::Handle;
+use ipcbus_proto::ids::ReceiverId;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -304,9 +304,10 @@ async fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::record_now;
 
     fn rec(n: u8) -> Record {
-        Record::new(
+        record_now(
             Handle::new("h").unwrap(),
             std::net::SocketAddr::from(([127, 0, 0, 1], 1000 + u16::from(n))),
             ReceiverId([n; 16]),

@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use super::Record;
-use crate::handle::Handle;
-use crate::ids::ReceiverId;
-use crate::proto::crypto::Key;
+use ipcbus_proto::crypto::Key;
+use ipcbus_proto::handle::Handle;
+use ipcbus_proto::ids::ReceiverId;
 
 /// Largest record file we read; anything larger is not ours.
 const MAX_RECORD: u64 = 64 * 1024;
@@ -340,6 +340,7 @@ impl Drop for Registration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::record_now;
     use std::net::SocketAddr;
 
     fn tmpdir(name: &str) -> PathBuf {
@@ -363,10 +364,10 @@ mod tests {
         let h = Handle::new("orders").unwrap();
         let other = Handle::new("other").unwrap();
         let addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        let rec = Record::new(h.clone(), addr, ReceiverId::random());
+        let rec = record_now(h.clone(), addr, ReceiverId::random());
         let mut g = reg.register(&rec).unwrap();
         let _g2 = reg
-            .register(&Record::new(other.clone(), addr, ReceiverId::random()))
+            .register(&record_now(other.clone(), addr, ReceiverId::random()))
             .unwrap();
         assert_eq!(reg.scan(Some(&h)).unwrap(), vec![rec.clone()]);
         assert_eq!(reg.scan(None).unwrap().len(), 2);
@@ -380,7 +381,7 @@ mod tests {
         let dir = tmpdir("stale");
         let reg = LocalRegistry::open(&dir).unwrap();
         let h = Handle::new("x").unwrap();
-        let mut rec = Record::new(
+        let mut rec = record_now(
             h.clone(),
             "127.0.0.1:1".parse().unwrap(),
             ReceiverId::random(),

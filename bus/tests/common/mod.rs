@@ -1,18 +1,18 @@
-//! Shared by the bus's integration tests: a peer that speaks the wire protocol by
-//! hand.
+//! Shared by the bus's integration tests: a peer that speaks the wire protocol
+//! through the protocol core, without the library's connection code.
 
 #![allow(dead_code)]
 
 use std::time::Duration;
 
 use bytes::BytesMut;
-use ipcbus::proto::codec::{put_frame, CodecV1};
-use ipcbus::proto::crypto::{Sealer, SessionKeys};
-use ipcbus::proto::frame::{Flags, Hello, Kind, Mode, RawFrame, Welcome, VERSION};
-use ipcbus::{Handle, Key, SenderId};
+use ipcbus_proto::codec::CodecV1;
+use ipcbus_proto::crypto::Sealer;
+use ipcbus_proto::frame::{Mode, RawFrame};
+use ipcbus_proto::handshake::{Client, ClientConfig, Status};
+use ipcbus_proto::{Handle, Key, SenderId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::codec::Decoder;
 
 pub const T: Duration = Duration::from_secs(10);
 
@@ -28,8 +28,9 @@ pub async fn read_frame(s: &mut TcpStream, buf: &mut BytesMut) -> Option<RawFram
     }
 }
 
-/// Runs the client side of an open-mode or keyed handshake by hand as `sender`;
-/// returns the stream and, when keyed, the client's sealer.
+/// Runs the client side of an open-mode or sealed handshake as `sender`, driving the
+/// protocol core's state machine; returns the stream and, when keyed, the client's
+/// sealer.
 pub async fn handshake(
     addr: std::net::SocketAddr,
     handle: &str,
@@ -37,34 +38,33 @@ pub async fn handshake(
     key: Option<&Key>,
 ) -> (TcpStream, Option<Sealer>) {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    let hello = Hello {
-        version: VERSION,
-        mode: if key.is_some() {
-            Mode::Sealed
-        } else {
-            Mode::Open
-        },
-        handle: Handle::new(handle).unwrap(),
-        sender,
-        nonce: [5; 32],
+    let mode = if key.is_some() {
+        Mode::Sealed
+    } else {
+        Mode::Open
     };
-    let mut body = BytesMut::new();
-    hello.encode(&mut body);
+    let config = ClientConfig::new(
+        Handle::new(handle).unwrap(),
+        sender,
+        mode,
+        key.cloned(),
+        [5; 32],
+    );
     let mut out = BytesMut::new();
-    put_frame(&mut out, Kind::Hello, Flags(0), 0, &body);
-    s.write_all(&out).await.unwrap();
+    let mut client = Client::new(config, &mut out);
     let mut buf = BytesMut::new();
-    let w = read_frame(&mut s, &mut buf).await.unwrap();
-    assert_eq!(w.kind, Kind::Welcome);
-    let w = Welcome::parse(&w.body).unwrap();
-    let keys = key.map(|k| SessionKeys::derive(k, &body, &hello.nonce, &w.receiver, &w.nonce));
-    let mut out = BytesMut::new();
-    match &keys {
-        Some(k) => put_frame(&mut out, Kind::Proof, Flags(0), 0, &k.proof_c),
-        None => put_frame(&mut out, Kind::Proof, Flags(0), 0, &[]),
+    loop {
+        s.write_all(&out).await.unwrap();
+        out.clear();
+        let n = tokio::time::timeout(T, s.read_buf(&mut buf))
+            .await
+            .expect("handshake in time")
+            .unwrap();
+        assert!(n > 0, "closed during the handshake");
+        if let Status::Established(e) = client.feed(&mut buf, &mut out).expect("handshake") {
+            s.write_all(&out).await.unwrap();
+            assert!(buf.is_empty(), "nothing after Ready");
+            return (s, e.tx);
+        }
     }
-    s.write_all(&out).await.unwrap();
-    let r = read_frame(&mut s, &mut buf).await.unwrap();
-    assert_eq!(r.kind, Kind::Ready);
-    (s, keys.map(|k| Sealer::new(&k.c2s)))
 }

@@ -15,9 +15,9 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use futures::{FutureExt, Stream, StreamExt};
-use ipcbus::proto::crypto::TAG_LEN;
-use ipcbus::proto::frame::{DEFAULT_MAX_FRAME, HEADER_LEN};
 use ipcbus::{FailReason, Handle, PendingReport, ReceiverInfo, SendReport, Sender, SenderEvent};
+use ipcbus_proto::crypto::TAG_LEN;
+use ipcbus_proto::frame::{DEFAULT_MAX_FRAME, HEADER_LEN};
 use serde::Serialize;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 

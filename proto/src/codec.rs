@@ -1,4 +1,5 @@
-//! Length-prefixed framing of wire protocol v1 as a `tokio_util::codec` decoder.
+//! Length-prefixed framing of wire protocol v1. The `tokio_util::codec::Decoder`
+//! adapter over [`CodecV1::decode`] lives in `ipcbus`, so this core has no I/O error.
 //!
 //! ```text
 //! u32 BE  length of what follows (10 + body), at most the configured maximum
@@ -9,9 +10,10 @@
 //! ```
 
 use bytes::{Buf, BufMut, BytesMut};
-use tokio_util::codec::Decoder;
 
-use super::frame::{DecodeError, Flags, Kind, RawFrame, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX};
+use super::frame::{
+    DecodeError, Flags, Header, Kind, RawFrame, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX,
+};
 
 /// Decoder of v1 frames with a hard maximum length, checked before any allocation.
 #[derive(Debug, Clone, Copy)]
@@ -70,17 +72,15 @@ impl CodecV1 {
     }
 }
 
-impl Default for CodecV1 {
-    fn default() -> Self {
-        CodecV1::new(DEFAULT_MAX_FRAME)
-    }
-}
-
-impl Decoder for CodecV1 {
-    type Item = RawFrame;
-    type Error = DecodeError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<RawFrame>, DecodeError> {
+impl CodecV1 {
+    /// Takes the next whole frame off the front of `src`: `Ok(None)` means "need more
+    /// bytes" (room for the announced frame is reserved, the maximum checked first),
+    /// `Err` means the bytes are not a v1 frame and the connection should end.
+    ///
+    /// # Errors
+    /// [`DecodeError::TooLong`], [`DecodeError::TooShort`],
+    /// [`DecodeError::UnknownKind`], [`DecodeError::UnknownFlags`].
+    pub fn decode(&mut self, src: &mut BytesMut) -> Result<Option<RawFrame>, DecodeError> {
         let Some(len) = self.check_front(src)? else {
             return Ok(None);
         };
@@ -91,10 +91,11 @@ impl Decoder for CodecV1 {
         }
         src.advance(LEN_PREFIX);
         let mut frame = src.split_to(len);
-        let kind = Kind::from_u8(frame[0]).ok_or(DecodeError::UnknownKind(frame[0]))?;
-        let flags = Flags(frame[1]);
-        frame.advance(2);
-        let seq = frame.get_u64();
+        let header = frame
+            .first_chunk::<HEADER_LEN>()
+            .ok_or(DecodeError::TooShort { len })?;
+        let Header { kind, flags, seq } = Header::parse(header)?;
+        frame.advance(HEADER_LEN);
         Ok(Some(RawFrame {
             kind,
             flags,
@@ -104,12 +105,15 @@ impl Decoder for CodecV1 {
     }
 }
 
+impl Default for CodecV1 {
+    fn default() -> Self {
+        CodecV1::new(DEFAULT_MAX_FRAME)
+    }
+}
+
 /// Appends the length prefix and header of a frame whose body is `body_len` bytes.
 pub fn put_header(dst: &mut BytesMut, kind: Kind, flags: Flags, seq: u64, body_len: usize) {
-    dst.put_u32((HEADER_LEN + body_len) as u32);
-    dst.put_u8(kind as u8);
-    dst.put_u8(flags.0);
-    dst.put_u64(seq);
+    dst.put_slice(&Header { kind, flags, seq }.to_bytes(body_len));
 }
 
 /// Appends a whole unsealed frame.

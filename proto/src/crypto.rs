@@ -311,8 +311,7 @@ impl Sealer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::codec::CodecV1;
-    use tokio_util::codec::Decoder;
+    use crate::codec::CodecV1;
 
     #[test]
     fn derive_is_cached_and_accepts_short_salts() {
@@ -350,14 +349,14 @@ mod tests {
         let (mut data, mut req) = (BytesMut::new(), BytesMut::new());
         tx.put_sealed(&mut data, Kind::Data, Flags(0), 7, &[0u8; 8]);
         tx.put_sealed(&mut req, Kind::AckRequest, Flags(0), 7, &[0u8; 8]);
-        let body = crate::proto::frame::LEN_PREFIX + HEADER_LEN;
+        let body = crate::frame::LEN_PREFIX + HEADER_LEN;
         assert_ne!(data[body..body + 8], req[body..body + 8]);
         let mut codec = CodecV1::default();
         let mut f = codec.decode(&mut req.clone()).unwrap().unwrap();
         rx.open(&mut f).unwrap();
         assert_eq!(&f.body[..], &[0u8; 8]);
         // Relabelled as Data, it does not open (the kind is in the AAD and the nonce).
-        req[crate::proto::frame::LEN_PREFIX] = Kind::Data as u8;
+        req[crate::frame::LEN_PREFIX] = Kind::Data as u8;
         let mut f = codec.decode(&mut req).unwrap().unwrap();
         assert_eq!(rx.open(&mut f), Err(DecodeError::OpenFailed));
     }

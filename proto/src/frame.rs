@@ -89,6 +89,49 @@ impl Flags {
     }
 }
 
+/// The fixed part of every frame after the length prefix: kind (1 byte), flags (1),
+/// sequence number (8, big-endian). Parsed and written here and nowhere else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// What the frame carries.
+    pub kind: Kind,
+    /// Compressed / sealed bits.
+    pub flags: Flags,
+    /// Sequence number (0 for handshake frames).
+    pub seq: u64,
+}
+
+impl Header {
+    /// Parses the header bytes.
+    ///
+    /// # Errors
+    /// [`DecodeError::UnknownKind`], [`DecodeError::UnknownFlags`].
+    #[inline]
+    pub fn parse(b: &[u8; HEADER_LEN]) -> Result<Header, DecodeError> {
+        let kind = Kind::from_u8(b[0]).ok_or(DecodeError::UnknownKind(b[0]))?;
+        if b[1] & !Flags::ALL != 0 {
+            return Err(DecodeError::UnknownFlags(b[1]));
+        }
+        let [_, _, seq @ ..] = *b;
+        Ok(Header {
+            kind,
+            flags: Flags(b[1]),
+            seq: u64::from_be_bytes(seq),
+        })
+    }
+
+    /// The length prefix and header of a frame whose body is `body_len` bytes.
+    #[inline]
+    pub fn to_bytes(&self, body_len: usize) -> [u8; LEN_PREFIX + HEADER_LEN] {
+        let mut h = [0u8; LEN_PREFIX + HEADER_LEN];
+        h[..LEN_PREFIX].copy_from_slice(&((HEADER_LEN + body_len) as u32).to_be_bytes());
+        h[LEN_PREFIX] = self.kind as u8;
+        h[LEN_PREFIX + 1] = self.flags.0;
+        h[LEN_PREFIX + 2..].copy_from_slice(&self.seq.to_be_bytes());
+        h
+    }
+}
+
 /// One frame as it came off the wire: typed header, body still as bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawFrame {
@@ -160,21 +203,12 @@ pub enum DecodeError {
     /// The gzip body is corrupt.
     #[error("corrupt gzip body")]
     Inflate,
-    /// The connection failed while reading.
-    #[error("i/o error: {0}")]
-    Io(std::io::ErrorKind),
     /// The gzip body inflates past the maximum.
     #[error("gzip body inflates past the maximum of {max} bytes")]
     InflateTooLarge {
         /// Configured maximum.
         max: usize,
     },
-}
-
-impl From<std::io::Error> for DecodeError {
-    fn from(e: std::io::Error) -> Self {
-        DecodeError::Io(e.kind())
-    }
 }
 
 /// Security mode announced in `Hello`; both sides must agree.
@@ -484,6 +518,28 @@ pub fn parse_ack_request(b: &[u8]) -> Result<u64, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_pinned_bytes_and_parse_errors() {
+        let h = Header {
+            kind: Kind::Data,
+            flags: Flags(Flags::COMPRESSED | Flags::SEALED),
+            seq: 7,
+        };
+        let b = h.to_bytes(2);
+        assert_eq!(
+            hex::encode(b),
+            "0000000c".to_string() + "10" + "03" + "0000000000000007"
+        );
+        let body = b[LEN_PREFIX..].first_chunk::<HEADER_LEN>().unwrap();
+        assert_eq!(Header::parse(body), Ok(h));
+        let mut bad = *body;
+        bad[0] = 0x7f;
+        assert_eq!(Header::parse(&bad), Err(DecodeError::UnknownKind(0x7f)));
+        let mut bad = *body;
+        bad[1] = 0x80;
+        assert_eq!(Header::parse(&bad), Err(DecodeError::UnknownFlags(0x80)));
+    }
 
     fn hello() -> Hello {
         Hello {

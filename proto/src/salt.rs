@@ -35,9 +35,9 @@ pub(crate) const MAX_SALT: usize = 1024;
 /// an error; there is never a silent fall back.
 ///
 /// ```
-/// assert_eq!(ipcbus::parse_salt("{0x01,0x02,0x03}").unwrap(), vec![1, 2, 3]);
-/// assert_eq!(ipcbus::parse_salt("010203").unwrap(), vec![1, 2, 3]);
-/// assert!(ipcbus::parse_salt("{0x01,0x02").is_err());
+/// assert_eq!(ipcbus_proto::parse_salt("{0x01,0x02,0x03}").unwrap(), vec![1, 2, 3]);
+/// assert_eq!(ipcbus_proto::parse_salt("010203").unwrap(), vec![1, 2, 3]);
+/// assert!(ipcbus_proto::parse_salt("{0x01,0x02").is_err());
 /// ```
 ///
 /// # Errors

@@ -11,7 +11,7 @@ use std::str::FromStr;
 /// built valid: every constructor checks.
 ///
 /// ```
-/// use ipcbus::Handle;
+/// use ipcbus_proto::Handle;
 /// let h: Handle = "orders.created".parse().unwrap();
 /// assert_eq!(h.as_str(), "orders.created");
 /// assert!(Handle::new("a/b").is_err());

@@ -18,13 +18,13 @@ use bytes::BytesMut;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::codec::put_frame;
-use super::compress::{gunzip, gzip, DEFAULT_THRESHOLD};
+use super::compress::{gzip, DEFAULT_THRESHOLD};
 use super::crypto::Sealer;
 use super::frame::{DecodeError, Flags, Kind, RawFrame};
+use super::session::{Inbound, Opened, Outbound};
 use crate::handle::Handle;
 use crate::ids::ReceiverId;
-use crate::registry::Record;
+use crate::record::Record;
 
 /// The handle an EPM client puts in its `Hello`; the EPM rejects any other.
 pub const EPM_HANDLE: &str = "ipcbus.epm.v1";
@@ -288,12 +288,11 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, EpmDecodeError
     Ok(msg)
 }
 
-/// One direction's outgoing state: next sequence number, optional sealing, gzip
-/// threshold.
+/// One direction's outgoing state: the session's [`Outbound`] half (numbering,
+/// sealing) and the gzip threshold.
 #[derive(Debug)]
 pub struct FrameEncoder {
-    sealer: Option<Sealer>,
-    seq: u64,
+    out: Outbound,
     threshold: usize,
 }
 
@@ -301,8 +300,7 @@ impl FrameEncoder {
     /// An encoder for a connection; `sealer` is `Some` on a sealed connection.
     pub fn new(sealer: Option<Sealer>) -> FrameEncoder {
         FrameEncoder {
-            sealer,
-            seq: 0,
+            out: Outbound::new(sealer),
             threshold: DEFAULT_THRESHOLD,
         }
     }
@@ -316,7 +314,6 @@ impl FrameEncoder {
     /// Appends one `Data` frame carrying `msg` to `dst`.
     pub fn encode<T: Serialize>(&mut self, msg: &T, dst: &mut BytesMut) {
         let body = encode_body(msg);
-        self.seq += 1;
         let (flags, body) = if body.len() >= self.threshold {
             match gzip(&body, 1) {
                 Some(z) => (Flags(Flags::COMPRESSED), z),
@@ -325,19 +322,15 @@ impl FrameEncoder {
         } else {
             (Flags(0), body)
         };
-        match &self.sealer {
-            Some(s) => s.put_sealed(dst, Kind::Data, flags, self.seq, &body),
-            None => put_frame(dst, Kind::Data, flags, self.seq, &body),
-        }
+        self.out.put(dst, Kind::Data, flags, &body);
     }
 }
 
-/// One direction's incoming state: last sequence number, optional opening, size cap.
+/// One direction's incoming state: the session's [`Inbound`] half (kind, order, seal,
+/// inflated size), then the message.
 #[derive(Debug)]
 pub struct FrameDecoder {
-    opener: Option<Sealer>,
-    last_seq: u64,
-    max: usize,
+    inbound: Inbound,
 }
 
 impl FrameDecoder {
@@ -345,9 +338,7 @@ impl FrameDecoder {
     /// compressed body may inflate to at most `max` bytes.
     pub fn new(opener: Option<Sealer>, max: usize) -> FrameDecoder {
         FrameDecoder {
-            opener,
-            last_seq: 0,
-            max,
+            inbound: Inbound::messages(opener, max),
         }
     }
 
@@ -357,31 +348,15 @@ impl FrameDecoder {
     /// [`EpmDecodeError`]: a frame that is not `Data`, out of order, wrongly sealed,
     /// corrupt, or whose body is not one `T`.
     pub fn decode<T: DeserializeOwned>(&mut self, mut f: RawFrame) -> Result<T, EpmDecodeError> {
-        if f.kind != Kind::Data {
-            return Err(DecodeError::Unexpected {
+        match self.inbound.open_frame(&mut f)? {
+            Opened::Plain(_) => decode_body(&f.body),
+            Opened::Inflated(body) => decode_body(&body),
+            // `Inbound::messages` accepts nothing but `Data`.
+            Opened::AckRequest(_) => Err(DecodeError::Unexpected {
                 got: f.kind,
                 expected: "Data",
             }
-            .into());
-        }
-        if f.seq <= self.last_seq {
-            return Err(DecodeError::OutOfOrder {
-                seq: f.seq,
-                last: self.last_seq,
-            }
-            .into());
-        }
-        match &self.opener {
-            Some(s) => s.open(&mut f)?,
-            None if f.flags.sealed() => return Err(DecodeError::SealMismatch.into()),
-            None => {}
-        }
-        self.last_seq = f.seq;
-        if f.flags.compressed() {
-            let body = gunzip(&f.body, self.max)?;
-            decode_body(&body)
-        } else {
-            decode_body(&f.body)
+            .into()),
         }
     }
 }
@@ -418,10 +393,9 @@ mod receiver_serde {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::codec::CodecV1;
-    use crate::proto::crypto::{Key, SessionKeys};
+    use crate::codec::{put_frame, CodecV1};
+    use crate::crypto::{Key, SessionKeys};
     use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
-    use tokio_util::codec::Decoder;
 
     fn h(s: &str) -> Handle {
         Handle::new(s).unwrap()

@@ -37,10 +37,10 @@ macro_rules! id_type {
 }
 
 id_type!(
-    /// Identity of one [`Sender`](crate::Sender), random per instance; shown as 32 hex digits.
+    /// Identity of one sender (`ipcbus::Sender`), random per instance; shown as 32 hex digits.
     SenderId
 );
 id_type!(
-    /// Identity of one [`Receiver`](crate::Receiver), random per instance; shown as 32 hex digits.
+    /// Identity of one receiver (`ipcbus::Receiver`), random per instance; shown as 32 hex digits.
     ReceiverId
 );
