@@ -459,7 +459,7 @@ impl Report {
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}\
 h1{font-size:1.4em;margin:0 0 .3em}.sum{color:#555}\
 table{border-collapse:collapse;margin-top:1em}\
-th,td{border:1px solid #ccc;padding:.3em .7em;text-align:left;vertical-align:top}\
+th,td{border:1px solid #ccc;padding:.3em .7em;text-align:left;vertical-align:baseline}\
 th{background:#f0f0f0}.handle{font-weight:bold}.id{font-family:monospace;font-size:.9em}\
 .none,.foot{color:#777}";
 
