@@ -667,6 +667,46 @@ mod tests {
     }
 
     #[test]
+    fn handshake_failures_have_reasons() {
+        use ipcbus::RejectReason;
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        for (e, want) in [
+            (
+                HandshakeError::AuthenticationFailed,
+                "authentication_failed",
+            ),
+            (HandshakeError::SecurityMismatch, "security_mismatch"),
+            (HandshakeError::Timeout, "timeout"),
+            (HandshakeError::Closed, "closed"),
+            (HandshakeError::Io(io), "closed"),
+            (HandshakeError::UnsupportedVersion(9), "protocol"),
+            (HandshakeError::WrongHandle("x".into()), "protocol"),
+            (
+                HandshakeError::Rejected {
+                    reason: RejectReason::Busy,
+                    text: String::new(),
+                },
+                "protocol",
+            ),
+        ] {
+            assert_eq!(RejectKind::of(&e).label(), want, "{e}");
+        }
+        // every label is distinct, and every kind's index is in range
+        let mut l: Vec<&str> = RejectKind::ALL.iter().map(|k| k.label()).collect();
+        l.extend(RequestKind::ALL.iter().map(|k| k.label()));
+        let n = l.len();
+        l.sort_unstable();
+        l.dedup();
+        assert_eq!(l.len(), n);
+        for (i, k) in RejectKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i);
+        }
+        for (i, k) in RequestKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i);
+        }
+    }
+
+    #[test]
     fn label_values_are_escaped() {
         assert_eq!(label_escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }

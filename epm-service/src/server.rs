@@ -631,6 +631,16 @@ mod tests {
                 receiver: entry().receiver
             }
         );
+        // Counted: the requests by kind, the expiry, the Added and Removed notices.
+        let c = shared.stats.counters();
+        assert_eq!(c.requests["register"], 1);
+        assert_eq!(c.requests["watch"], 1);
+        assert_eq!(c.requests["keep_alive"], 16);
+        assert_eq!(c.lease_expiries, 1);
+        assert_eq!(c.watch_notifications, 2);
+        let r = crate::http::Source::report(&*shared);
+        assert_eq!((r.registrations, r.handles, r.watches), (0, 0, 1));
+        assert!(r.by_handle.is_empty());
         token.cancel();
         sweeper.await.unwrap();
     }

@@ -342,7 +342,7 @@ fn password_protects_it_with_basic_auth_or_a_token() {
     let tok = dir.path().join("tok");
     std::fs::write(&pw, "s3cret\n").unwrap();
     std::fs::write(&tok, "tok-123\n").unwrap();
-    let (_epm, http) = start(&[
+    let (epm, http) = start(&[
         "--password-file",
         pw.to_str().unwrap(),
         "--salt",
@@ -379,6 +379,23 @@ fn password_protects_it_with_basic_auth_or_a_token() {
         let a = request(http, "GET", "/metrics", Some(&bad));
         assert_eq!(a.status, 401, "{bad}: {a:?}");
     }
+    // A client with the wrong password is counted by reason.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let wrong = ipcbus::Key::derive("not-it", [1u8, 2]).unwrap();
+    let r = rt.block_on(ipcbus::Epm::builder(epm.addr.as_str()).key(wrong).connect());
+    assert!(r.is_err(), "a wrong key is refused");
+    eventually("the failed handshake is counted", || {
+        let a = request(http, "GET", "/metrics", Some("Bearer tok-123"));
+        let m = prom::parse(&a.body).unwrap();
+        sample(
+            &m,
+            "ipcbus_epm_handshakes_rejected_total",
+            Some(("reason", "authentication_failed")),
+        ) == 1.0
+    });
     // Authenticated but unknown: 404, wrong method: 405.
     assert_eq!(
         request(http, "GET", "/x", Some("Bearer tok-123")).status,
@@ -388,6 +405,27 @@ fn password_protects_it_with_basic_auth_or_a_token() {
         request(http, "POST", "/status", Some("Bearer tok-123")).status,
         405
     );
+}
+
+#[test]
+fn help_names_the_http_flags() {
+    let r = cli_support::run(
+        {
+            let mut c = Command::new(EPM_BIN);
+            c.arg("--help");
+            c
+        },
+        b"",
+    );
+    assert_eq!(r.code(), 0);
+    for s in [
+        "--http <ADDR>",
+        "--http-token-file <FILE>",
+        "/metrics",
+        "Bearer",
+    ] {
+        assert!(r.stdout.contains(s), "{s}: {}", r.stdout);
+    }
 }
 
 #[test]
