@@ -365,6 +365,17 @@ impl Config {
         }
         let creds = cli.or(in_file.resolve()?);
         let key = creds.key()?;
+        if key.is_none() {
+            for b in &binds {
+                if !b.ip().is_loopback() {
+                    warnings.push(format!(
+                        "listening on {b} without a password: anyone who can reach it can \
+                         register and look up receivers; set a password and salt"
+                    ));
+                }
+            }
+        }
+
         let http = http_config(args, &file, creds.password())?;
         if let Some(h) = &http {
             if !h.auth.required() && !h.addr.ip().is_loopback() {
@@ -374,16 +385,6 @@ impl Config {
                      loopback address",
                     h.addr
                 ));
-            }
-        }
-        if key.is_none() {
-            for b in &binds {
-                if !b.ip().is_loopback() {
-                    warnings.push(format!(
-                        "listening on {b} without a password: anyone who can reach it can \
-                         register and look up receivers; set a password and salt"
-                    ));
-                }
             }
         }
 
