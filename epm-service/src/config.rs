@@ -380,9 +380,9 @@ impl Config {
         if let Some(h) = &http {
             if !h.auth.required() && !h.addr.ip().is_loopback() {
                 warnings.push(format!(
-                    "http on {} without a password: anyone who can reach it can read the \
-                     handles and receivers; set a password or --http-token-file, or use a \
-                     loopback address",
+                    "the http endpoint at {} has no password: anyone who can reach it can \
+                     read the handles and receivers; set a password or --http-token-file, or \
+                     use a loopback address",
                     h.addr
                 ));
             }
@@ -843,7 +843,7 @@ mod tests {
         assert!(c
             .warnings
             .iter()
-            .any(|w| w.contains("http on 0.0.0.0:8455 without a password")));
+            .any(|w| w.contains("the http endpoint at 0.0.0.0:8455 has no password")));
         // the EPM password protects it; the token file adds a bearer token
         let tok = tmp("tok", "  the-token \nrest\n");
         let c = load(&[
@@ -861,7 +861,7 @@ mod tests {
         let h = c.http.unwrap();
         assert_eq!(h.auth.password.as_deref(), Some(&b"secret"[..]));
         assert_eq!(h.auth.token.as_deref(), Some(&b"the-token"[..]));
-        assert!(!c.warnings.iter().any(|w| w.contains("http on")));
+        assert!(!c.warnings.iter().any(|w| w.contains("http endpoint")));
         // config file keys
         let cfg = tmp("toml-http", "http = \"127.0.0.1:9\"\n");
         let c = load(&["--config", cfg.to_str().unwrap()]).unwrap();
