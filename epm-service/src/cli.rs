@@ -29,6 +29,13 @@ Environment:
                   when stderr is a terminal)
 The command line wins over the environment, which wins over --config.
 
+Monitoring (--http ADDR, off by default):
+  GET /status     JSON: counts, limits, counters, handles and their receivers
+  GET /metrics    Prometheus text format, metrics named ipcbus_epm_*
+  GET /           a status page that reloads itself every 2 s
+  With a password set, give it as HTTP Basic (any user name), or the token of
+  --http-token-file as `Authorization: Bearer TOKEN`.
+
 Exit status:
   0  stopped by SIGTERM or SIGINT
   1  failure while running, such as no address to listen on (port in use)
@@ -98,7 +105,17 @@ fn start(args: Args) -> Result<(), Failure> {
         let shutdown = shutdown_signal().context("cannot watch SIGTERM and SIGINT")?;
         // The error names each address and why it failed.
         let listeners = crate::server::bind_all(&config.binds)?;
-        crate::server::run(listeners, config, shutdown).await;
+        let http = match &config.http {
+            None => None,
+            Some(h) => {
+                let l = tokio::net::TcpListener::bind(h.addr)
+                    .await
+                    .with_context(|| format!("cannot listen for http on {}", h.addr))?;
+                tracing::info!("http on {}", l.local_addr().unwrap_or(h.addr));
+                Some(l)
+            }
+        };
+        crate::server::run_with_http(listeners, http, config, shutdown).await;
         Ok(())
     })
     .map_err(Failure::Runtime)

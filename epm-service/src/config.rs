@@ -79,6 +79,15 @@ pub struct Args {
     /// Time a client has to finish the handshake, in milliseconds [default: 5000].
     #[arg(long, value_name = "MS")]
     pub handshake_timeout_ms: Option<u64>,
+    /// Serve /status, /metrics and a status page over HTTP on IP:PORT (a bare PORT
+    /// means 127.0.0.1:PORT) [default: off]. With a password set, readers need it
+    /// (HTTP Basic, any user name) or the --http-token-file token.
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<String>,
+    /// File whose first line is a token that reads the HTTP endpoint as
+    /// `Authorization: Bearer TOKEN`.
+    #[arg(long, value_name = "FILE")]
+    pub http_token_file: Option<PathBuf>,
 }
 
 /// The limits that keep the service's memory bounded.
@@ -128,9 +137,20 @@ pub struct Config {
     pub limits: Limits,
     /// Time a client has to finish the handshake.
     pub handshake_timeout: Duration,
+    /// The HTTP monitoring endpoint, when `--http` is given.
+    pub http: Option<HttpConfig>,
     /// Things the operator should hear about (password on the command line, open
     /// network bind without password); logged at start.
     pub warnings: Vec<String>,
+}
+
+/// The HTTP monitoring endpoint's settings (`--http`, `--http-token-file`).
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Who may read it: the EPM password, the token.
+    pub auth: crate::http::Auth,
 }
 
 impl Config {
@@ -143,6 +163,7 @@ impl Config {
             lease: Duration::from_secs(10),
             limits: Limits::default(),
             handshake_timeout: Duration::from_secs(5),
+            http: None,
             warnings: Vec::new(),
         }
     }
@@ -195,6 +216,10 @@ pub struct FileConfig {
     pub max_frame: Option<usize>,
     /// As `--handshake-timeout-ms`.
     pub handshake_timeout_ms: Option<u64>,
+    /// As `--http`.
+    pub http: Option<String>,
+    /// As `--http-token-file`.
+    pub http_token_file: Option<PathBuf>,
 }
 
 /// Why the start parameters are not usable.
@@ -238,6 +263,17 @@ pub enum ConfigError {
     /// A `--bind` address is not `IP` or `IP:PORT`.
     #[error("bind address {0:?} is not IP or IP:PORT (write IPv6 as [::1]:4455)")]
     BadBind(String),
+    /// The `--http` address is not `IP:PORT` or `PORT`.
+    #[error("http address {0:?} is not IP:PORT or PORT (write IPv6 as [::1]:8455)")]
+    BadHttp(String),
+    /// The `--http-token-file` is empty or is given without `--http`.
+    #[error("http token file {path}: {why}")]
+    HttpToken {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: &'static str,
+    },
     /// A value is out of range.
     #[error("{name}: {why}")]
     BadValue {
@@ -363,6 +399,18 @@ impl Config {
             }
         }
 
+        let http = http_config(args, &file, creds.password())?;
+        if let Some(h) = &http {
+            if !h.auth.required() && !h.addr.ip().is_loopback() {
+                warnings.push(format!(
+                    "the http endpoint at {} has no password: anyone who can reach it can \
+                     read the handles and receivers; set a password or --http-token-file, or \
+                     use a loopback address",
+                    h.addr
+                ));
+            }
+        }
+
         let lease_ms = args.lease_ms.or(file.lease_ms).unwrap_or(10_000);
         if !(100..=u64::from(u32::MAX)).contains(&lease_ms) {
             return Err(ConfigError::BadValue {
@@ -443,9 +491,61 @@ impl Config {
             lease: Duration::from_millis(lease_ms),
             limits,
             handshake_timeout: Duration::from_millis(hs),
+            http,
             warnings,
         })
     }
+}
+
+/// The `--http` settings: the address (a bare port is on 127.0.0.1), the password
+/// and the token file's first line.
+fn http_config(
+    args: &Args,
+    file: &FileConfig,
+    password: Option<&[u8]>,
+) -> Result<Option<HttpConfig>, ConfigError> {
+    let token_file = args
+        .http_token_file
+        .as_ref()
+        .or(file.http_token_file.as_ref());
+    let Some(spec) = args.http.as_ref().or(file.http.as_ref()) else {
+        return match token_file {
+            Some(p) => Err(ConfigError::HttpToken {
+                path: p.clone(),
+                why: "given without --http",
+            }),
+            None => Ok(None),
+        };
+    };
+    let t = spec.trim();
+    let addr = match t.parse::<u16>() {
+        Ok(port) => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+        Err(_) => t
+            .parse::<SocketAddr>()
+            .map_err(|_| ConfigError::BadHttp(spec.clone()))?,
+    };
+    let token = match token_file {
+        None => None,
+        Some(p) => {
+            let bytes = read_small(p)?;
+            let text = String::from_utf8_lossy(&bytes);
+            let first = text.lines().next().unwrap_or("").trim();
+            if first.is_empty() {
+                return Err(ConfigError::HttpToken {
+                    path: p.clone(),
+                    why: "its first line is empty",
+                });
+            }
+            Some(first.as_bytes().to_vec())
+        }
+    };
+    Ok(Some(HttpConfig {
+        addr,
+        auth: crate::http::Auth {
+            password: password.map(<[u8]>::to_vec),
+            token,
+        },
+    }))
 }
 
 fn read_small(path: &Path) -> Result<Vec<u8>, ConfigError> {
@@ -793,6 +893,68 @@ mod tests {
         let f = parse_file(Path::new("installer/epm.toml"), text.as_bytes()).unwrap();
         assert_eq!(f.port, Some(4455));
         assert!(ipcbus::parse_salt(f.salt.as_deref().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn http_settings() {
+        assert!(load(&[]).unwrap().http.is_none());
+        let c = load(&["--http", "8455"]).unwrap();
+        let h = c.http.unwrap();
+        assert_eq!(h.addr, "127.0.0.1:8455".parse::<SocketAddr>().unwrap());
+        assert!(!h.auth.required());
+        let c = load(&["--bind", "127.0.0.1", "--http", "[::1]:0"]).unwrap();
+        assert_eq!(
+            c.http.unwrap().addr,
+            "[::1]:0".parse::<SocketAddr>().unwrap()
+        );
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        // an open network address without a password is allowed, with a warning
+        let c = load(&["--bind", "127.0.0.1", "--http", "0.0.0.0:8455"]).unwrap();
+        assert!(c
+            .warnings
+            .iter()
+            .any(|w| w.contains("the http endpoint at 0.0.0.0:8455 has no password")));
+        // the EPM password protects it; the token file adds a bearer token
+        let tok = tmp("tok", "  the-token \nrest\n");
+        let c = load(&[
+            "--bind",
+            "127.0.0.1",
+            "5000",
+            "secret",
+            "01",
+            "--http",
+            "0.0.0.0:1",
+            "--http-token-file",
+            tok.to_str().unwrap(),
+        ])
+        .unwrap();
+        let h = c.http.unwrap();
+        assert_eq!(h.auth.password.as_deref(), Some(&b"secret"[..]));
+        assert_eq!(h.auth.token.as_deref(), Some(&b"the-token"[..]));
+        assert!(!c.warnings.iter().any(|w| w.contains("http endpoint")));
+        // config file keys
+        let cfg = tmp("toml-http", "http = \"127.0.0.1:9\"\n");
+        let c = load(&["--config", cfg.to_str().unwrap()]).unwrap();
+        assert_eq!(c.http.unwrap().addr.port(), 9);
+        // errors
+        for bad in ["localhost:1", "1.2.3.4", "70000", ""] {
+            assert!(
+                matches!(load(&["--http", bad]), Err(ConfigError::BadHttp(_))),
+                "{bad}"
+            );
+        }
+        let empty = tmp("tok2", "\n");
+        assert!(matches!(
+            load(&["--http", "1", "--http-token-file", empty.to_str().unwrap()]),
+            Err(ConfigError::HttpToken { .. })
+        ));
+        assert!(matches!(
+            load(&["--http-token-file", tok.to_str().unwrap()]),
+            Err(ConfigError::HttpToken { .. })
+        ));
+        for p in [tok, cfg, empty] {
+            let _ = std::fs::remove_file(p);
+        }
     }
 
     #[test]

@@ -9,14 +9,19 @@
 //!   takes the time as an argument and returns the notices to deliver.
 //! - [`server`]: the async driver: listeners, one task per connection, the lease
 //!   sweeper, graceful shutdown. Entry point [`run`].
+//! - [`monitor`]: the counters and the I/O-free renderings of the service's state
+//!   for the HTTP endpoint: `/status` JSON, `/metrics` text, the `/` page.
+//! - [`http`]: the minimal HTTP/1.1 server of `--http` (GET only, bounded).
 //! - [`cli`]: what `main` does: parse, log to stderr, bind, run until SIGTERM/SIGINT.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 pub mod cli;
 pub mod config;
+pub mod http;
+pub mod monitor;
 pub mod registry;
 pub mod server;
 
-pub use config::{Args, Config, ConfigError, Limits};
+pub use config::{Args, Config, ConfigError, HttpConfig, Limits};
 pub use registry::Registry;
-pub use server::{bind_all, run};
+pub use server::{bind_all, run, run_with_http};

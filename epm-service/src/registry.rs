@@ -381,6 +381,34 @@ impl Registry {
         (all, total)
     }
 
+    /// Handles with at least one receiver, sorted, each with its receivers oldest
+    /// first, stopping once `max` receivers are listed; and whether it stopped early.
+    pub fn receivers(&self, max: usize) -> (Vec<(Handle, Vec<Entry>)>, bool) {
+        let mut handles: Vec<&Handle> = self
+            .handles
+            .iter()
+            .filter(|(_, h)| !h.regs.is_empty())
+            .map(|(handle, _)| handle)
+            .collect();
+        handles.sort();
+        let mut out = Vec::new();
+        let mut left = max;
+        for handle in handles {
+            if left == 0 {
+                return (out, true);
+            }
+            let mut entries = self.lookup(handle);
+            let cut = entries.len() > left;
+            entries.truncate(left);
+            left -= entries.len();
+            out.push((handle.clone(), entries));
+            if cut {
+                return (out, true);
+            }
+        }
+        (out, false)
+    }
+
     /// Forgets `conn`: removes its registrations (telling their watchers) and its
     /// watches. Returns the notices and the registrations removed.
     pub fn disconnect(&mut self, conn: ConnId) -> (Vec<Notice>, Vec<Expired>) {
@@ -503,6 +531,35 @@ mod tests {
 
     fn reg(limits: Limits) -> Registry {
         Registry::new(limits, Duration::from_secs(10))
+    }
+
+    #[test]
+    fn receivers_are_listed_sorted_and_bounded() {
+        let now = Instant::now();
+        let mut r = reg(Limits::default());
+        r.connect(1);
+        r.watch(1, &h("only-watched")).unwrap();
+        for (handle, n) in [("b", 3), ("a", 2), ("b", 1), ("c", 4)] {
+            r.register(1, h(handle), entry(n), 0, now).unwrap();
+        }
+        let (all, cut) = r.receivers(10);
+        assert!(!cut);
+        let names: Vec<(&str, Vec<u8>)> = all
+            .iter()
+            .map(|(h, e)| (h.as_str(), e.iter().map(|e| e.receiver.0[0]).collect()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![("a", vec![2]), ("b", vec![1, 3]), ("c", vec![4])]
+        );
+        assert!(!r.receivers(4).1);
+        let (some, cut) = r.receivers(2);
+        assert!(cut);
+        assert_eq!(some.len(), 2);
+        assert_eq!(some[1].1.len(), 1);
+        let (some, cut) = r.receivers(3);
+        assert!(cut);
+        assert_eq!(some.len(), 2);
     }
 
     #[test]

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::monitor::{HandleReport, RejectKind, Report, RequestKind, Stats, REPORT_MAX_RECEIVERS};
 use crate::registry::{ConnId, Notice, Registered, Registry};
 
 /// Messages queued per connection before it counts as too slow and is closed.
@@ -90,9 +91,34 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Serves on `listeners` until `shutdown` resolves, then closes every connection and
 /// waits (at most 5 s) for the tasks to end.
 pub async fn run(listeners: Vec<TcpListener>, config: Config, shutdown: impl Future) {
+    run_with_http(listeners, None, config, shutdown).await;
+}
+
+/// As [`run`], and serves the HTTP monitoring endpoint on `http` (bound to
+/// `config.http`'s address) under the same shutdown.
+pub async fn run_with_http(
+    listeners: Vec<TcpListener>,
+    http: Option<TcpListener>,
+    config: Config,
+    shutdown: impl Future,
+) {
     let token = CancellationToken::new();
     let tasks = TaskTracker::new();
+    let auth = config
+        .http
+        .as_ref()
+        .map(|h| h.auth.clone())
+        .unwrap_or_default();
     let shared = Arc::new(Shared::new(config, tasks.clone()));
+    if let Some(l) = http {
+        tasks.spawn(crate::http::serve(
+            l,
+            auth,
+            shared.clone(),
+            token.clone(),
+            tasks.clone(),
+        ));
+    }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         lease_ms = shared.config.lease.as_millis() as u64,
@@ -129,11 +155,13 @@ struct Shared {
     expiry_changed: tokio::sync::Notify,
     config: Config,
     tasks: TaskTracker,
+    stats: Arc<Stats>,
 }
 
 struct Hub {
     reg: Registry,
     outboxes: HashMap<ConnId, Outbox>,
+    stats: Arc<Stats>,
 }
 
 struct Outbox {
@@ -144,10 +172,12 @@ struct Outbox {
 
 impl Shared {
     fn new(config: Config, tasks: TaskTracker) -> Shared {
+        let stats = Arc::new(Stats::default());
         Shared {
             hub: Mutex::new(Hub {
                 reg: Registry::new(config.limits.clone(), config.lease),
                 outboxes: HashMap::new(),
+                stats: stats.clone(),
             }),
             conn_limit: Arc::new(Semaphore::new(config.limits.max_connections)),
             refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
@@ -158,7 +188,13 @@ impl Shared {
             expiry_changed: tokio::sync::Notify::new(),
             config,
             tasks,
+            stats,
         }
+    }
+
+    /// Client connections open now, handshaking ones included.
+    fn connections(&self) -> usize {
+        self.config.limits.max_connections - self.conn_limit.available_permits()
     }
 
     fn hub(&self) -> MutexGuard<'_, Hub> {
@@ -178,6 +214,7 @@ impl Hub {
     }
 
     fn deliver(&self, notices: Vec<Notice>) {
+        self.stats.notified(notices.len());
         for n in notices {
             self.push(n.to, n.msg);
         }
@@ -202,6 +239,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, token: Cancella
                 }
                 let Some((slot, permit, _)) = admitted else {
                     tracing::warn!(%peer, "connection limit reached; refusing");
+                    shared.stats.rejected(RejectKind::Busy);
                     if let Ok(p) = shared.refusing.clone().try_acquire_owned() {
                         shared.tasks.spawn(async move {
                             link::refuse(
@@ -254,6 +292,7 @@ async fn sweep_leases(shared: Arc<Shared>, token: CancellationToken) {
         }
         let hub = &mut *shared.hub();
         let (notices, expired) = hub.reg.expire(Instant::now());
+        hub.stats.expired(expired.len());
         for e in &expired {
             tracing::info!(handle = %e.handle, endpoint = %e.entry.endpoint, receiver = %e.entry.receiver, "registration expired: lease not renewed");
         }
@@ -273,6 +312,7 @@ async fn serve(
         _ = token.cancelled() => return,
         _ = slot.evicted() => {
             tracing::warn!(%peer, "handshake evicted by newer connections; closed");
+            shared.stats.rejected(RejectKind::Evicted);
             return;
         }
         r = tokio::time::timeout(
@@ -284,10 +324,12 @@ async fn serve(
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             tracing::warn!(%peer, error = %e, "handshake failed; connection rejected");
+            shared.stats.rejected(RejectKind::of(&e));
             return;
         }
         Err(_) => {
             tracing::warn!(%peer, "handshake timed out; connection closed");
+            shared.stats.rejected(RejectKind::Timeout);
             return;
         }
     };
@@ -346,6 +388,17 @@ async fn serve(
 
 fn handle(shared: &Shared, conn: ConnId, peer: SocketAddr, req: Request) {
     let now = Instant::now();
+    shared.stats.request(match &req.op {
+        Op::Register { .. } => RequestKind::Register,
+        Op::Unregister { .. } => RequestKind::Unregister,
+        Op::KeepAlive => RequestKind::KeepAlive,
+        Op::Lookup { .. } => RequestKind::Lookup,
+        Op::Watch { .. } => RequestKind::Watch,
+        Op::Unwatch { .. } => RequestKind::Unwatch,
+        Op::List => RequestKind::List,
+        Op::Status => RequestKind::Status,
+        _ => RequestKind::Unknown,
+    });
     let mut hub = shared.hub();
     let hub = &mut *hub;
     let answer = match req.op {
@@ -415,8 +468,7 @@ fn handle(shared: &Shared, conn: ConnId, peer: SocketAddr, req: Request) {
         Op::Status => Answer::Status(Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_s: shared.started.elapsed().as_secs(),
-            connections: (shared.config.limits.max_connections
-                - shared.conn_limit.available_permits()) as u32,
+            connections: shared.connections() as u32,
             registrations: hub.reg.registrations() as u32,
             handles: hub.reg.handles() as u32,
             watches: hub.reg.watches() as u32,
@@ -428,6 +480,29 @@ fn handle(shared: &Shared, conn: ConnId, peer: SocketAddr, req: Request) {
         },
     };
     hub.push(conn, Response::Reply { id: req.id, answer });
+}
+
+impl crate::http::Source for Shared {
+    fn report(&self) -> Report {
+        let hub = self.hub();
+        let (listed, truncated) = hub.reg.receivers(REPORT_MAX_RECEIVERS);
+        Report {
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_s: self.started.elapsed().as_secs(),
+            handles: hub.reg.handles(),
+            registrations: hub.reg.registrations(),
+            connections: self.connections(),
+            watches: hub.reg.watches(),
+            lease_ms: self.config.lease.as_millis() as u64,
+            limits: (&self.config.limits).into(),
+            counters: self.stats.counters(),
+            by_handle: listed
+                .iter()
+                .map(|(h, entries)| HandleReport::new(h, entries))
+                .collect(),
+            truncated,
+        }
+    }
 }
 
 async fn write_loop(
@@ -556,6 +631,16 @@ mod tests {
                 receiver: entry().receiver
             }
         );
+        // Counted: the requests by kind, the expiry, the Added and Removed notices.
+        let c = shared.stats.counters();
+        assert_eq!(c.requests["register"], 1);
+        assert_eq!(c.requests["watch"], 1);
+        assert_eq!(c.requests["keep_alive"], 16);
+        assert_eq!(c.lease_expiries, 1);
+        assert_eq!(c.watch_notifications, 2);
+        let r = crate::http::Source::report(&*shared);
+        assert_eq!((r.registrations, r.handles, r.watches), (0, 0, 1));
+        assert!(r.by_handle.is_empty());
         token.cancel();
         sweeper.await.unwrap();
     }
