@@ -75,7 +75,7 @@ pub use report::{FailReason, ReceiverInfo, SendReport, SenderEvent};
 pub use security::Security;
 pub use sender::{BuildError, PendingReport, SendError, Sender, SenderBuilder};
 pub use sender::{Compression, CompressionStats, SenderEvents};
-pub use stats::{ByKind, FailKind, Kind, ReceiverStats, RejectKind, SenderStats};
+pub use stats::{ByKind, FailKind, ReasonKind, ReceiverStats, RejectKind, SenderStats};
 
 /// The Rust blocks of `README.md`, compiled and run as doc tests so that the README
 /// and the code cannot drift apart.

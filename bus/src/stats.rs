@@ -106,7 +106,7 @@ impl ReceiverStats {
 
 /// A kind of counted reason, with a stable snake_case label (the keys of the
 /// serialized [`ByKind`]).
-pub trait Kind: Copy + Eq + fmt::Debug + 'static {
+pub trait ReasonKind: Copy + Eq + fmt::Debug + 'static {
     /// Every kind, in the order they are listed and serialized.
     const ALL: &'static [Self];
     /// The stable label.
@@ -138,7 +138,7 @@ pub enum FailKind {
     SenderClosed,
 }
 
-impl Kind for FailKind {
+impl ReasonKind for FailKind {
     const ALL: &'static [FailKind] = &[
         FailKind::Refused,
         FailKind::TimedOut,
@@ -207,7 +207,7 @@ pub enum RejectKind {
     Disconnected,
 }
 
-impl Kind for RejectKind {
+impl ReasonKind for RejectKind {
     const ALL: &'static [RejectKind] = &[
         RejectKind::AuthenticationFailed,
         RejectKind::SecurityMismatch,
@@ -256,11 +256,11 @@ impl RejectKind {
 /// as an object from each kind's label to its count, every kind present (zeros too),
 /// in the order of `K::ALL`.
 #[derive(Clone, PartialEq, Eq)]
-pub struct ByKind<K: Kind> {
+pub struct ByKind<K: ReasonKind> {
     counts: Vec<(K, u64)>,
 }
 
-impl<K: Kind> ByKind<K> {
+impl<K: ReasonKind> ByKind<K> {
     /// Every kind at zero.
     pub fn new() -> Self {
         ByKind {
@@ -290,13 +290,13 @@ impl<K: Kind> ByKind<K> {
     }
 }
 
-impl<K: Kind> Default for ByKind<K> {
+impl<K: ReasonKind> Default for ByKind<K> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<K: Kind> fmt::Debug for ByKind<K> {
+impl<K: ReasonKind> fmt::Debug for ByKind<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_map()
             .entries(self.counts.iter().map(|(k, n)| (k.label(), n)))
@@ -304,7 +304,7 @@ impl<K: Kind> fmt::Debug for ByKind<K> {
     }
 }
 
-impl<K: Kind> fmt::Display for ByKind<K> {
+impl<K: ReasonKind> fmt::Display for ByKind<K> {
     /// The kinds that are not zero, e.g. `2 timed_out, 5 receiver_closed`, or `none`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut first = true;
@@ -322,7 +322,7 @@ impl<K: Kind> fmt::Display for ByKind<K> {
     }
 }
 
-impl<K: Kind> Serialize for ByKind<K> {
+impl<K: ReasonKind> Serialize for ByKind<K> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut m = s.serialize_map(Some(self.counts.len()))?;
         for (k, n) in &self.counts {
