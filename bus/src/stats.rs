@@ -57,7 +57,8 @@ pub struct SenderStats {
     /// Receivers connected now (handshake done, connection alive).
     pub connected_receivers: u64,
     /// Receivers events are sent to now: connected, connecting, or failed and not yet
-    /// dropped by discovery.
+    /// dropped by discovery (as of the last publish, `receivers()` or
+    /// `wait_for_receivers()`, which take in discovery's changes).
     pub known_receivers: u64,
 }
 
