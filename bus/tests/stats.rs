@@ -187,3 +187,60 @@ async fn a_wrong_key_is_a_rejected_handshake() {
     rx.close().await;
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// A receiver that takes nothing times out; the sender counts the failures, drops
+/// the connection, and reconnects while the receiver stays registered.
+#[tokio::test]
+async fn a_timed_out_receiver_is_counted_and_reconnected() {
+    let (disc, dir) = registry("timeout");
+    let rx = Receiver::builder(handle("stats-slow"))
+        .discovery(disc.clone())
+        .security(Security::Open)
+        .queue_capacity(1)
+        .bind()
+        .await
+        .unwrap();
+    let mut tx = Sender::builder(handle("stats-slow"))
+        .discovery(disc)
+        .security(Security::Open)
+        .queue_capacity(4)
+        .send_timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(tx.wait_for_receivers(1, T).await, 1);
+    // Four fill the window; the fifth waits, times out, and fails the connection.
+    for _ in 0..5 {
+        tx.queue_bytes(b"slow").await.unwrap();
+    }
+    tokio::time::timeout(T, tx.flush()).await.unwrap();
+    let s = tx.stats();
+    assert_eq!(s.failed.get(FailKind::TimedOut), 5, "{s:?}");
+    assert_eq!((s.published, s.acked), (5, 0));
+    tokio::time::timeout(T, async {
+        loop {
+            tx.receivers();
+            let s = tx.stats();
+            if s.reconnects >= 1 && s.handshakes >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a reconnect");
+    let s = tx.stats();
+    assert!(s.connects >= 2, "{s:?}");
+    assert_eq!(s.failed_total(), 5, "{s:?}");
+    tokio::time::timeout(T, async {
+        while rx.stats().closed == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the timed-out connection closed at the receiver");
+    assert!(rx.stats().handshakes >= 2);
+    tx.close().await;
+    rx.close().await;
+    std::fs::remove_dir_all(dir).ok();
+}
