@@ -20,11 +20,11 @@ use crate::out;
 /// events, or on SIGINT/SIGTERM after unregistering.
 ///
 /// With --stats it prints the receiver's counters at the end: `stats: ...` lines on
-/// stderr, or with --json one object on stdout as the last line, {"event":"stats",
-/// "taken","payload_bytes","bytes_read","accepted","handshakes","rejected":{
-/// "authentication_failed","security_mismatch","wrong_handle","malformed","busy",
-/// "timed_out","disconnected"},"closed","connected_senders"} (counts; rejected:
-/// connections that did not finish their handshake, by reason).
+/// stderr, or with --json one object on stdout as the last line: {"event":"stats",
+/// "taken","payload_bytes","bytes_read","accepted","handshakes",
+/// "rejected":{"authentication_failed","security_mismatch","wrong_handle",
+/// "malformed","busy","timed_out","disconnected"}, "closed","connected_senders"}
+/// (counts; rejected: connections that did not finish their handshake, by reason).
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]

@@ -51,7 +51,7 @@ fn sender_lines(s: &SenderStats) -> Vec<String> {
             "{} published ({} payload bytes); {} acknowledged, {} failed ({})",
             plural(s.published, "event"),
             s.payload_bytes,
-            plural(s.acked, "delivery").replace("deliverys", "deliveries"),
+            deliveries(s.acked),
             s.failed_total(),
             s.failed,
         ),
@@ -68,6 +68,15 @@ fn sender_lines(s: &SenderStats) -> Vec<String> {
             s.handshakes,
         ),
     ]
+}
+
+/// `1 delivery`, `2 deliveries` (not a regular plural).
+fn deliveries(n: u64) -> String {
+    if n == 1 {
+        "1 delivery".to_owned()
+    } else {
+        format!("{n} deliveries")
+    }
 }
 
 fn receiver_lines(s: &ReceiverStats) -> Vec<String> {
