@@ -268,6 +268,8 @@ impl SenderBuilder {
             payload_bytes: 0,
             retired: Vec::new(),
             retired_totals: ConnTotals::default(),
+            segments: VecDeque::new(),
+            acked_events_done: 0,
         };
         sender.apply_updates();
         Ok(sender)
@@ -304,6 +306,42 @@ pub struct Sender {
     retired: Vec<Arc<Conn>>,
     /// The final counts of connections that are gone.
     retired_totals: ConnTotals,
+    /// The runs of events published to one set of targets whose outcome may still
+    /// change, oldest first (for [`SenderStats::acked_events`]).
+    segments: VecDeque<Segment>,
+    /// Events acknowledged by all their targets in the segments already folded.
+    acked_events_done: u64,
+}
+
+/// Events published to one set of targets: from `first` to the next segment's first
+/// (or the latest event).
+#[derive(Debug)]
+struct Segment {
+    first: u64,
+    targets: Arc<[Arc<Conn>]>,
+}
+
+impl Segment {
+    /// How many of its events up to `last` every target acknowledged (acks are
+    /// cumulative, so the lowest acknowledgement bounds them).
+    fn acked_events(&self, last: u64) -> u64 {
+        let Some(low) = self
+            .targets
+            .iter()
+            .map(|c| c.acked.load(Ordering::Acquire))
+            .min()
+        else {
+            return 0;
+        };
+        (low.min(last) + 1).saturating_sub(self.first)
+    }
+
+    /// Whether every event up to `last` is acknowledged or failed by every target.
+    fn settled(&self, last: u64) -> bool {
+        self.targets
+            .iter()
+            .all(|c| c.failure.get().is_some() || c.acked.load(Ordering::Acquire) >= last)
+    }
 }
 
 /// A publisher in full flow yields to the runtime after queuing this many bytes for
@@ -592,6 +630,7 @@ impl Sender {
             published: self.next_seq - 1,
             payload_bytes: self.payload_bytes,
             acked: t.acked,
+            acked_events: self.acked_events_done + self.segment_acked_events(),
             failed: t.failed,
             bytes_written: t.bytes_written,
             compression: self.compress.stats(),
@@ -652,6 +691,19 @@ impl Sender {
         });
         if changed {
             self.targets = Arc::from(self.conns.clone());
+            self.segments.push_back(Segment {
+                first: self.next_seq,
+                targets: self.targets.clone(),
+            });
+            // Segments whose every outcome is known keep only their count.
+            while self.segments.len() >= 2 {
+                let last = self.segments[1].first - 1;
+                if !self.segments[0].settled(last) {
+                    break;
+                }
+                self.acked_events_done += self.segments[0].acked_events(last);
+                self.segments.pop_front();
+            }
             self.compress.set_remote(
                 self.targets
                     .iter()
@@ -666,6 +718,19 @@ impl Sender {
             // hand-over then did not wake it): the next event is handed over at once.
             stage.idle_writers = stage.idle_writers.max(1);
         }
+    }
+
+    /// Events acknowledged by every target in the segments not folded yet.
+    fn segment_acked_events(&self) -> u64 {
+        let mut sum = 0;
+        for (i, seg) in self.segments.iter().enumerate() {
+            let last = self
+                .segments
+                .get(i + 1)
+                .map_or(self.next_seq - 1, |next| next.first - 1);
+            sum += seg.acked_events(last);
+        }
+        sum
     }
 
     /// Waits until every target has room for event `seq` in its window and buffer, at

@@ -39,6 +39,10 @@ pub struct SenderStats {
     /// Deliveries acknowledged: for each receiver, the events it acknowledged, summed
     /// over receivers (an event taken by three receivers counts three).
     pub acked: u64,
+    /// Events acknowledged by every receiver they were sent to (events published
+    /// while no receiver was known are not counted): the events whose
+    /// [`SendReport`](crate::SendReport) lists no failure and at least one receiver.
+    pub acked_events: u64,
     /// Deliveries that failed, by reason: each (event, receiver) pair reported failed
     /// in a [`SendReport`](crate::SendReport) or a `SendFailed` event counts once.
     pub failed: ByKind<FailKind>,

@@ -69,6 +69,7 @@ async fn deliveries_failures_and_receivers_are_counted() {
         (10, 100, 20),
         "{s:?}"
     );
+    assert_eq!(s.acked_events, 10);
     assert_eq!(s.failed_total(), 0);
     assert_eq!((s.connected_receivers, s.known_receivers), (2, 2));
     assert_eq!((s.connects, s.handshakes, s.reconnects), (2, 2, 0));
@@ -106,6 +107,8 @@ async fn deliveries_failures_and_receivers_are_counted() {
     assert_eq!(s.published, 18);
     assert_eq!(s.payload_bytes, 100 + 25 + 9);
     assert_eq!(s.acked, 10 + 10 + 5 + 3, "{s:?}");
+    // The five `b` did not take were sent to both: not acknowledged by all.
+    assert_eq!(s.acked_events, 10 + 3, "{s:?}");
     assert_eq!(s.failed.get(FailKind::ReceiverClosed), 5, "{s:?}");
     assert_eq!(s.failed_total(), 5);
     assert_eq!((s.connected_receivers, s.known_receivers), (1, 1));
@@ -216,7 +219,7 @@ async fn a_timed_out_receiver_is_counted_and_reconnected() {
     tokio::time::timeout(T, tx.flush()).await.unwrap();
     let s = tx.stats();
     assert_eq!(s.failed.get(FailKind::TimedOut), 5, "{s:?}");
-    assert_eq!((s.published, s.acked), (5, 0));
+    assert_eq!((s.published, s.acked, s.acked_events), (5, 0, 0));
     tokio::time::timeout(T, async {
         loop {
             tx.receivers();

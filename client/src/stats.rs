@@ -48,9 +48,10 @@ fn print<T: Serialize>(json: bool, stats: &T, lines: Vec<String>) -> anyhow::Res
 fn sender_lines(s: &SenderStats) -> Vec<String> {
     vec![
         format!(
-            "{} published ({} payload bytes); {} acknowledged, {} failed ({})",
+            "{} published ({} payload bytes), {} acknowledged by all; {} acknowledged, {} failed ({})",
             plural(s.published, "event"),
             s.payload_bytes,
+            s.acked_events,
             deliveries(s.acked),
             s.failed_total(),
             s.failed,

@@ -47,6 +47,7 @@ fn listen_and_send_print_their_counters_as_json() {
     assert_eq!(s["published"], 3);
     assert_eq!(s["payload_bytes"], 11);
     assert_eq!(s["acked"], 6, "two receivers, three events: {s}");
+    assert_eq!(s["acked_events"], 3);
     assert_eq!(s["failed"]["receiver_closed"], 0);
     assert_eq!(s["failed"]["timed_out"], 0);
     // The listeners may have left already (they exit after --count events).
@@ -140,7 +141,7 @@ fn text_mode_prints_stats_lines_on_stderr() {
         .collect();
     assert_eq!(stats.len(), 3, "{r:?}");
     assert!(
-        stats[0].starts_with("stats: 2 events published (3 payload bytes); 2 deliveries acknowledged, 0 failed (none)"),
+        stats[0].starts_with("stats: 2 events published (3 payload bytes), 2 acknowledged by all; 2 deliveries acknowledged, 0 failed (none)"),
         "{stats:?}"
     );
     assert!(

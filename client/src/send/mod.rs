@@ -79,14 +79,15 @@ pub fn max_event() -> usize {
 ///
 /// With --stats the sender's counters follow the summary: `stats: ...` lines on
 /// stderr, or with --json one more object after the summary, the last line on stdout:
-/// {"event":"stats","published","payload_bytes","acked",
+/// {"event":"stats","published","payload_bytes","acked","acked_events",
 /// "failed":{"refused","timed_out","authentication_failed","rejected",
 /// "wrong_receiver","disconnected","receiver_closed","protocol","sender_closed"},
 /// "bytes_written",
 /// "compression":{"eligible","compressed","not_smaller","skipped_loopback",
 /// "skipped_poor","off"}, "connects","reconnects","handshakes",
 /// "connected_receivers","known_receivers"} (acked and failed count deliveries: one
-/// per event and receiver).
+/// per event and receiver; acked_events the events every receiver they were sent to
+/// acknowledged).
 ///
 /// Exit status: 0 when every targeted receiver acknowledged every event (also when
 /// there were none), 1 when any failed or an input event was too large or unreadable,
