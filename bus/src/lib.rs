@@ -17,6 +17,8 @@
 //! - [`epm`]: the client of the endpoint manager service (registrations with
 //!   leases, watches, reconnects); [`proto::epm`] holds its I/O-free messages.
 //! - `sender` / `receiver`: the async layer — connections, writer tasks, discovery.
+//! - `stats`: [`SenderStats`] and [`ReceiverStats`], the counters of
+//!   [`Sender::stats`] and [`Receiver::stats`], with the reason kinds they count by.
 //! - [`gate`]: admission of half-open connections (oldest evicted when full), shared by
 //!   receivers and the endpoint manager.
 //!
@@ -53,6 +55,7 @@ pub mod registry;
 mod report;
 mod security;
 mod sender;
+mod stats;
 
 pub use chain::error_chain;
 pub use credentials::{Credentials, CredentialsBuilder, CredentialsError};
@@ -72,6 +75,7 @@ pub use report::{FailReason, ReceiverInfo, SendReport, SenderEvent};
 pub use security::Security;
 pub use sender::{BuildError, PendingReport, SendError, Sender, SenderBuilder};
 pub use sender::{Compression, CompressionStats, SenderEvents};
+pub use stats::{ByKind, FailKind, ReasonKind, ReceiverStats, RejectKind, SenderStats};
 
 /// The Rust blocks of `README.md`, compiled and run as doc tests so that the README
 /// and the code cannot drift apart.

@@ -27,6 +27,7 @@ use crate::message::Message;
 use crate::pool::Pool;
 use crate::registry::{record_now, RegistryError};
 use crate::security::{Resolved, Security};
+use crate::stats::{ReceiverCounters, ReceiverStats, RejectKind};
 use ipcbus_proto::codec::CodecV1;
 use ipcbus_proto::crypto::{Sealer, TAG_LEN};
 use ipcbus_proto::frame::{
@@ -190,7 +191,9 @@ impl ReceiverBuilder {
             tasks: tasks.clone(),
             conn_limit: Arc::new(Semaphore::new(self.max_connections)),
             half_open: HandshakeGate::new((self.max_connections / 4).clamp(1, 64)),
+            counters: ReceiverCounters::default(),
         });
+        let counters = shared.clone();
         tasks.spawn(accept_loop(listener, shared, tx));
         let record = record_now(self.handle.clone(), advertised, id);
         let registration = match discovery.register(&record).await {
@@ -211,6 +214,9 @@ impl ReceiverBuilder {
             registration: Some(registration),
             shutdown,
             tasks,
+            shared: counters,
+            taken_events: 0,
+            taken_bytes: 0,
         })
     }
 }
@@ -253,6 +259,12 @@ pub struct Receiver {
     registration: Option<Announcement>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// The connection tasks' counters (see [`Receiver::stats`]).
+    shared: Arc<Shared>,
+    /// Events and payload bytes the application took: plain integers, counted where
+    /// the events are taken.
+    taken_events: u64,
+    taken_bytes: u64,
 }
 
 /// Smallest free space a read is given.
@@ -575,6 +587,8 @@ impl Receiver {
                 Some(m) => {
                     b.floor = m.seq;
                     b.ack.take(m.seq);
+                    self.taken_events += 1;
+                    self.taken_bytes += m.payload().len() as u64;
                     return Some(m);
                 }
                 None => {
@@ -619,6 +633,16 @@ impl Receiver {
         self.id
     }
 
+    /// A snapshot of this receiver's counters: events and payload bytes the
+    /// application took, bytes read, connections accepted, handshakes done and
+    /// rejected (by reason), connections closed, and the senders connected now.
+    /// Cheap; see [`Sender::stats`](crate::Sender::stats) for an example.
+    pub fn stats(&self) -> ReceiverStats {
+        self.shared
+            .counters
+            .snapshot(self.taken_events, self.taken_bytes)
+    }
+
     /// Unregisters, tells connected senders it is leaving, and closes every
     /// connection. Events not yet taken are not acknowledged, so their senders report
     /// them failed.
@@ -657,6 +681,17 @@ struct Shared {
     conn_limit: Arc<Semaphore>,
     /// Connections still in their handshake; the oldest is evicted when full.
     half_open: HandshakeGate,
+    /// Counted once per connection, handshake and socket read.
+    counters: ReceiverCounters,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("handle", &self.handle)
+            .field("id", &self.id)
+            .finish()
+    }
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sender<Batch>) {
@@ -669,12 +704,14 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sende
         match accepted {
             Ok((sock, peer)) => {
                 backoff = Duration::from_millis(10);
+                shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
                 // Admit it among the half-open connections first: a flood of
                 // handshakes that never finish evicts itself, not the senders.
                 let Some((slot, permit, evicted)) =
                     shared.half_open.admit_under(&shared.conn_limit).await
                 else {
                     tracing::warn!(%peer, handle = %shared.handle, "connection limit reached; closing new connection");
+                    shared.counters.reject(RejectKind::Busy);
                     continue;
                 };
                 if evicted {
@@ -711,6 +748,7 @@ async fn serve(
     let hs = tokio::select! {
         _ = slot.evicted() => {
             tracing::warn!(%peer, handle = %shared.handle, "handshake evicted by newer connections; closed");
+            shared.counters.reject(RejectKind::Busy);
             return;
         }
         r = tokio::time::timeout(
@@ -729,13 +767,17 @@ async fn serve(
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             tracing::warn!(%peer, handle = %shared.handle, error = %e, "handshake failed");
+            shared.counters.reject(RejectKind::of(&e));
             return;
         }
         Err(_) => {
             tracing::warn!(%peer, handle = %shared.handle, "handshake timed out");
+            shared.counters.reject(RejectKind::TimedOut);
             return;
         }
     };
+    let counters = &shared.counters;
+    counters.handshakes.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(%peer, handle = %shared.handle, %sender, "sender connected");
     let (rd, wr) = est.io.into_split();
     let ack = Arc::new(AckState::default());
@@ -773,7 +815,11 @@ async fn serve(
             _ = shared.shutdown.cancelled() => break Ok(()),
             r = rd.read_buf(&mut input.buf) => match r {
                 Ok(0) | Err(_) => break Ok(()),
-                Ok(n) => input.grow_if_full(n),
+                Ok(n) => {
+                    // One add per read (up to 256 KiB), not per event.
+                    counters.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+                    input.grow_if_full(n)
+                }
             },
         }
     };
@@ -782,6 +828,7 @@ async fn serve(
     }
     conn_done.cancel();
     let _ = acker.await;
+    counters.closed.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Writes cumulative acknowledgements as the application takes events; on receiver

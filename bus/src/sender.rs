@@ -41,6 +41,7 @@ use crate::pool::Pool;
 use crate::registry::{LocalRegistry, Record, RegistryError};
 use crate::report::{FailReason, ReceiverInfo, SendReport, SenderEvent};
 use crate::security::{Resolved, Security};
+use crate::stats::{ByKind, FailKind, SenderStats};
 use ipcbus_proto::codec::{put_frame, CodecV1};
 use ipcbus_proto::compress::{CompressPolicy, Gzipper, DEFAULT_THRESHOLD};
 pub use ipcbus_proto::compress::{Compression, CompressionStats};
@@ -235,6 +236,9 @@ impl SenderBuilder {
             shutdown: shutdown.clone(),
             tasks: TaskTracker::new(),
             stage: SpinMutex::new(Stage::new()),
+            connects: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            handshakes: AtomicU64::new(0),
         });
         match discovery {
             Discovery::Local(reg) => {
@@ -261,6 +265,11 @@ impl SenderBuilder {
             last_targets: None,
             gzipper: None,
             unyielded: 0,
+            payload_bytes: 0,
+            retired: Vec::new(),
+            retired_totals: ConnTotals::default(),
+            segments: VecDeque::new(),
+            acked_events_done: 0,
         };
         sender.apply_updates();
         Ok(sender)
@@ -290,6 +299,49 @@ pub struct Sender {
     gzipper: Option<Gzipper>,
     /// Encoded bytes queued per receiver since `queue_bytes` last yielded.
     unyielded: usize,
+    /// Payload bytes published (for [`Sender::stats`]).
+    payload_bytes: u64,
+    /// Connections no longer targeted whose counters may still move (their task has
+    /// not finished); folded into `retired_totals` once it has.
+    retired: Vec<Arc<Conn>>,
+    /// The final counts of connections that are gone.
+    retired_totals: ConnTotals,
+    /// The runs of events published to one set of targets whose outcome may still
+    /// change, oldest first (for [`SenderStats::acked_events`]).
+    segments: VecDeque<Segment>,
+    /// Events acknowledged by all their targets in the segments already folded.
+    acked_events_done: u64,
+}
+
+/// Events published to one set of targets: from `first` to the next segment's first
+/// (or the latest event).
+#[derive(Debug)]
+struct Segment {
+    first: u64,
+    targets: Arc<[Arc<Conn>]>,
+}
+
+impl Segment {
+    /// How many of its events up to `last` every target acknowledged (acks are
+    /// cumulative, so the lowest acknowledgement bounds them).
+    fn acked_events(&self, last: u64) -> u64 {
+        let Some(low) = self
+            .targets
+            .iter()
+            .map(|c| c.acked.load(Ordering::Acquire))
+            .min()
+        else {
+            return 0;
+        };
+        (low.min(last) + 1).saturating_sub(self.first)
+    }
+
+    /// Whether every event up to `last` is acknowledged or failed by every target.
+    fn settled(&self, last: u64) -> bool {
+        self.targets
+            .iter()
+            .all(|c| c.failure.get().is_some() || c.acked.load(Ordering::Acquire) >= last)
+    }
 }
 
 /// A publisher in full flow yields to the runtime after queuing this many bytes for
@@ -418,6 +470,7 @@ impl Sender {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
+        self.payload_bytes += payload.len() as u64;
         if self.targets.is_empty() {
             // Nothing to write, but discovery must get its turn.
             tokio::task::consume_budget().await;
@@ -539,6 +592,56 @@ impl Sender {
         self.compress.stats()
     }
 
+    /// A snapshot of this sender's counters: events published and their payload
+    /// bytes, deliveries acknowledged and failed (by reason), bytes written to
+    /// sockets, compression, connections, reconnects and the receivers now.
+    ///
+    /// Cheap (a sum over the connections), and nothing is counted per event beyond
+    /// a plain integer on the `Sender`: call it as often as an exporter likes.
+    /// Deliveries are counted when their outcome is known, so take it after
+    /// [`Sender::flush`] (or after awaiting the reports) for final figures.
+    ///
+    /// ```
+    /// use ipcbus::{Discovery, Handle, Receiver, Sender};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let dir = std::env::temp_dir().join(format!("ipcbus-doc-stats-{}", std::process::id()));
+    /// let handle: Handle = "docs.stats".parse()?;
+    /// let disc = Discovery::local_at(&dir)?;
+    /// let mut rx = Receiver::builder(handle.clone()).discovery(disc.clone()).bind().await?;
+    /// let mut tx = Sender::builder(handle).discovery(disc).build().await?;
+    /// let pending = tx.publish_bytes("hello").await?;
+    /// rx.recv().await.expect("an event");
+    /// assert!(pending.await.all_acked());
+    /// let stats = tx.stats();
+    /// assert_eq!((stats.published, stats.payload_bytes, stats.acked), (1, 5, 1));
+    /// assert_eq!(stats.failed_total(), 0);
+    /// assert_eq!(stats.connected_receivers, 1);
+    /// assert_eq!((rx.stats().taken, rx.stats().connected_senders), (1, 1));
+    /// # Ok(()) }
+    /// ```
+    pub fn stats(&self) -> SenderStats {
+        let mut t = self.retired_totals.clone();
+        for c in self.conns.iter().chain(&self.retired) {
+            c.add_to(&mut t);
+        }
+        let shared = &self.shared;
+        SenderStats {
+            published: self.next_seq - 1,
+            payload_bytes: self.payload_bytes,
+            acked: t.acked,
+            acked_events: self.acked_events_done + self.segment_acked_events(),
+            failed: t.failed,
+            bytes_written: t.bytes_written,
+            compression: self.compress.stats(),
+            connects: shared.connects.load(Ordering::Relaxed),
+            reconnects: shared.reconnects.load(Ordering::Relaxed),
+            handshakes: shared.handshakes.load(Ordering::Relaxed),
+            connected_receivers: *shared.ready.borrow() as u64,
+            known_receivers: self.conns.len() as u64,
+        }
+    }
+
     /// This sender's identity.
     pub fn id(&self) -> SenderId {
         self.shared.id
@@ -566,14 +669,41 @@ impl Sender {
                         let _out = lock_out(&c.out);
                         c.acked.store(self.next_seq - 1, Ordering::Release);
                         c.queued.store(self.next_seq - 1, Ordering::Release);
+                        c.base.store(self.next_seq - 1, Ordering::Relaxed);
                     }
                     self.conns.push(c);
                 }
-                Update::Remove(c) => self.conns.retain(|x| !Arc::ptr_eq(x, &c)),
+                Update::Remove(c) => {
+                    if let Some(i) = self.conns.iter().position(|x| Arc::ptr_eq(x, &c)) {
+                        self.retired.push(self.conns.remove(i));
+                    }
+                }
             }
         }
+        // Connections that are gone for good keep only their totals.
+        let totals = &mut self.retired_totals;
+        self.retired.retain(|c| {
+            let done = c.finished.load(Ordering::Acquire);
+            if done {
+                c.add_to(totals);
+            }
+            !done
+        });
         if changed {
             self.targets = Arc::from(self.conns.clone());
+            self.segments.push_back(Segment {
+                first: self.next_seq,
+                targets: self.targets.clone(),
+            });
+            // Segments whose every outcome is known keep only their count.
+            while self.segments.len() >= 2 {
+                let last = self.segments[1].first - 1;
+                if !self.segments[0].settled(last) {
+                    break;
+                }
+                self.acked_events_done += self.segments[0].acked_events(last);
+                self.segments.pop_front();
+            }
             self.compress.set_remote(
                 self.targets
                     .iter()
@@ -588,6 +718,19 @@ impl Sender {
             // hand-over then did not wake it): the next event is handed over at once.
             stage.idle_writers = stage.idle_writers.max(1);
         }
+    }
+
+    /// Events acknowledged by every target in the segments not folded yet.
+    fn segment_acked_events(&self) -> u64 {
+        let mut sum = 0;
+        for (i, seg) in self.segments.iter().enumerate() {
+            let last = self
+                .segments
+                .get(i + 1)
+                .map_or(self.next_seq - 1, |next| next.first - 1);
+            sum += seg.acked_events(last);
+        }
+        sum
     }
 
     /// Waits until every target has room for event `seq` in its window and buffer, at
@@ -795,6 +938,11 @@ struct Shared {
     tasks: TaskTracker,
     /// Events encoded once for every receiver, not yet handed to the connections.
     stage: SpinMutex<Stage>,
+    /// Connections started, reconnects among them, and handshakes done (for
+    /// [`Sender::stats`]; once per connection each).
+    connects: AtomicU64,
+    reconnects: AtomicU64,
+    handshakes: AtomicU64,
 }
 
 impl Shared {
@@ -948,6 +1096,22 @@ struct Conn {
     cancel: CancellationToken,
     ready: AtomicBool,
     finished: AtomicBool,
+    /// The sequence number before its first event: `acked - base` events were
+    /// acknowledged on this connection.
+    base: AtomicU64,
+    /// Events reported failed on this connection (all for the reason in `failure`);
+    /// counted per failed range, not per event.
+    failed: AtomicU64,
+    /// Bytes its writer wrote; counted per write, by the writer alone.
+    bytes_written: AtomicU64,
+}
+
+/// What a connection's counters add up to, for [`Sender::stats`].
+#[derive(Debug, Clone, Default)]
+struct ConnTotals {
+    acked: u64,
+    failed: ByKind<FailKind>,
+    bytes_written: u64,
 }
 
 impl std::fmt::Debug for Conn {
@@ -988,6 +1152,17 @@ fn spin_lock<T>(m: &SpinMutex<T>) -> spin::mutex::SpinMutexGuard<'_, T> {
 }
 
 impl Conn {
+    /// Adds this connection's counts to `t`.
+    fn add_to(&self, t: &mut ConnTotals) {
+        let acked = self.acked.load(Ordering::Acquire);
+        t.acked += acked.saturating_sub(self.base.load(Ordering::Relaxed));
+        t.bytes_written += self.bytes_written.load(Ordering::Relaxed);
+        let failed = self.failed.load(Ordering::Acquire);
+        if let Some(why) = self.failure.get().filter(|_| failed > 0) {
+            t.failed.add(why.kind(), failed);
+        }
+    }
+
     /// The outcome of event `seq` for this receiver, if it is known yet.
     fn outcome(&self, seq: u64) -> Option<Result<(), FailReason>> {
         if self.acked.load(Ordering::Acquire) >= seq {
@@ -1062,6 +1237,7 @@ impl Conn {
                 )
             };
             if last >= first {
+                self.failed.fetch_add(last - first + 1, Ordering::Release);
                 let _ = self.shared.events.send(SenderEvent::SendFailed {
                     first_seq: first,
                     last_seq: last,
@@ -1082,6 +1258,8 @@ impl Conn {
     }
 
     fn note_skipped(&self, first: u64, last: u64, reason: &FailReason) {
+        self.failed
+            .fetch_add(last.saturating_sub(first) + 1, Ordering::Release);
         let _ = self.shared.events.send(SenderEvent::SendFailed {
             first_seq: first,
             last_seq: last,
@@ -1134,7 +1312,11 @@ fn start_conn(
         cancel: shared.shutdown.child_token(),
         ready: AtomicBool::new(false),
         finished: AtomicBool::new(false),
+        base: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        bytes_written: AtomicU64::new(0),
     });
+    shared.connects.fetch_add(1, Ordering::Relaxed);
     shared.update(Update::Add(conn.clone()));
     let c = conn.clone();
     let receiver_id = record.receiver;
@@ -1280,6 +1462,7 @@ async fn drive(conn: &Arc<Conn>, receiver_id: ipcbus_proto::ids::ReceiverId) -> 
         Err(_) => return FailReason::TimedOut,
     };
     conn.ready.store(true, Ordering::Release);
+    shared.handshakes.fetch_add(1, Ordering::Relaxed);
     shared.ready.send_modify(|n| *n += 1);
     let _ = shared.events.send(SenderEvent::ReceiverJoined(conn.info));
     tracing::debug!(handle = %shared.handle, receiver = %conn.info, "receiver connected");
@@ -1351,7 +1534,7 @@ async fn drive(conn: &Arc<Conn>, receiver_id: ipcbus_proto::ids::ReceiverId) -> 
                     batch.push(ask.freeze());
                 }
             }
-            let result = match &tx_sealer {
+            let (wrote, result) = match &tx_sealer {
                 Some(s) => {
                     sealed.clear();
                     for chunk in &batch {
@@ -1366,15 +1549,21 @@ async fn drive(conn: &Arc<Conn>, receiver_id: ipcbus_proto::ids::ReceiverId) -> 
                             &up_to.to_be_bytes(),
                         );
                     }
-                    wr.write_all(&sealed).await
+                    (sealed.len(), wr.write_all(&sealed).await)
                 }
-                None => write_all_vectored(&mut wr, &batch).await,
+                None => (
+                    batch.iter().map(Bytes::len).sum::<usize>(),
+                    write_all_vectored(&mut wr, &batch).await,
+                ),
             };
             batch.clear();
             if let Err(e) = result {
                 tracing::debug!(receiver = %conn.info, error = %e, "write failed");
                 return FailReason::Disconnected;
             }
+            // The writer's own counter: one uncontended add per write.
+            conn.bytes_written
+                .fetch_add(wrote as u64, Ordering::Relaxed);
             written = top;
         }
     };
@@ -1520,6 +1709,7 @@ impl Tracker {
             let conn = match self.known.get(&rec.receiver) {
                 None => self.connect(&rec),
                 Some(k) if k.conn.finished.load(Ordering::Acquire) && now >= k.retry_at => {
+                    self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
                     self.shared.update(Update::Remove(k.conn.clone()));
                     self.connect(&rec)
                 }

@@ -18,6 +18,13 @@ use crate::out;
 /// UTF-8 text (lossy), or with --json as {"handle","sender","seq","size","payload"},
 /// where payload is the text or {"base64": ...} for binary. Exits 0 after --count
 /// events, or on SIGINT/SIGTERM after unregistering.
+///
+/// With --stats it prints the receiver's counters at the end: `stats: ...` lines on
+/// stderr, or with --json one object on stdout as the last line: {"event":"stats",
+/// "taken","payload_bytes","bytes_read","accepted","handshakes",
+/// "rejected":{"authentication_failed","security_mismatch","wrong_handle",
+/// "malformed","busy","timed_out","disconnected"}, "closed","connected_senders"}
+/// (counts; rejected: connections that did not finish their handshake, by reason).
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
@@ -37,6 +44,11 @@ pub struct Args {
     /// than N events came)
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub timeout: Option<Duration>,
+
+    /// Print the receiver's counters at the end (stderr; with --json a
+    /// {"event":"stats",...} object, the last line on stdout)
+    #[arg(long)]
+    pub stats: bool,
 }
 
 /// Runs `ipcbus listen`.
@@ -97,8 +109,12 @@ pub async fn run(common: &Common, args: Args) -> anyhow::Result<ExitCode> {
             },
         }
     };
+    let stats = rx.stats();
     // Unregister, acknowledge what was taken, and say goodbye to senders.
     rx.close().await;
+    if args.stats && outcome.is_ok() {
+        crate::stats::print_receiver(common.json, &stats)?;
+    }
     outcome
 }
 

@@ -16,6 +16,7 @@ mod list;
 mod listen;
 mod out;
 mod send;
+mod stats;
 mod time;
 
 use std::process::ExitCode;

@@ -44,7 +44,7 @@ impl std::fmt::Display for Compression {
 
 /// What a sender did with the events at or above its compression threshold that it
 /// sent to at least one receiver, since it was built.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[non_exhaustive]
 pub struct CompressionStats {
     /// Events at or above the threshold.

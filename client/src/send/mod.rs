@@ -77,6 +77,18 @@ pub fn max_event() -> usize {
 /// "receivers":[{"receiver","acked","failed","first_seq","first_failed_seq",
 /// "reason"},...]}. Failures are also noted on stderr.
 ///
+/// With --stats the sender's counters follow the summary: `stats: ...` lines on
+/// stderr, or with --json one more object after the summary, the last line on stdout:
+/// {"event":"stats","published","payload_bytes","acked","acked_events",
+/// "failed":{"refused","timed_out","authentication_failed","rejected",
+/// "wrong_receiver","disconnected","receiver_closed","protocol","sender_closed"},
+/// "bytes_written",
+/// "compression":{"eligible","compressed","not_smaller","skipped_loopback",
+/// "skipped_poor","off"}, "connects","reconnects","handshakes",
+/// "connected_receivers","known_receivers"} (acked and failed count deliveries: one
+/// per event and receiver; acked_events the events every receiver they were sent to
+/// acknowledged).
+///
 /// Exit status: 0 when every targeted receiver acknowledged every event (also when
 /// there were none), 1 when any failed or an input event was too large or unreadable,
 /// 2 on usage or configuration errors (an unreadable --file too).
@@ -123,6 +135,11 @@ pub struct Args {
     /// Print nothing but errors: failures, and the summary when something failed
     #[arg(short, long)]
     pub quiet: bool,
+
+    /// Print the sender's counters after the summary (stderr; with --json a
+    /// {"event":"stats",...} object after the summary, the last line on stdout)
+    #[arg(long)]
+    pub stats: bool,
 }
 
 /// How much text to print.
@@ -290,6 +307,9 @@ pub async fn run(common: &Common, args: Args) -> anyhow::Result<ExitCode> {
     }
     if input_error.is_none() || show.tally.events > 0 {
         show.summary()?;
+    }
+    if args.stats {
+        crate::stats::print_sender(common.json, &tx.stats())?;
     }
     let any_failed = show.tally.failed_events > 0;
     tx.close().await;
