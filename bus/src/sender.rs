@@ -680,15 +680,6 @@ impl Sender {
                 }
             }
         }
-        // Connections that are gone for good keep only their totals.
-        let totals = &mut self.retired_totals;
-        self.retired.retain(|c| {
-            let done = c.finished.load(Ordering::Acquire);
-            if done {
-                c.add_to(totals);
-            }
-            !done
-        });
         if changed {
             self.targets = Arc::from(self.conns.clone());
             self.segments.push_back(Segment {
@@ -718,6 +709,18 @@ impl Sender {
             // hand-over then did not wake it): the next event is handed over at once.
             stage.idle_writers = stage.idle_writers.max(1);
         }
+        // Connections that are gone for good keep only their totals: after the stage
+        // has stopped naming them as targets, so that a hand-over of staged events
+        // (which reports them failed for a failed connection) cannot count into a
+        // connection already folded.
+        let totals = &mut self.retired_totals;
+        self.retired.retain(|c| {
+            let done = c.finished.load(Ordering::Acquire);
+            if done {
+                c.add_to(totals);
+            }
+            !done
+        });
     }
 
     /// Events acknowledged by every target in the segments not folded yet.
@@ -1636,7 +1639,16 @@ async fn drive(conn: &Arc<Conn>, receiver_id: ipcbus_proto::ids::ReceiverId) -> 
                         );
                     }
                     if up_to > conn.acked.load(Ordering::Acquire) {
-                        conn.acked.store(up_to, Ordering::Release);
+                        // Under the queue's lock, and not once the connection failed:
+                        // `fail` counted everything past the old `acked` as failed, so
+                        // a later ack must not count some of it as acknowledged too.
+                        {
+                            let _out = lock_out(&conn.out);
+                            if let Some(reason) = conn.failure.get() {
+                                return reason.clone();
+                            }
+                            conn.acked.store(up_to, Ordering::Release);
+                        }
                         conn.wake_up_to(up_to);
                         conn.space.notify_one();
                     }

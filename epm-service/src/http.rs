@@ -350,15 +350,24 @@ async fn connection(mut sock: TcpStream, peer: SocketAddr, auth: &Auth, source: 
     let head = tokio::time::timeout(READ_TIMEOUT, async {
         let mut chunk = [0u8; 2048];
         loop {
-            match parse_head(&buf) {
-                Ok(Some(head)) => return Ok(head),
-                Ok(None) => {}
-                Err(e) => return Err(Some(e)),
-            }
             let want = chunk.len().min(MAX_HEAD + 1 - buf.len().min(MAX_HEAD));
+            let before = buf.len();
             match sock.read(&mut chunk[..want]).await {
                 Ok(0) | Err(_) => return Err(None),
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            // Parse only once the head may be complete: the blank line has come (looked
+            // for in the new bytes and the 3 before them, so a client trickling bytes
+            // costs linear time, not a rescan per byte) or the cap is reached.
+            let from = before.saturating_sub(3);
+            let ended = buf[from..].windows(2).any(|w| w == b"\n\n")
+                || buf[from..].windows(4).any(|w| w == b"\r\n\r\n");
+            if ended || buf.len() >= MAX_HEAD {
+                match parse_head(&buf) {
+                    Ok(Some(head)) => return Ok(head),
+                    Ok(None) => {}
+                    Err(e) => return Err(Some(e)),
+                }
             }
         }
     })
@@ -368,7 +377,7 @@ async fn connection(mut sock: TcpStream, peer: SocketAddr, auth: &Auth, source: 
             let a = route(&head, auth, source);
             match a.status {
                 401 if head.authorization.is_some() => {
-                    tracing::warn!(%peer, path = %head.path, "http request with wrong credentials")
+                    tracing::warn!(%peer, path = %head.path.escape_debug(), "http request with wrong credentials")
                 }
                 405 => tracing::debug!(%peer, method = %head.method, "http method not allowed"),
                 _ => {}

@@ -130,7 +130,8 @@ pub struct ClientConfig {
     pub nonce: [u8; NONCE_LEN],
     /// When set, the server must answer with this receiver id.
     pub expect: Option<ReceiverId>,
-    /// The maximum frame length accepted from the server.
+    /// The maximum frame length accepted from the server (during the handshake at
+    /// most [`SERVER_HANDSHAKE_MAX_FRAME`]: its frames are small).
     pub max_frame: usize,
 }
 
@@ -227,7 +228,9 @@ impl Client {
         hello.encode(&mut hello_body);
         put_frame(out, Kind::Hello, Flags(0), 0, &hello_body);
         Client {
-            codec: CodecV1::new(cfg.max_frame),
+            // Welcome, Ready and Reject are small too: a peer that has proved nothing
+            // cannot make the connecting side buffer a full maximum frame either.
+            codec: CodecV1::new(cfg.max_frame.min(SERVER_HANDSHAKE_MAX_FRAME)),
             cfg,
             state: ClientState::AwaitWelcome { hello_body },
         }
@@ -754,6 +757,16 @@ mod tests {
         let mut src = BytesMut::from(&((SERVER_HANDSHAKE_MAX_FRAME + 1) as u32).to_be_bytes()[..]);
         assert!(matches!(
             sv.feed(&mut src, &mut BytesMut::new()),
+            Err(HandshakeFailure::Decode(DecodeError::TooLong { .. }))
+        ));
+    }
+
+    #[test]
+    fn a_welcome_larger_than_the_handshake_maximum_is_refused_at_its_prefix() {
+        let mut cl = Client::new(client("h", Mode::Open, None), &mut BytesMut::new());
+        let mut src = BytesMut::from(&((SERVER_HANDSHAKE_MAX_FRAME + 1) as u32).to_be_bytes()[..]);
+        assert!(matches!(
+            cl.feed(&mut src, &mut BytesMut::new()),
             Err(HandshakeFailure::Decode(DecodeError::TooLong { .. }))
         ));
     }

@@ -2,8 +2,8 @@
 //! numbers the frames this side sends and seals them on a sealed connection;
 //! [`Inbound`] checks every frame received — its kind, its order, that it is sealed
 //! exactly when the connection is — then opens it and inflates it within the
-//! maximum. The receiver, the sender's acknowledgement reader and both ends of the EPM
-//! make the same checks through it.
+//! maximum. The receiver and both ends of the EPM make their checks through it; the
+//! sender's acknowledgement reader still makes the same checks itself (to move here).
 
 use bytes::BytesMut;
 
