@@ -63,7 +63,8 @@ pub fn max_event() -> usize {
 /// Output: one summary line on stdout at the end, e.g. `3000 events: 2 receivers
 /// acknowledged all; 127.0.0.1:4000 failed 998 from event 1003 (receiver closed)`,
 /// `1 event: 1 receiver acknowledged`, or `1 event: no receivers` (with `no receivers
-/// found` on stderr). On stderr: the first failure of each receiver with its reason
+/// found` on stderr); events sent after every receiver left are counted at the end
+/// (`...; 21 had no receivers`, with `no receivers left` on stderr). On stderr: the first failure of each receiver with its reason
 /// (`127.0.0.1:4000: event 1003 failed: receiver closed`; the rest are counted in the
 /// summary), and `receiver ADDR joined` / `receiver ADDR left: REASON` when a
 /// receiver comes or goes while sending. -v adds a line per event on stdout (`event
@@ -74,7 +75,7 @@ pub fn max_event() -> usize {
 /// ...],"failed":[{"addr","reason"},...]}; {"event":"joined","receiver":ADDR} and
 /// {"event":"left","receiver":ADDR,"reason":REASON} when a receiver comes or goes
 /// while sending; and last {"event":"summary","events":N,"failed_events":N,
-/// "receivers":[{"receiver","acked","failed","first_seq","first_failed_seq",
+/// "no_receivers":N,"receivers":[{"receiver","acked","failed","first_seq","first_failed_seq",
 /// "reason"},...]}. Failures are also noted on stderr.
 ///
 /// With --stats the sender's counters follow the summary: `stats: ...` lines on
@@ -394,7 +395,14 @@ impl Show {
         }
         if r.targeted() == 0 && !self.said_no_receivers && self.verbosity != Verbosity::Quiet {
             self.said_no_receivers = true;
-            out::note(format!("no receivers found for {}", self.handle));
+            if self.tally.order.is_empty() {
+                out::note(format!("no receivers found for {}", self.handle));
+            } else {
+                out::note(format!(
+                    "no receivers left for {}: later events go nowhere until one comes",
+                    self.handle
+                ));
+            }
         }
         for who in first_failures {
             if let Some((seq, why)) = &self.tally.per[&who].first_failure {
@@ -480,6 +488,7 @@ impl Show {
                 event: "summary",
                 events: t.events,
                 failed_events: t.failed_events,
+                no_receivers: t.untargeted,
                 receivers,
             })?)?;
         } else if self.verbosity != Verbosity::Quiet || t.failed_events > 0 {

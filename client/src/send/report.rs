@@ -25,6 +25,8 @@ pub(super) struct Tally {
     pub(super) events: u64,
     /// Events some receiver did not acknowledge.
     pub(super) failed_events: u64,
+    /// Events sent while no receiver was known (they went nowhere).
+    pub(super) untargeted: u64,
     /// Receivers in the order they were first sent to.
     pub(super) order: Vec<ReceiverInfo>,
     pub(super) per: HashMap<ReceiverInfo, PerReceiver>,
@@ -36,6 +38,9 @@ impl Tally {
         self.events += 1;
         if !r.all_acked() {
             self.failed_events += 1;
+        }
+        if r.targeted() == 0 {
+            self.untargeted += 1;
         }
         for who in &r.acked {
             self.entry(*who, r.seq).acked += 1;
@@ -131,11 +136,20 @@ impl Tally {
         } else {
             None
         };
+        // Events sent while every receiver had gone (or before the first came).
+        let nowhere = (self.untargeted > 0).then(|| {
+            if self.untargeted == 1 {
+                "1 had no receiver".to_string()
+            } else {
+                format!("{} had no receivers", self.untargeted)
+            }
+        });
         let mut s = format!("{head}: ");
         s.push_str(
             &all_part
                 .into_iter()
                 .chain(parts)
+                .chain(nowhere)
                 .collect::<Vec<_>>()
                 .join("; "),
         );
@@ -192,6 +206,8 @@ pub(super) struct SummaryJson {
     pub(super) event: &'static str,
     pub(super) events: u64,
     pub(super) failed_events: u64,
+    /// Events sent while no receiver was known.
+    pub(super) no_receivers: u64,
     pub(super) receivers: Vec<ReceiverJson>,
 }
 
@@ -241,6 +257,18 @@ mod tests {
         let mut t = Tally::default();
         t.add(&report(1, &[a], &[]));
         assert_eq!(t.summary(), "1 event: 1 receiver acknowledged");
+
+        // The only receiver left: the events after it went nowhere, and say so.
+        let mut t = Tally::default();
+        t.add(&report(1, &[a], &[]));
+        t.add(&report(2, &[a], &[]));
+        for seq in 3..=5 {
+            t.add(&report(seq, &[], &[]));
+        }
+        assert_eq!(
+            t.summary(),
+            "5 events: 127.0.0.1:4000 acknowledged 2 from event 1; 3 had no receivers"
+        );
 
         let mut t = Tally::default();
         t.add(&report(1, &[], &[(a, FailReason::Refused)]));
