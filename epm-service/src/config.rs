@@ -90,8 +90,9 @@ pub struct Args {
     pub http_token_file: Option<PathBuf>,
 }
 
-/// The limits that keep the service's memory bounded.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The limits that keep the service's memory bounded. Serialized (in `/status`) with
+/// the config file's key names.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Limits {
     /// Most client connections at once; more are refused with `Busy`.
     pub max_connections: usize,

@@ -208,8 +208,8 @@ pub struct Report {
     pub watches: usize,
     /// The longest lease granted, in milliseconds.
     pub lease_ms: u64,
-    /// The configured limits.
-    pub limits: LimitsReport,
+    /// The configured limits (the JSON names them as the config file does).
+    pub limits: Limits,
     /// Counters since start.
     pub counters: Counters,
     /// Handles and their receivers, sorted by handle, each handle's oldest receiver
@@ -217,39 +217,6 @@ pub struct Report {
     pub by_handle: Vec<HandleReport>,
     /// Whether `by_handle` was cut short.
     pub truncated: bool,
-}
-
-/// The limits as the JSON shows them.
-#[derive(Debug, Clone, Serialize)]
-pub struct LimitsReport {
-    /// `--max-connections`.
-    pub max_connections: usize,
-    /// `--max-registrations`.
-    pub max_registrations: usize,
-    /// `--max-registrations-per-connection`.
-    pub max_registrations_per_connection: usize,
-    /// `--max-handles`.
-    pub max_handles: usize,
-    /// `--max-receivers-per-handle`.
-    pub max_receivers_per_handle: usize,
-    /// `--max-watches-per-connection`.
-    pub max_watches_per_connection: usize,
-    /// `--max-frame`.
-    pub max_frame: usize,
-}
-
-impl From<&Limits> for LimitsReport {
-    fn from(l: &Limits) -> Self {
-        LimitsReport {
-            max_connections: l.max_connections,
-            max_registrations: l.max_registrations,
-            max_registrations_per_connection: l.max_registrations_per_connection,
-            max_handles: l.max_handles,
-            max_receivers_per_handle: l.max_receivers_per_handle,
-            max_watches_per_connection: l.max_watches_per_connection,
-            max_frame: l.max_frame,
-        }
-    }
 }
 
 /// One handle and its receivers.
@@ -594,7 +561,7 @@ mod tests {
             connections: 2,
             watches: 0,
             lease_ms: 10_000,
-            limits: (&Limits::default()).into(),
+            limits: Limits::default(),
             counters: stats.counters(),
             by_handle: vec![HandleReport::new(&h, &[e])],
             truncated: false,

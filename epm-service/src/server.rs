@@ -494,7 +494,7 @@ impl crate::http::Source for Shared {
             connections: self.connections(),
             watches: hub.reg.watches(),
             lease_ms: self.config.lease.as_millis() as u64,
-            limits: (&self.config.limits).into(),
+            limits: self.config.limits.clone(),
             counters: self.stats.counters(),
             by_handle: listed
                 .iter()
