@@ -5,38 +5,10 @@ mod cli_support;
 
 use std::io::Write;
 
-use cli_support::{epm_service, ipcbus_cmd, is_rfc3339_utc, run, Epm, Proc, Tmp, T};
+use cli_support::{
+    epm_service, ipcbus_cmd, is_rfc3339_utc, json_lines, listen, run, send, Epm, Proc, Tmp, T,
+};
 use serde_json::Value;
-
-/// Starts `ipcbus listen` with `args` and waits for its `ready HANDLE ADDR` line;
-/// returns the process and ADDR.
-fn listen(runtime: &Tmp, args: &[&str], env: &[(&str, &str)]) -> (Proc, String) {
-    let mut c = ipcbus_cmd(runtime.path());
-    c.arg("listen").args(args).envs(env.iter().copied());
-    let p = Proc::spawn(c);
-    let ready = p.stderr_line("ready ");
-    let parts: Vec<&str> = ready.split_whitespace().collect();
-    assert_eq!(parts.len(), 3, "ready line {ready:?}");
-    assert_eq!(parts[0], "ready");
-    assert!(
-        parts[2].parse::<std::net::SocketAddr>().is_ok(),
-        "ADDR in {ready:?}"
-    );
-    (p, parts[2].to_string())
-}
-
-fn send(runtime: &Tmp, args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> cli_support::Ran {
-    let mut c = ipcbus_cmd(runtime.path());
-    c.arg("send").args(args).envs(env.iter().copied());
-    run(c, stdin)
-}
-
-fn json_lines(s: &str) -> Vec<Value> {
-    s.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?} is not JSON: {e}")))
-        .collect()
-}
 
 #[test]
 fn listen_and_send_round_trip_with_json() {

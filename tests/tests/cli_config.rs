@@ -13,11 +13,7 @@ use serde_json::Value;
 
 /// `ipcbus listen` in the background; returns it once it printed `ready`.
 fn listen(rt: &Tmp, args: &[&str], env: &[(&str, &str)]) -> Proc {
-    let mut c = ipcbus_cmd(rt.path());
-    c.arg("listen").args(args).envs(env.iter().copied());
-    let p = Proc::spawn(c);
-    p.stderr_line("ready ");
-    p
+    cli_support::listen(rt, args, env).0
 }
 
 fn ipcbus(rt: &Tmp, args: &[&str], env: &[(&str, &str)]) -> cli_support::Ran {

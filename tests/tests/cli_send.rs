@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use cli_support::{ipcbus_cmd, run, Proc, Ran, Tmp, T};
+use cli_support::{ipcbus_cmd, json_lines, run, Proc, Ran, Tmp, T};
 use serde_json::Value;
 
 /// The largest event: 16 MiB minus the frame header (10) and an encryption tag (16).
@@ -20,32 +20,13 @@ const MAX_EVENT: usize = (16 << 20) - 26;
 /// Peak RSS the sender may reach whatever its input.
 const RSS_LIMIT_KIB: u64 = 64 * 1024;
 
-/// Starts `ipcbus listen` with `args` and waits for its `ready HANDLE ADDR` line;
-/// returns the process and ADDR.
+/// `ipcbus listen ARGS` once ready, and its ADDR.
 fn listen(runtime: &Tmp, args: &[&str]) -> (Proc, String) {
-    let mut c = ipcbus_cmd(runtime.path());
-    c.arg("listen").args(args);
-    let p = Proc::spawn(c);
-    let ready = p.stderr_line("ready ");
-    let addr = ready
-        .split_whitespace()
-        .nth(2)
-        .unwrap_or_else(|| panic!("no ADDR in {ready:?}"))
-        .to_string();
-    (p, addr)
+    cli_support::listen(runtime, args, &[])
 }
 
 fn send(runtime: &Tmp, args: &[&str], stdin: &[u8]) -> Ran {
-    let mut c = ipcbus_cmd(runtime.path());
-    c.arg("send").args(args);
-    run(c, stdin)
-}
-
-fn json_lines(s: &str) -> Vec<Value> {
-    s.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?} is not JSON: {e}")))
-        .collect()
+    cli_support::send(runtime, args, &[], stdin)
 }
 
 /// The payloads a `listen --json` printed, after it exited.

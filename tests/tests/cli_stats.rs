@@ -3,28 +3,14 @@
 
 mod cli_support;
 
-use cli_support::{ipcbus_cmd, run, Proc, Ran, Tmp, T};
-use serde_json::Value;
+use cli_support::{ipcbus_cmd, json_lines, run, Proc, Ran, Tmp, T};
 
 fn listen(runtime: &Tmp, args: &[&str]) -> Proc {
-    let mut c = ipcbus_cmd(runtime.path());
-    c.arg("listen").args(args);
-    let p = Proc::spawn(c);
-    p.stderr_line("ready ");
-    p
+    cli_support::listen(runtime, args, &[]).0
 }
 
 fn send(runtime: &Tmp, args: &[&str], stdin: &[u8]) -> Ran {
-    let mut c = ipcbus_cmd(runtime.path());
-    c.arg("send").args(args);
-    run(c, stdin)
-}
-
-fn json_lines(s: &str) -> Vec<Value> {
-    s.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?} is not JSON: {e}")))
-        .collect()
+    cli_support::send(runtime, args, &[], stdin)
 }
 
 #[test]

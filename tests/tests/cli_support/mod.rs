@@ -132,6 +132,38 @@ pub fn example(name: &str) -> PathBuf {
     p
 }
 
+/// Starts `ipcbus listen` with `args` and waits for its `ready HANDLE ADDR` line;
+/// returns the process and ADDR.
+pub fn listen(runtime: &Tmp, args: &[&str], env: &[(&str, &str)]) -> (Proc, String) {
+    let mut c = ipcbus_cmd(runtime.path());
+    c.arg("listen").args(args).envs(env.iter().copied());
+    let p = Proc::spawn(c);
+    let ready = p.stderr_line("ready ");
+    let parts: Vec<&str> = ready.split_whitespace().collect();
+    assert_eq!(parts.len(), 3, "ready line {ready:?}");
+    assert_eq!(parts[0], "ready");
+    assert!(
+        parts[2].parse::<std::net::SocketAddr>().is_ok(),
+        "ADDR in {ready:?}"
+    );
+    (p, parts[2].to_string())
+}
+
+/// Runs `ipcbus send` with `args`, `env` and `stdin` to completion.
+pub fn send(runtime: &Tmp, args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> Ran {
+    let mut c = ipcbus_cmd(runtime.path());
+    c.arg("send").args(args).envs(env.iter().copied());
+    run(c, stdin)
+}
+
+/// The JSON objects of `s`, one a line (empty lines skipped).
+pub fn json_lines(s: &str) -> Vec<serde_json::Value> {
+    s.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?} is not JSON: {e}")))
+        .collect()
+}
+
 /// What a finished command did.
 #[derive(Debug)]
 pub struct Ran {
