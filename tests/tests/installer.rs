@@ -53,6 +53,20 @@ fn files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// `install.sh --root ROOT --binary EPM EXTRA...`: everything else left to the
+/// installer (a re-run keeps the settings, a first run generates a password).
+fn install_with_defaults(root: &Path, extra: &[&str]) -> Ran {
+    let bin = epm_service();
+    let mut args = vec![
+        "--root",
+        root.to_str().expect("utf-8"),
+        "--binary",
+        bin.to_str().expect("utf-8"),
+    ];
+    args.extend_from_slice(extra);
+    sh("install.sh", &args)
+}
+
 fn install(root: &Path, pw: &Path, extra: &[&str]) -> Ran {
     let bin = epm_service();
     let mut args = vec![
@@ -170,15 +184,7 @@ fn install_verify_run_and_uninstall() {
         );
     }
     // A re-run without settings keeps the port, bind, password and salt.
-    let r = sh(
-        "install.sh",
-        &[
-            "--root",
-            root.to_str().expect("utf-8"),
-            "--binary",
-            bin.to_str().expect("utf-8"),
-        ],
-    );
+    let r = install_with_defaults(&root, &[]);
     assert_eq!(r.code(), 0, "{r:?}");
     assert_eq!(std::fs::read_to_string(&conf).expect("read config"), toml);
     assert_eq!(
@@ -309,15 +315,7 @@ fn generated_password_and_salt_when_none_given() {
     let root = tmp.path().join("root");
     std::fs::create_dir(&root).expect("mkdir root");
     let bin = epm_service();
-    let r = sh(
-        "install.sh",
-        &[
-            "--root",
-            root.to_str().expect("utf-8"),
-            "--binary",
-            bin.to_str().expect("utf-8"),
-        ],
-    );
+    let r = install_with_defaults(&root, &[]);
     assert_eq!(r.code(), 0, "{r:?}");
     let pw = std::fs::read_to_string(root.join("etc/ipcbus/epm.password")).expect("password");
     assert!(pw.trim().len() >= 24, "generated password {pw:?}");
@@ -505,17 +503,7 @@ fn dry_run_and_firewall_hint_say_what_is_true() {
     let tmp = Tmp::new("hint");
     let root = tmp.path().join("root");
     std::fs::create_dir(&root).expect("mkdir root");
-    let bin = epm_service();
-    let r = sh(
-        "install.sh",
-        &[
-            "--root",
-            root.to_str().expect("utf-8"),
-            "--binary",
-            bin.to_str().expect("utf-8"),
-            "--dry-run",
-        ],
-    );
+    let r = install_with_defaults(&root, &["--dry-run"]);
     assert_eq!(r.code(), 0, "{r:?}");
     assert!(
         !r.stdout.contains("generated a random password"),
@@ -529,15 +517,7 @@ fn dry_run_and_firewall_hint_say_what_is_true() {
     );
     assert_eq!(files(&root), Vec::<PathBuf>::new(), "dry run wrote files");
 
-    let r = sh(
-        "install.sh",
-        &[
-            "--root",
-            root.to_str().expect("utf-8"),
-            "--binary",
-            bin.to_str().expect("utf-8"),
-        ],
-    );
+    let r = install_with_defaults(&root, &[]);
     assert_eq!(r.code(), 0, "{r:?}");
     assert!(
         r.stdout.contains("generated a random password"),
