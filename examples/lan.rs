@@ -84,14 +84,14 @@ async fn main() -> anyhow::Result<()> {
     let mut rx = rb.bind().await?;
     println!(
         "   registered {} (the address that routes to the EPM, unless --ip says otherwise)",
-        rx.local_addr()
+        rx.endpoints_text()
     );
 
     println!("\n3. what the EPM now knows about \"{handle}\"");
     for r in epm.lookup(&handle).await? {
         println!(
             "   {} receiver {} pid {}",
-            r.endpoint,
+            r.endpoints[0],
             r.receiver,
             r.pid.map_or("-".to_string(), |p| p.to_string())
         );
@@ -111,10 +111,10 @@ async fn main() -> anyhow::Result<()> {
     });
     let report = tx.send_bytes("hello across the LAN").await?;
     for a in &report.acked {
-        println!("   acknowledged by {}", a.addr);
+        println!("   acknowledged by {}", a.endpoint);
     }
     for (who, why) in &report.failed {
-        println!("   {} failed: {why}", who.addr);
+        println!("   {} failed: {why}", who.endpoint);
     }
     let (m, rx) = recv.await?;
     if let Ok(Some(m)) = m {

@@ -33,7 +33,7 @@ async fn main() -> anyhow::Result<()> {
     let mut tx = args.opts.sender(pong.clone())?.build().await?;
     println!(
         "pong: answering \"{ping}\" on \"{pong}\" ({})",
-        rx.local_addr()
+        rx.endpoints_text()
     );
     let mut n = 0u64;
     while args.count.map_or(true, |c| n < c) {

@@ -30,7 +30,7 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "receiving \"{}\" on {} via {}",
         args.handle,
-        rx.local_addr(),
+        rx.endpoints_text(),
         args.opts.describe()
     );
     let mut got = 0u64;

@@ -45,10 +45,14 @@ async fn main() -> anyhow::Result<()> {
         i += 1;
         let text = format!("Foo{i}");
         let report = tx.send_bytes(text.clone()).await?;
-        let acked: Vec<String> = report.acked.iter().map(|r| r.addr.to_string()).collect();
+        let acked: Vec<String> = report
+            .acked
+            .iter()
+            .map(|r| r.endpoint.to_string())
+            .collect();
         print!("{text}: acked by {} [{}]", acked.len(), acked.join(", "));
         for (who, why) in &report.failed {
-            print!("; {} failed: {why}", who.addr);
+            print!("; {} failed: {why}", who.endpoint);
         }
         if report.targeted() == 0 {
             print!(" (no receivers yet)");

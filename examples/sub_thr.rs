@@ -41,7 +41,7 @@ async fn main() -> anyhow::Result<()> {
         "sub_thr: waiting for {} on \"{}\" at {}",
         ipcbus_examples::plural(args.count, "event"),
         args.handle,
-        rx.local_addr()
+        rx.endpoints_text()
     );
     let idle = Duration::from_secs(args.idle_secs.max(1));
     let mut got = 0u64;

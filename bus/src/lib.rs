@@ -56,6 +56,7 @@ mod report;
 mod security;
 mod sender;
 mod stats;
+mod transport;
 
 pub use chain::error_chain;
 pub use credentials::{Credentials, CredentialsBuilder, CredentialsError};
@@ -76,6 +77,7 @@ pub use security::Security;
 pub use sender::{BuildError, PendingReport, SendError, Sender, SenderBuilder};
 pub use sender::{Compression, CompressionStats, SenderEvents};
 pub use stats::{ByKind, FailKind, ReasonKind, ReceiverStats, RejectKind, SenderStats};
+pub use transport::{Endpoint, EndpointError, Transport, UnixBindError, MAX_UNIX_PATH};
 
 /// The Rust blocks of `README.md`, compiled and run as doc tests so that the README
 /// and the code cannot drift apart.

@@ -12,8 +12,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use futures::Stream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -28,6 +27,10 @@ use crate::pool::Pool;
 use crate::registry::{record_now, RegistryError};
 use crate::security::{Resolved, Security};
 use crate::stats::{ReceiverCounters, ReceiverStats, RejectKind};
+use crate::transport::{
+    bind_unix, Accepted, ByteStream, Endpoint, Listener, Peer, SocketFile, Transport,
+    UnixBindError, WriteHalf,
+};
 use ipcbus_proto::codec::CodecV1;
 use ipcbus_proto::crypto::{Sealer, TAG_LEN};
 use ipcbus_proto::frame::{
@@ -63,6 +66,15 @@ pub enum BindError {
     /// The endpoint manager could not be used (unreachable, wrong password, refused).
     #[error(transparent)]
     Epm(#[from] EpmError),
+    /// The Unix socket could not be bound (path too long, in use, no permission).
+    #[error(transparent)]
+    Unix(#[from] UnixBindError),
+    /// A Unix socket was asked for where there is no registry directory to put it in
+    /// (EPM discovery): name its path with [`ReceiverBuilder::bind_at`].
+    #[error(
+        "a unix socket needs the local registry, or a path given with bind_at (--at unix:///PATH)"
+    )]
+    UnixNeedsPath,
     /// No security was set in code and the password or salt in the environment is
     /// unusable (see [`Credentials`](crate::Credentials)).
     #[error(transparent)]
@@ -81,9 +93,72 @@ pub struct ReceiverBuilder {
     max_connections: usize,
     handshake_timeout: Duration,
     discovery: Option<Discovery>,
+    transports: Option<Vec<Transport>>,
+    at: Vec<Endpoint>,
 }
 
 impl ReceiverBuilder {
+    /// Which transports to listen on: TCP, Unix domain socket, or both. Default: both
+    /// with the local registry (senders on this host then use the Unix socket), TCP
+    /// with the EPM (which carries TCP endpoints only).
+    ///
+    /// The Unix socket goes in the registry directory (`$DIR/sockets/ID.sock`, mode
+    /// 0600 in a 0700 directory) and is removed on close and drop; a peer of another
+    /// uid is refused before the handshake (`SO_PEERCRED`), on top of the per-user
+    /// secret. If that path would be longer than the platform's limit
+    /// ([`MAX_UNIX_PATH`](crate::MAX_UNIX_PATH) bytes), the default falls back to TCP
+    /// alone with a warning; asking for [`Transport::Unix`] explicitly makes it a
+    /// [`BindError::Unix`].
+    ///
+    /// ```
+    /// use ipcbus::{Handle, Receiver, Transport};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let rx = Receiver::builder("docs.tcp-only".parse()?)
+    ///     .transports([Transport::Tcp])
+    ///     .bind()
+    ///     .await?;
+    /// assert_eq!(rx.endpoints().len(), 1);
+    /// assert!(rx.local_addr().is_some());
+    /// # Ok(()) }
+    /// ```
+    pub fn transports(mut self, transports: impl IntoIterator<Item = Transport>) -> Self {
+        let mut t: Vec<Transport> = transports.into_iter().collect();
+        t.sort();
+        t.dedup();
+        self.transports = Some(t);
+        self
+    }
+
+    /// Listens exactly at `endpoint` (call again for more), instead of an ephemeral
+    /// port and the registry's socket path: a TCP address (`tcp://127.0.0.1:4000`), or
+    /// a Unix socket path (`unix:///run/myapp/events.sock`), which a sender can be
+    /// given with [`SenderBuilder::endpoint`](crate::SenderBuilder::endpoint) without
+    /// any registry. The receiver still registers these endpoints in its discovery
+    /// (the EPM takes the TCP ones). A socket file left at the path by a listener that
+    /// is gone is replaced; one in use is an error. Overrides
+    /// [`ip`](Self::ip), [`allowed_ports`](Self::allowed_ports) and
+    /// [`transports`](Self::transports).
+    ///
+    /// ```
+    /// use ipcbus::{Endpoint, Receiver};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let path = std::env::temp_dir().join(format!("ipcbus-doc-{}.sock", std::process::id()));
+    /// let rx = Receiver::builder("docs.at".parse()?)
+    ///     .bind_at(Endpoint::unix(&path))
+    ///     .bind()
+    ///     .await?;
+    /// assert_eq!(rx.endpoints(), [Endpoint::unix(&path)]);
+    /// rx.close().await;
+    /// assert!(!path.exists());
+    /// # Ok(()) }
+    /// ```
+    pub fn bind_at(mut self, endpoint: Endpoint) -> Self {
+        self.at.push(endpoint);
+        self
+    }
+
     /// The address to bind and register (default 127.0.0.1 with the local registry).
     pub fn ip(mut self, ip: IpAddr) -> Self {
         self.ip = Some(ip);
@@ -158,26 +233,34 @@ impl ReceiverBuilder {
     /// [`BindError`] when no allowed port is free, the address cannot be bound, or the
     /// registry cannot be used.
     pub async fn bind(self) -> Result<Receiver, BindError> {
-        let discovery = match self.discovery {
+        let discovery = match self.discovery.clone() {
             Some(d) => d,
             None => Discovery::from_env()?,
         };
-        let security = match self.security {
+        let security = match self.security.clone() {
             Some(s) => s,
             None => Security::from_env()?,
         };
         let sec = discovery.resolve_security(&security)?;
-        let ip = discovery.bind_ip(self.ip).await?;
-        let listener = bind_first(ip, &self.ports).await?;
-        let bound = listener.local_addr().map_err(|source| BindError::Bind {
-            addr: SocketAddr::new(ip, 0),
-            source,
-        })?;
-        let mut advertised = bound;
-        if ip.is_unspecified() {
-            advertised.set_ip(discovery.advertise_ip().await?);
-        }
         let id = ReceiverId::random();
+        let listeners = if self.at.is_empty() {
+            self.bind_default(&discovery, id).await?
+        } else {
+            bind_given(&self.at).await?
+        };
+        let mut endpoints = Vec::with_capacity(listeners.len());
+        for l in &listeners {
+            let mut ep = l.endpoint().map_err(|source| BindError::Bind {
+                addr: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0),
+                source,
+            })?;
+            if let Endpoint::Tcp(a) = &mut ep {
+                if a.ip().is_unspecified() {
+                    a.set_ip(discovery.advertise_ip().await?);
+                }
+            }
+            endpoints.push(ep);
+        }
         let (tx, rx) = mpsc::channel((self.queue_capacity / 256).max(2));
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -194,8 +277,16 @@ impl ReceiverBuilder {
             counters: ReceiverCounters::default(),
         });
         let counters = shared.clone();
-        tasks.spawn(accept_loop(listener, shared, tx));
-        let record = record_now(self.handle.clone(), advertised, id);
+        let mut sockets = Vec::new();
+        for mut l in listeners {
+            // The socket file goes with the receiver (close or drop), not with the
+            // accept task, which may still be winding down.
+            sockets.extend(l.take_socket_file());
+            tasks.spawn(accept_loop(l, shared.clone(), tx.clone()));
+        }
+        drop(tx);
+        drop(shared);
+        let record = record_now(self.handle.clone(), endpoints.clone(), id);
         let registration = match discovery.register(&record).await {
             Ok(r) => r,
             Err(e) => {
@@ -203,11 +294,12 @@ impl ReceiverBuilder {
                 return Err(e.into());
             }
         };
-        tracing::debug!(handle = %self.handle, addr = %advertised, receiver = %id, "receiver registered");
+        tracing::debug!(handle = %self.handle, endpoints = ?endpoints, receiver = %id, "receiver registered");
         Ok(Receiver {
             handle: self.handle,
             id,
-            local_addr: advertised,
+            endpoints,
+            sockets,
             rx,
             current: None,
             taken: HashMap::new(),
@@ -219,6 +311,59 @@ impl ReceiverBuilder {
             taken_bytes: 0,
         })
     }
+}
+
+impl ReceiverBuilder {
+    /// The listeners of [`transports`](Self::transports): an ephemeral (or allowed)
+    /// TCP port and the registry's socket path.
+    async fn bind_default(
+        &self,
+        discovery: &Discovery,
+        id: ReceiverId,
+    ) -> Result<Vec<Listener>, BindError> {
+        let default = match discovery.local_registry() {
+            Some(_) => vec![Transport::Tcp, Transport::Unix],
+            None => vec![Transport::Tcp],
+        };
+        let transports = self.transports.clone().unwrap_or(default);
+        let mut out = Vec::with_capacity(2);
+        if transports.contains(&Transport::Tcp) {
+            let ip = discovery.bind_ip(self.ip).await?;
+            out.push(Listener::Tcp(bind_first(ip, &self.ports).await?));
+        }
+        if transports.contains(&Transport::Unix) {
+            let Some(reg) = discovery.local_registry() else {
+                return Err(BindError::UnixNeedsPath);
+            };
+            match bind_unix(&reg.socket_path(&id)) {
+                Ok(l) => out.push(l),
+                Err(e @ UnixBindError::PathTooLong { .. })
+                    if self.transports.is_none() && !out.is_empty() =>
+                {
+                    tracing::warn!(handle = %self.handle, error = %e, "no unix socket for this receiver; tcp only");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The listeners of [`ReceiverBuilder::bind_at`].
+async fn bind_given(at: &[Endpoint]) -> Result<Vec<Listener>, BindError> {
+    let mut out = Vec::with_capacity(at.len());
+    for ep in at {
+        out.push(match ep {
+            Endpoint::Tcp(addr) => Listener::Tcp(TcpListener::bind(addr).await.map_err(
+                |source| BindError::Bind {
+                    addr: *addr,
+                    source,
+                },
+            )?),
+            Endpoint::Unix(path) => bind_unix(path)?,
+        });
+    }
+    Ok(out)
 }
 
 async fn bind_first(ip: IpAddr, ports: &[u16]) -> Result<TcpListener, BindError> {
@@ -250,7 +395,9 @@ async fn bind_first(ip: IpAddr, ports: &[u16]) -> Result<TcpListener, BindError>
 pub struct Receiver {
     handle: Handle,
     id: ReceiverId,
-    local_addr: SocketAddr,
+    endpoints: Vec<Endpoint>,
+    /// The Unix sockets' files, removed on close or drop.
+    sockets: Vec<SocketFile>,
     rx: mpsc::Receiver<Batch>,
     current: Option<Batch>,
     /// Per sender, the highest sequence the application has taken, and that batch's
@@ -549,6 +696,8 @@ impl Receiver {
             max_connections: 256,
             handshake_timeout: Duration::from_secs(5),
             discovery: None,
+            transports: None,
+            at: Vec::new(),
         }
     }
 
@@ -618,9 +767,23 @@ impl Receiver {
         }
     }
 
-    /// The address senders connect to (as registered).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+    /// Its TCP address as registered (`None` for a receiver without TCP, see
+    /// [`ReceiverBuilder::transports`]).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoints.iter().find_map(Endpoint::tcp_addr)
+    }
+
+    /// Its endpoints in text form, separated by spaces (for messages and logs):
+    /// `tcp://127.0.0.1:4000 unix:///run/user/1000/ipcbus/sockets/ID.sock`.
+    pub fn endpoints_text(&self) -> String {
+        let v: Vec<String> = self.endpoints.iter().map(Endpoint::to_string).collect();
+        v.join(" ")
+    }
+
+    /// Every endpoint it listens at and registered, in their text form's order: TCP
+    /// first, then the Unix socket (see [`ReceiverBuilder::transports`]).
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
     }
 
     /// The handle this receiver serves.
@@ -650,6 +813,7 @@ impl Receiver {
         if let Some(mut r) = self.registration.take() {
             r.remove();
         }
+        self.sockets.clear();
         self.shutdown.cancel();
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;
@@ -694,7 +858,7 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sender<Batch>) {
+async fn accept_loop(listener: Listener, shared: Arc<Shared>, tx: mpsc::Sender<Batch>) {
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
@@ -702,7 +866,12 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sende
             r = listener.accept() => r,
         };
         match accepted {
-            Ok((sock, peer)) => {
+            Ok(Accepted::WrongUser(peer)) => {
+                shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, handle = %shared.handle, "unix socket peer runs as another user; refused before the handshake");
+                shared.counters.reject(RejectKind::WrongUser);
+            }
+            Ok(Accepted::Ok(sock, peer)) => {
                 backoff = Duration::from_millis(10);
                 shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
                 // Admit it among the half-open connections first: a flood of
@@ -717,7 +886,6 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sende
                 if evicted {
                     tracing::warn!(%peer, handle = %shared.handle, "too many unfinished handshakes; evicted the oldest");
                 }
-                let _ = sock.set_nodelay(true);
                 let shared2 = shared.clone();
                 let tx = tx.clone();
                 shared.tasks.spawn(async move {
@@ -739,8 +907,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tx: mpsc::Sende
 }
 
 async fn serve(
-    sock: TcpStream,
-    peer: SocketAddr,
+    sock: ByteStream,
+    peer: Peer,
     shared: Arc<Shared>,
     tx: mpsc::Sender<Batch>,
     slot: HandshakeSlot,
@@ -834,7 +1002,7 @@ async fn serve(
 /// Writes cumulative acknowledgements as the application takes events; on receiver
 /// shutdown, writes a last ack and `Bye`.
 async fn ack_writer(
-    mut wr: OwnedWriteHalf,
+    mut wr: WriteHalf,
     sealer: Option<Sealer>,
     ack: Arc<AckState>,
     shutdown: CancellationToken,

@@ -1,23 +1,27 @@
 //! What a send produced: which receivers acknowledged and which failed, and why.
 
 use std::fmt;
-use std::net::SocketAddr;
 
+use ipcbus_proto::endpoint::Endpoint;
 use ipcbus_proto::frame::RejectReason;
 use ipcbus_proto::ids::ReceiverId;
 
-/// One receiver as a sender sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// One receiver as a sender sees it. Cheap to clone (the endpoint's path is shared).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ReceiverInfo {
-    /// Its identity.
+    /// Its identity: the id it registered with; for a receiver given by endpoint
+    /// ([`SenderBuilder::endpoint`](crate::SenderBuilder::endpoint)), whose id is not
+    /// known before connecting, a stable id derived from the endpoint.
     pub id: ReceiverId,
-    /// Where it was reached.
-    pub addr: SocketAddr,
+    /// Where it is reached, and so over which transport
+    /// ([`Endpoint::transport`]): the Unix socket when the receiver has one and the
+    /// sender is on its host, else TCP.
+    pub endpoint: Endpoint,
 }
 
 impl fmt::Display for ReceiverInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({})", self.addr, self.id)
+        write!(f, "{} ({})", self.endpoint, self.id)
     }
 }
 

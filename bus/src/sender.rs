@@ -26,7 +26,6 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
@@ -42,6 +41,7 @@ use crate::registry::{LocalRegistry, Record, RegistryError};
 use crate::report::{FailReason, ReceiverInfo, SendReport, SenderEvent};
 use crate::security::{Resolved, Security};
 use crate::stats::{ByKind, FailKind, SenderStats};
+use crate::transport::{ByteStream, Endpoint, Transport};
 use ipcbus_proto::codec::{put_frame, CodecV1};
 use ipcbus_proto::compress::{CompressPolicy, Gzipper, DEFAULT_THRESHOLD};
 pub use ipcbus_proto::compress::{Compression, CompressionStats};
@@ -50,7 +50,8 @@ use ipcbus_proto::frame::{
     parse_ack, DecodeError, Flags, Kind, RejectReason, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX,
 };
 use ipcbus_proto::handle::Handle;
-use ipcbus_proto::ids::SenderId;
+use ipcbus_proto::ids::{ReceiverId, SenderId};
+use sha2::{Digest, Sha256};
 
 /// Why an event could not be sent at all (per-receiver failures go in the
 /// [`SendReport`] instead).
@@ -101,9 +102,37 @@ pub struct SenderBuilder {
     max_frame: usize,
     rescan_interval: Duration,
     discovery: Option<Discovery>,
+    endpoints: Vec<Endpoint>,
 }
 
 impl SenderBuilder {
+    /// Sends to the receiver at `endpoint` (call again for more), with no discovery:
+    /// no registry is read and no EPM asked, the way a client connects to a named
+    /// pipe or a known port. Reconnects with backoff when the connection drops, as
+    /// for discovered receivers. The security still defaults as for discovery (the
+    /// per-user secret, or the password and salt of the environment), so the
+    /// receiver must use the same.
+    ///
+    /// ```
+    /// use ipcbus::{Endpoint, Receiver, Sender, Transport};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let path = std::env::temp_dir().join(format!("ipcbus-doc-to-{}.sock", std::process::id()));
+    /// let at = Endpoint::unix(&path);
+    /// let mut rx = Receiver::builder("docs.known".parse()?).bind_at(at.clone()).bind().await?;
+    /// let mut tx = Sender::builder("docs.known".parse()?).endpoint(at).build().await?;
+    /// tx.wait_for_receivers(1, std::time::Duration::from_secs(5)).await;
+    /// let pending = tx.publish_bytes("over a unix socket").await?;
+    /// assert_eq!(&rx.recv().await.unwrap().payload()[..], b"over a unix socket");
+    /// let report = pending.await;
+    /// assert_eq!(report.acked[0].endpoint.transport(), Transport::Unix);
+    /// # Ok(()) }
+    /// ```
+    pub fn endpoint(mut self, endpoint: Endpoint) -> Self {
+        self.endpoints.push(endpoint);
+        self
+    }
+
     /// Authentication and encryption (default [`Security::from_env`]: encrypted under
     /// the password and salt of the environment when set, else [`Security::LocalUser`]).
     pub fn security(mut self, security: Security) -> Self {
@@ -241,6 +270,10 @@ impl SenderBuilder {
             handshakes: AtomicU64::new(0),
         });
         match discovery {
+            _ if !self.endpoints.is_empty() => {
+                let disc = KnownEndpoints::new(shared.clone(), &self.endpoints);
+                shared.tasks.spawn(disc.run());
+            }
             Discovery::Local(reg) => {
                 let mut disc = LocalDiscovery::new(shared.clone(), reg, self.rescan_interval);
                 disc.rescan();
@@ -368,6 +401,7 @@ impl Sender {
             max_frame: DEFAULT_MAX_FRAME,
             rescan_interval: Duration::from_secs(2),
             discovery: None,
+            endpoints: Vec::new(),
         }
     }
 
@@ -559,7 +593,7 @@ impl Sender {
     /// The receivers events are currently sent to (connected or connecting).
     pub fn receivers(&mut self) -> Vec<ReceiverInfo> {
         self.apply_updates();
-        self.targets.iter().map(|c| c.info).collect()
+        self.targets.iter().map(|c| c.info.clone()).collect()
     }
 
     /// A stream of [`SenderEvent`]s from now on. A subscriber that falls more than 1024
@@ -695,11 +729,8 @@ impl Sender {
                 self.acked_events_done += self.segments[0].acked_events(last);
                 self.segments.pop_front();
             }
-            self.compress.set_remote(
-                self.targets
-                    .iter()
-                    .any(|c| !CompressPolicy::is_loopback(c.info.addr.ip())),
-            );
+            self.compress
+                .set_remote(self.targets.iter().any(|c| !c.info.endpoint.is_local()));
             // What is staged goes to the receivers it was published for.
             let mut stage = lock_stage(&self.shared.stage);
             stage.hand_over(&self.shared);
@@ -879,8 +910,8 @@ impl PendingReport {
         };
         for c in targets {
             match c.outcome(self.seq) {
-                Some(Ok(())) => r.acked.push(c.info),
-                Some(Err(why)) => r.failed.push((c.info, why)),
+                Some(Ok(())) => r.acked.push(c.info.clone()),
+                Some(Err(why)) => r.failed.push((c.info.clone(), why)),
                 None => unreachable!("report built before every target resolved"),
             }
         }
@@ -1244,7 +1275,7 @@ impl Conn {
                 let _ = self.shared.events.send(SenderEvent::SendFailed {
                     first_seq: first,
                     last_seq: last,
-                    receiver: self.info,
+                    receiver: self.info.clone(),
                     reason,
                 });
             }
@@ -1266,7 +1297,7 @@ impl Conn {
         let _ = self.shared.events.send(SenderEvent::SendFailed {
             first_seq: first,
             last_seq: last,
-            receiver: self.info,
+            receiver: self.info.clone(),
             reason: reason.clone(),
         });
     }
@@ -1279,7 +1310,13 @@ fn fail_reason(e: &HandshakeError) -> FailReason {
         HandshakeError::WrongHandle(_) => FailReason::Rejected(RejectReason::WrongHandle),
         HandshakeError::WrongReceiver { .. } => FailReason::WrongReceiver,
         HandshakeError::Timeout => FailReason::TimedOut,
-        HandshakeError::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+        // Nothing listens there: a TCP port refused, a Unix socket refused or gone.
+        HandshakeError::Io(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+            ) =>
+        {
             FailReason::Refused
         }
         HandshakeError::Io(_) | HandshakeError::Closed => FailReason::Disconnected,
@@ -1292,12 +1329,14 @@ fn fail_reason(e: &HandshakeError) -> FailReason {
 fn start_conn(
     shared: &Arc<Shared>,
     record: &Record,
+    endpoint: Endpoint,
+    expect: Option<ReceiverId>,
     on_stale: impl FnOnce() + Send + 'static,
 ) -> Arc<Conn> {
     let conn = Arc::new(Conn {
         info: ReceiverInfo {
             id: record.receiver,
-            addr: record.endpoint,
+            endpoint,
         },
         shared: shared.clone(),
         out: SpinMutex::new(Out {
@@ -1322,12 +1361,11 @@ fn start_conn(
     shared.connects.fetch_add(1, Ordering::Relaxed);
     shared.update(Update::Add(conn.clone()));
     let c = conn.clone();
-    let receiver_id = record.receiver;
     shared.tasks.spawn(async move {
         let reason = tokio::select! {
             biased;
             _ = c.cancel.cancelled() => c.failure.get().cloned().unwrap_or(FailReason::SenderClosed),
-            r = drive(&c, receiver_id) => r,
+            r = drive(&c, expect) => r,
         };
         c.fail(reason.clone());
         // Events still staged for it are reported failed by a hand-over; do it now
@@ -1350,7 +1388,7 @@ fn start_conn(
         }
         tracing::debug!(handle = %shared.handle, receiver = %c.info, %reason, "receiver connection ended");
         let _ = shared.events.send(SenderEvent::ReceiverLeft {
-            receiver: c.info,
+            receiver: c.info.clone(),
             reason: reason.clone(),
         });
         // A receiver that said goodbye has unregistered: stop targeting it now. One
@@ -1373,17 +1411,6 @@ fn data_header(flags: Flags, seq: u64, body_len: usize) -> [u8; LEN_PREFIX + HEA
     h[5] = flags.0;
     h[6..].copy_from_slice(&seq.to_be_bytes());
     h
-}
-
-/// A connection on this host gets a congestion control that does not pace (`cubic`;
-/// best effort, the system's default stays if it cannot be set). With `bbr`, a common
-/// default, the kernel paces the sender's bursts of 128 KiB with a timer even on
-/// loopback, where there is no queue to protect: measured at 1 KiB events, 1 -> 1, 2.3-2.7
-/// M/s paced against 4.1 M/s not. LAN connections keep the system's choice.
-fn unpaced(sock: &TcpStream) {
-    if let Err(e) = socket2::SockRef::from(sock).set_tcp_congestion(b"cubic") {
-        tracing::debug!(error = %e, "cannot set cubic congestion control; keeping the default");
-    }
 }
 
 /// Writes every chunk, with as few calls as the socket allows.
@@ -1436,21 +1463,16 @@ fn seal_all(sealer: &Sealer, mut plain: &[u8], out: &mut BytesMut) {
     }
 }
 
-async fn drive(conn: &Arc<Conn>, receiver_id: ipcbus_proto::ids::ReceiverId) -> FailReason {
+async fn drive(conn: &Arc<Conn>, expect: Option<ReceiverId>) -> FailReason {
     let shared = &conn.shared;
-    let addr = conn.info.addr;
     let connected = tokio::time::timeout(shared.connect_timeout, async {
-        let sock = TcpStream::connect(addr).await?;
-        let _ = sock.set_nodelay(true);
-        if addr.ip().is_loopback() {
-            unpaced(&sock);
-        }
+        let sock = ByteStream::connect(&conn.info.endpoint).await?;
         handshake::connect(
             sock,
             &shared.handle,
             shared.id,
             &shared.sec,
-            Some(receiver_id),
+            expect,
             shared.max_frame,
         )
         .await
@@ -1467,7 +1489,9 @@ async fn drive(conn: &Arc<Conn>, receiver_id: ipcbus_proto::ids::ReceiverId) -> 
     conn.ready.store(true, Ordering::Release);
     shared.handshakes.fetch_add(1, Ordering::Relaxed);
     shared.ready.send_modify(|n| *n += 1);
-    let _ = shared.events.send(SenderEvent::ReceiverJoined(conn.info));
+    let _ = shared
+        .events
+        .send(SenderEvent::ReceiverJoined(conn.info.clone()));
     tracing::debug!(handle = %shared.handle, receiver = %conn.info, "receiver connected");
 
     let (rd, mut wr) = est.io.into_split();
@@ -1667,9 +1691,17 @@ async fn drive(conn: &Arc<Conn>, receiver_id: ipcbus_proto::ids::ReceiverId) -> 
         }
     };
 
+    tokio::pin!(writer, reader);
     tokio::select! {
-        r = writer => r,
-        r = reader => r,
+        r = &mut writer => match r {
+            // A receiver that closed may have said goodbye before the write failed (a
+            // Unix socket fails the write at once): read what it sent first.
+            FailReason::Disconnected => tokio::time::timeout(Duration::from_millis(200), reader)
+                .await
+                .unwrap_or(r),
+            r => r,
+        },
+        r = &mut reader => r,
     }
 }
 
@@ -1685,7 +1717,10 @@ fn protocol(conn: &Conn, e: DecodeError) -> FailReason {
 pub(crate) struct Tracker {
     shared: Arc<Shared>,
     on_stale: Arc<dyn Fn(&Record) + Send + Sync>,
-    known: HashMap<ipcbus_proto::ids::ReceiverId, Known>,
+    known: HashMap<ReceiverId, Known>,
+    /// Whether records carry the receivers' real ids, checked in the handshake (not
+    /// for endpoints given by hand, whose ids are derived from the endpoint).
+    expect_ids: bool,
 }
 
 struct Known {
@@ -1700,13 +1735,27 @@ impl Tracker {
             shared,
             on_stale,
             known: HashMap::new(),
+            expect_ids: true,
         }
     }
 
-    fn connect(&self, record: &Record) -> Arc<Conn> {
+    fn connect(&self, record: &Record) -> Option<Arc<Conn>> {
+        // Over the Unix socket when the receiver has one (records of the local
+        // registry are of this host), else TCP.
+        let endpoint = record
+            .endpoint(Transport::Unix)
+            .or_else(|| record.endpoint(Transport::Tcp))
+            .or(record.endpoints.first())?
+            .clone();
         let on_stale = self.on_stale.clone();
         let rec = record.clone();
-        start_conn(&self.shared, record, move || on_stale(&rec))
+        Some(start_conn(
+            &self.shared,
+            record,
+            endpoint,
+            self.expect_ids.then_some(record.receiver),
+            move || on_stale(&rec),
+        ))
     }
 
     /// Brings the connections in line with `records`, the full current set.
@@ -1727,6 +1776,7 @@ impl Tracker {
                 }
                 Some(_) => continue,
             };
+            let Some(conn) = conn else { continue };
             let k = self.known.entry(rec.receiver).or_insert(Known {
                 conn: conn.clone(),
                 backoff: Duration::from_millis(100),
@@ -1785,10 +1835,7 @@ impl LocalDiscovery {
     fn new(shared: Arc<Shared>, reg: LocalRegistry, rescan_interval: Duration) -> Self {
         let r2 = reg.clone();
         LocalDiscovery {
-            tracker: Tracker::new(
-                shared,
-                Arc::new(move |rec: &Record| r2.remove(&rec.handle, &rec.receiver)),
-            ),
+            tracker: Tracker::new(shared, Arc::new(move |rec: &Record| r2.remove_stale(rec))),
             reg,
             rescan_interval,
         }
@@ -1837,6 +1884,55 @@ impl LocalDiscovery {
     }
 }
 
+/// Receivers given by endpoint ([`SenderBuilder::endpoint`]): a fixed set, kept
+/// connected by the tracker.
+struct KnownEndpoints {
+    tracker: Tracker,
+    records: Vec<Record>,
+}
+
+impl KnownEndpoints {
+    fn new(shared: Arc<Shared>, endpoints: &[Endpoint]) -> Self {
+        let records = endpoints
+            .iter()
+            .map(|e| {
+                let digest = Sha256::digest(e.to_string().as_bytes());
+                let mut id = [0u8; 16];
+                id.copy_from_slice(&digest[..16]);
+                Record::new(
+                    shared.handle.clone(),
+                    vec![e.clone()],
+                    ReceiverId(id),
+                    None,
+                    0,
+                )
+            })
+            .collect();
+        let mut tracker = Tracker::new(shared, Arc::new(|_: &Record| {}));
+        tracker.expect_ids = false;
+        let mut known = KnownEndpoints { tracker, records };
+        known.tracker.apply(known.records.clone());
+        known
+    }
+
+    async fn run(mut self) {
+        loop {
+            let retry = self.tracker.next_retry();
+            tokio::select! {
+                _ = self.tracker.shutdown() => break,
+                _ = self.tracker.connection_ended() => {}
+                _ = async {
+                    match retry {
+                        Some(t) => tokio::time::sleep_until(t).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
+            self.tracker.apply(self.records.clone());
+        }
+    }
+}
+
 /// Pushed discovery over the endpoint manager: a watch on the handle, kept across EPM
 /// restarts by the session task; every change hands the full set to the tracker.
 struct EpmDiscovery {
@@ -1882,22 +1978,6 @@ impl EpmDiscovery {
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
-
-    #[tokio::test]
-    async fn loopback_connections_are_not_paced() {
-        let available =
-            std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
-                .unwrap_or_default();
-        if !available.split_whitespace().any(|c| c == "cubic") {
-            eprintln!("cubic is not available here ({available:?}); nothing to check");
-            return;
-        }
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        unpaced(&s);
-        let cc = socket2::SockRef::from(&s).tcp_congestion().unwrap();
-        assert_eq!(cc.split(|&b| b == 0).next().unwrap(), b"cubic");
-    }
 
     #[test]
     fn sender_events_is_a_named_unpin_send_stream() {

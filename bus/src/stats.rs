@@ -210,6 +210,9 @@ pub enum RejectKind {
     TimedOut,
     /// `disconnected`: the peer closed or reset the connection during the handshake.
     Disconnected,
+    /// `wrong_user`: a Unix-socket peer running as another user (`SO_PEERCRED`),
+    /// refused before the handshake.
+    WrongUser,
 }
 
 impl ReasonKind for RejectKind {
@@ -221,6 +224,7 @@ impl ReasonKind for RejectKind {
         RejectKind::Busy,
         RejectKind::TimedOut,
         RejectKind::Disconnected,
+        RejectKind::WrongUser,
     ];
 
     fn label(self) -> &'static str {
@@ -232,6 +236,7 @@ impl ReasonKind for RejectKind {
             RejectKind::Busy => "busy",
             RejectKind::TimedOut => "timed_out",
             RejectKind::Disconnected => "disconnected",
+            RejectKind::WrongUser => "wrong_user",
         }
     }
 }
@@ -345,7 +350,7 @@ pub(crate) struct ReceiverCounters {
     pub(crate) accepted: AtomicU64,
     pub(crate) handshakes: AtomicU64,
     pub(crate) closed: AtomicU64,
-    rejected: [AtomicU64; 7],
+    rejected: [AtomicU64; 8],
 }
 
 impl ReceiverCounters {
@@ -381,7 +386,7 @@ mod tests {
 
     #[test]
     fn every_kind_has_its_own_label_and_slot() {
-        assert_eq!(RejectKind::ALL.len(), 7, "ReceiverCounters::rejected");
+        assert_eq!(RejectKind::ALL.len(), 8, "ReceiverCounters::rejected");
         for all in [
             FailKind::ALL.iter().map(|k| k.label()).collect::<Vec<_>>(),
             RejectKind::ALL.iter().map(|k| k.label()).collect(),

@@ -60,7 +60,7 @@ async fn garbage_truncated_and_oversized_input_closes_only_that_connection() {
         .bind()
         .await
         .unwrap();
-    let addr = rx.local_addr();
+    let addr = rx.local_addr().unwrap();
 
     // Not our protocol at all.
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -134,7 +134,7 @@ async fn tampered_and_replayed_sealed_frames_close_the_connection() {
         .bind()
         .await
         .unwrap();
-    let addr = rx.local_addr();
+    let addr = rx.local_addr().unwrap();
 
     // A correctly sealed frame, then the same bytes again (replay).
     let (mut s, sealer) = handshake(addr, "s", SenderId::random(), Some(&key)).await;
@@ -184,7 +184,7 @@ async fn a_port_reused_by_another_handle_or_program_is_detected_and_dropped() {
         .unwrap();
     let stale = record_now(
         Handle::new("a").unwrap(),
-        rb.local_addr(),
+        vec![rb.local_addr().unwrap().into()],
         ipcbus::ReceiverId::random(),
     );
     std::mem::forget(reg.register(&stale).unwrap());
@@ -198,7 +198,7 @@ async fn a_port_reused_by_another_handle_or_program_is_detected_and_dropped() {
     });
     let junk = record_now(
         Handle::new("a").unwrap(),
-        other_addr,
+        vec![other_addr.into()],
         ipcbus::ReceiverId::random(),
     );
     std::mem::forget(reg.register(&junk).unwrap());
@@ -214,7 +214,7 @@ async fn a_port_reused_by_another_handle_or_program_is_detected_and_dropped() {
         .unwrap();
     assert_eq!(r.failed.len(), 2, "{r:?}");
     for (who, why) in &r.failed {
-        if who.addr == rb.local_addr() {
+        if who.endpoint.tcp_addr() == rb.local_addr() {
             assert_eq!(
                 *why,
                 FailReason::Rejected(ipcbus::RejectReason::WrongHandle)

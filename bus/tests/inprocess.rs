@@ -251,12 +251,16 @@ async fn a_capture_of_encrypted_traffic_holds_no_plaintext() {
         .bind()
         .await
         .unwrap();
-    let (proxy, capture) = recording_proxy(rx.local_addr()).await;
+    let (proxy, capture) = recording_proxy(rx.local_addr().unwrap()).await;
     let Discovery::Local(reg) = &disc_tx else {
         unreachable!()
     };
     let _reg = reg
-        .register(&ipcbus::registry::record_now(handle("cap"), proxy, rx.id()))
+        .register(&ipcbus::registry::record_now(
+            handle("cap"),
+            vec![proxy.into()],
+            rx.id(),
+        ))
         .unwrap();
     let mut tx = Sender::builder(handle("cap"))
         .discovery(disc_tx.clone())
@@ -304,7 +308,7 @@ async fn allowed_ports_bind_the_first_free_one_and_say_when_all_are_taken() {
         .bind()
         .await
         .unwrap();
-    assert_eq!(rx.local_addr().port(), ports[2]);
+    assert_eq!(rx.local_addr().unwrap().port(), ports[2]);
     let err = Receiver::builder(handle("ports"))
         .discovery(disc)
         .allowed_ports(ports)
@@ -523,10 +527,14 @@ async fn a_waiting_report_asks_every_receiver_at_once() {
             .bind()
             .await
             .unwrap();
-        let (proxy, capture) = recording_proxy(rx.local_addr()).await;
+        let (proxy, capture) = recording_proxy(rx.local_addr().unwrap()).await;
         regs.push(
-            reg.register(&ipcbus::registry::record_now(handle("ask"), proxy, rx.id()))
-                .unwrap(),
+            reg.register(&ipcbus::registry::record_now(
+                handle("ask"),
+                vec![proxy.into()],
+                rx.id(),
+            ))
+            .unwrap(),
         );
         captures.push(capture);
         rxs.push(rx);

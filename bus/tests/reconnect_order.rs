@@ -46,8 +46,8 @@ async fn late_events_of_an_old_connection_are_not_delivered_after_newer_ones() {
         .await
         .unwrap();
     let id = SenderId::random();
-    let mut old = connect_as(rx.local_addr(), id).await;
-    let mut new = connect_as(rx.local_addr(), id).await;
+    let mut old = connect_as(rx.local_addr().unwrap(), id).await;
+    let mut new = connect_as(rx.local_addr().unwrap(), id).await;
 
     // The new connection's event 10 is taken first.
     data(&mut new, &[10]).await;
@@ -65,7 +65,7 @@ async fn late_events_of_an_old_connection_are_not_delivered_after_newer_ones() {
     );
 
     // Another sender is not affected by the first one's numbers.
-    let mut other = connect_as(rx.local_addr(), SenderId::random()).await;
+    let mut other = connect_as(rx.local_addr().unwrap(), SenderId::random()).await;
     data(&mut other, &[1]).await;
     let m = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
     assert_eq!(m.seq(), 1);

@@ -1214,7 +1214,7 @@ async fn bus_child(common: &Common, args: &ReceiverArgs) -> anyhow::Result<Recei
         }
         _ => None,
     };
-    out::line(format!("ready {}", rx.local_addr()))?;
+    out::line(format!("ready {}", rx.endpoints_text()))?;
     let (count, idle) = (args.count, args.idle);
     // A task of its own (see `bus_latency`), like the plain child's loop.
     let taking = tokio::spawn(async move {

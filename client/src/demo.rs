@@ -105,7 +105,7 @@ async fn demo(dir: &std::path::Path) -> anyhow::Result<()> {
             .with_context(|| format!("receiver {name} cannot bind"))?;
         out::line(format!(
             "receiver {name} listening on {} (registered in the registry)",
-            rx.local_addr()
+            rx.endpoints_text()
         ))?;
         names.push((rx.id(), name));
         tasks.push(tokio::spawn(take_events(rx)));

@@ -50,9 +50,10 @@ pub async fn run(common: &Common, args: Args) -> anyhow::Result<ExitCode> {
             current = Some(&r.handle);
         }
         let pid = r.pid.map_or_else(|| "-".to_string(), |p| p.to_string());
+        let endpoints: Vec<String> = r.endpoints.iter().map(ToString::to_string).collect();
         out::line(format!(
-            "  {:<22} receiver {}  pid {:<7} since {}",
-            r.endpoint.to_string(),
+            "  {:<28} receiver {}  pid {:<7} since {}",
+            endpoints.join(" "),
             r.receiver,
             pid,
             rfc3339_ms(r.since_ms)
@@ -94,7 +95,13 @@ async fn records(common: &Common, handle: Option<&Handle>) -> anyhow::Result<Vec
 #[derive(Debug, Serialize)]
 pub struct RecordJson {
     handle: String,
+    /// The TCP address as bare `ip:port` (the field's form before endpoints), else
+    /// the first endpoint in its text form.
     addr: String,
+    /// Every endpoint in its text form (`tcp://...`, `unix:///...`).
+    endpoints: Vec<String>,
+    /// The transport of each endpoint, in the same order (`tcp`, `unix`).
+    transports: Vec<&'static str>,
     receiver_id: String,
     pid: Option<u32>,
     since: String,
@@ -104,7 +111,16 @@ pub struct RecordJson {
 pub fn record_json(r: &Record) -> RecordJson {
     RecordJson {
         handle: r.handle.to_string(),
-        addr: r.endpoint.to_string(),
+        addr: match r.tcp_addr() {
+            Some(a) => a.to_string(),
+            None => r
+                .endpoints
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        },
+        endpoints: r.endpoints.iter().map(ToString::to_string).collect(),
+        transports: r.endpoints.iter().map(|e| e.transport().as_str()).collect(),
         receiver_id: r.receiver.to_string(),
         pid: r.pid,
         since: rfc3339_ms(r.since_ms),

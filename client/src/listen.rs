@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use base64::Engine;
-use ipcbus::{Handle, Message, Receiver};
+use ipcbus::{Endpoint, Handle, Message, Receiver};
 use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -14,7 +14,10 @@ use crate::out;
 
 /// Bind a receiver for HANDLE and print each event it gets, one per line
 ///
-/// Once registered it prints `ready HANDLE ADDR` on stderr. Each event is printed as
+/// Once registered it prints `ready HANDLE ADDR [ENDPOINT...]` on stderr: ADDR is the
+/// TCP ip:port (when it listens on TCP), then any other endpoint in its text form
+/// (`unix:///...`). With the local registry it listens on TCP and on a Unix socket in
+/// the registry directory; senders on this host use the Unix socket. Each event is printed as
 /// UTF-8 text (lossy), or with --json as {"handle","sender","seq","size","payload"},
 /// where payload is the text or {"base64": ...} for binary. Exits 0 after --count
 /// events, or on SIGINT/SIGTERM after unregistering.
@@ -35,6 +38,12 @@ pub struct Args {
 
     /// Handle (topic) to receive
     pub handle: Handle,
+
+    /// Listen exactly at ENDPOINT (repeatable): tcp://IP:PORT, IP:PORT or
+    /// unix:///PATH, instead of an ephemeral port and the registry's socket; senders
+    /// can reach it with `send --to ENDPOINT` without any registry
+    #[arg(long, value_name = "ENDPOINT", conflicts_with_all = ["ip", "ports"])]
+    pub at: Vec<Endpoint>,
 
     /// Exit after N events
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
@@ -67,13 +76,16 @@ pub async fn run(common: &Common, args: Args) -> anyhow::Result<ExitCode> {
     if let Some(ports) = &common.ports {
         b = b.allowed_ports(ports.0.iter().copied());
     }
+    for e in &args.at {
+        b = b.bind_at(e.clone());
+    }
     let mut rx = b
         .bind()
         .await
         .with_context(|| format!("cannot listen on handle {}", args.handle))?;
     let mut sigint = signal(SignalKind::interrupt()).config("cannot install a SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).config("cannot install a SIGTERM handler")?;
-    out::note(format!("ready {} {}", args.handle, rx.local_addr()));
+    out::note(format!("ready {} {}", args.handle, ready_addrs(&rx)));
 
     let deadline = args.timeout.map(|t| tokio::time::Instant::now() + t);
     let sleep = async {
@@ -156,4 +168,17 @@ fn print(json: bool, handle: &Handle, m: &Message) -> anyhow::Result<()> {
         out::line(String::from_utf8_lossy(p))?;
     }
     Ok(())
+}
+
+/// The endpoints of the `ready` line: the TCP address as bare `ip:port` first (the
+/// line's form since the first version), then any other endpoint in its text form.
+fn ready_addrs(rx: &Receiver) -> String {
+    let mut parts: Vec<String> = rx.local_addr().map(|a| a.to_string()).into_iter().collect();
+    parts.extend(
+        rx.endpoints()
+            .iter()
+            .filter(|e| e.tcp_addr().is_none())
+            .map(ToString::to_string),
+    );
+    parts.join(" ")
 }

@@ -149,7 +149,7 @@ async fn main() -> anyhow::Result<()> {
                 let port = 10_000 + (n % 50_000) as u16;
                 let rec = record_now(
                     handle(n % HANDLES),
-                    SocketAddr::from(([127, 0, 0, 1], port)),
+                    vec![SocketAddr::from(([127, 0, 0, 1], port)).into()],
                     ReceiverId::random(),
                 );
                 client.register(&rec, Duration::ZERO).await?;
@@ -228,7 +228,7 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..200u16 {
         let rec = record_now(
             h.clone(),
-            SocketAddr::from(([127, 0, 0, 1], 20_000 + i)),
+            vec![SocketAddr::from(([127, 0, 0, 1], 20_000 + i)).into()],
             ReceiverId::random(),
         );
         let t = Instant::now();

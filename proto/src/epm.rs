@@ -22,6 +22,7 @@ use super::compress::{gzip, DEFAULT_THRESHOLD};
 use super::crypto::Sealer;
 use super::frame::{DecodeError, Flags, Kind, RawFrame};
 use super::session::{Inbound, Opened, Outbound};
+use crate::endpoint::Endpoint;
 use crate::handle::Handle;
 use crate::ids::ReceiverId;
 use crate::record::Record;
@@ -115,22 +116,25 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// The entry part of a registry record.
-    pub fn from_record(r: &Record) -> Entry {
-        Entry {
-            endpoint: r.endpoint,
+    /// The entry part of a registry record: its TCP endpoint (`None` when it has
+    /// none). EPM entries carry one TCP endpoint: the EPM serves discovery across
+    /// hosts, where a Unix socket cannot be reached, and the v1 entry stays as it was
+    /// so existing peers keep working.
+    pub fn from_record(r: &Record) -> Option<Entry> {
+        Some(Entry {
+            endpoint: r.tcp_addr()?,
             receiver: r.receiver,
             pid: r.pid,
             version: r.version,
             since_ms: r.since_ms,
-        }
+        })
     }
 
     /// The registry record of this entry under `handle`.
     pub fn to_record(&self, handle: &Handle) -> Record {
         Record {
             handle: handle.clone(),
-            endpoint: self.endpoint,
+            endpoints: vec![Endpoint::Tcp(self.endpoint)],
             receiver: self.receiver,
             pid: self.pid,
             version: self.version,

@@ -20,6 +20,7 @@
 //!   numbers and seals what is sent, [`Inbound`](session::Inbound) checks kind, order
 //!   and seal of what arrives, opens it and inflates it within the maximum.
 //! - [`epm`]: the endpoint manager's messages and their framing.
+//! - [`endpoint`]: typed endpoints (`tcp://`, `unix://`) and their one text form.
 //! - [`record`]: one receiver's registration, and its JSON form.
 //! - [`handle`], [`ids`], [`salt`]: validated handles, sender and receiver ids, the
 //!   salt notations.
@@ -30,6 +31,7 @@
 pub mod codec;
 pub mod compress;
 pub mod crypto;
+pub mod endpoint;
 pub mod epm;
 pub mod frame;
 pub mod handle;
@@ -40,6 +42,7 @@ pub mod salt;
 pub mod session;
 
 pub use crypto::{Key, KeyError};
+pub use endpoint::{Endpoint, EndpointError, Transport};
 pub use frame::{DecodeError, RejectReason};
 pub use handle::{Handle, HandleError};
 pub use ids::{ReceiverId, SenderId};

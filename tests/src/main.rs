@@ -55,7 +55,8 @@ async fn recv(a: &Args) -> anyhow::Result<()> {
         .security(security(a)?)
         .bind()
         .await?;
-    say(&format!("ready {} {}", rx.local_addr(), rx.id()));
+    let addr = rx.local_addr().context("the receiver has no tcp address")?;
+    say(&format!("ready {addr} {}", rx.id()));
     let mut per: BTreeMap<String, PerSender> = BTreeMap::new();
     let mut total = 0u64;
     let deadline = tokio::time::Instant::now() + timeout;

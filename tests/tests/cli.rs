@@ -6,14 +6,20 @@ mod cli_support;
 use std::io::Write;
 
 use cli_support::{
-    epm_service, ipcbus_cmd, is_rfc3339_utc, json_lines, listen, run, send, Epm, Proc, Tmp, T,
+    epm_service, ipcbus_cmd, is_rfc3339_utc, json_lines, listen, listen_at, run, send, Epm, Proc,
+    Tmp, T,
 };
 use serde_json::Value;
 
 #[test]
 fn listen_and_send_round_trip_with_json() {
     let rt = Tmp::new("round");
-    let (mut l, addr) = listen(&rt, &["orders", "--count", "4", "--json"], &[]);
+    let (mut l, endpoints) = listen_at(&rt, &["orders", "--count", "4", "--json"], &[]);
+    // TCP first, then the Unix socket, which a sender on this host uses.
+    assert_eq!(endpoints.len(), 2, "{endpoints:?}");
+    assert_eq!(endpoints[0].transport(), ipcbus::Transport::Tcp);
+    assert_eq!(endpoints[1].transport(), ipcbus::Transport::Unix);
+    let addr = endpoints[1].to_string();
 
     let r = send(&rt, &["orders", "one", "twö"], &[], b"");
     assert_eq!(r.code(), 0, "{r:?}");
@@ -87,7 +93,8 @@ fn wrong_password_fails_with_authentication_failed_and_exit_1() {
         ("IPCBUS_PASSWORD", "right"),
         ("IPCBUS_SALT", "{0x01,0x02,0x03}"),
     ];
-    let (_l, addr) = listen(&rt, &["secure"], &good);
+    let (_l, endpoints) = listen_at(&rt, &["secure"], &good);
+    let addr = endpoints[1].to_string();
 
     let bad = [("IPCBUS_PASSWORD", "wrong"), ("IPCBUS_SALT", "010203")];
     let r = send(&rt, &["secure", "--json", "intrusion"], &bad, b"");

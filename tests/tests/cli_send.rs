@@ -21,8 +21,15 @@ const MAX_EVENT: usize = (16 << 20) - 26;
 const RSS_LIMIT_KIB: u64 = 64 * 1024;
 
 /// `ipcbus listen ARGS` once ready, and its ADDR.
+/// Starts a listener; returns it and how a sender on this host names it: its Unix
+/// socket endpoint, which such a sender uses.
 fn listen(runtime: &Tmp, args: &[&str]) -> (Proc, String) {
-    cli_support::listen(runtime, args, &[])
+    let (p, endpoints) = cli_support::listen_at(runtime, args, &[]);
+    let unix = endpoints
+        .iter()
+        .find(|e| e.transport() == ipcbus::Transport::Unix)
+        .unwrap_or_else(|| panic!("no unix socket among {endpoints:?}"));
+    (p, unix.to_string())
 }
 
 fn send(runtime: &Tmp, args: &[&str], stdin: &[u8]) -> Ran {
@@ -240,7 +247,8 @@ fn nobody_acknowledging_is_a_failure_summary_with_one_failure_line() {
         .env("IPCBUS_SALT", "01");
     let l = Proc::spawn(c);
     let ready = l.stderr_line("ready ");
-    let addr = ready.split_whitespace().nth(2).expect("ADDR").to_string();
+    // The sender on this host uses the Unix socket, the last endpoint of the line.
+    let addr = ready.split_whitespace().last().expect("ADDR").to_string();
 
     let mut c = ipcbus_cmd(rt.path());
     c.args(["send", "secure", "--count", "50", "x"])

@@ -155,7 +155,7 @@ fn h(s: &str) -> Handle {
 fn record(handle: &str, port: u16) -> Record {
     record_now(
         h(handle),
-        SocketAddr::from(([127, 0, 0, 1], port)),
+        vec![SocketAddr::from(([127, 0, 0, 1], port)).into()],
         ReceiverId::random(),
     )
 }
@@ -297,10 +297,14 @@ async fn receiver_and_sender_deliver_through_the_epm() {
         .await
         .unwrap();
     // The EPM is on loopback, so the receiver registers loopback.
-    assert!(rx.local_addr().ip().is_loopback(), "{}", rx.local_addr());
+    assert!(
+        rx.local_addr().unwrap().ip().is_loopback(),
+        "{}",
+        rx.local_addr().unwrap()
+    );
     let regs = epm.lookup(&h("deliver")).await.unwrap();
     assert_eq!(regs.len(), 1);
-    assert_eq!(regs[0].endpoint, rx.local_addr());
+    assert_eq!(regs[0].tcp_addr(), rx.local_addr());
     assert_eq!(regs[0].receiver, rx.id());
 
     let mut tx = ipcbus::Sender::builder(h("deliver"))
@@ -347,7 +351,10 @@ async fn sigkill_of_a_receiver_process_removes_it() {
     let WatchEvent::Added(rec) = next_event(&mut watcher).await else {
         panic!("expected Added")
     };
-    assert!(ready.starts_with(&rec.endpoint.to_string()), "{ready}");
+    assert!(
+        ready.starts_with(&rec.tcp_addr().unwrap().to_string()),
+        "{ready}"
+    );
     let t = Instant::now();
     peer.kill();
     assert_eq!(
@@ -586,7 +593,7 @@ async fn garbage_and_oversized_frames_leave_the_service_serving() {
     let mut c = epm.client().await.unwrap();
     let bad = record_now(
         h("survivor"),
-        "0.0.0.0:1".parse().unwrap(),
+        vec!["0.0.0.0:1".parse().unwrap()],
         ReceiverId::random(),
     );
     assert!(matches!(

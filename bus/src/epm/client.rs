@@ -138,7 +138,7 @@ impl EpmClient {
         match self
             .request(Op::Register {
                 handle: record.handle.clone(),
-                entry: Entry::from_record(record),
+                entry: Entry::from_record(record).ok_or(EpmError::NoTcpEndpoint)?,
                 lease_ms,
             })
             .await?

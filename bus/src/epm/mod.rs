@@ -98,6 +98,10 @@ pub enum EpmError {
     /// The address (`IPCBUS_EPM`) is not `HOST[:PORT]`.
     #[error(transparent)]
     Address(#[from] EpmAddrError),
+    /// A receiver with no TCP endpoint asked to register: the EPM serves discovery
+    /// across hosts and carries TCP endpoints only.
+    #[error("the epm registers tcp endpoints only, and this receiver has none: bind tcp too, or use the local registry for unix sockets")]
+    NoTcpEndpoint,
 }
 
 impl From<link::RecvError> for EpmError {

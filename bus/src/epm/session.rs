@@ -71,7 +71,7 @@ impl Drop for EpmRegistration {
 /// `bind`), then keeps it registered in the background.
 pub(crate) async fn register(epm: Epm, record: Record) -> Result<EpmRegistration, EpmError> {
     let (client, lease) = register_once(&epm, &record).await?;
-    tracing::debug!(epm = epm.addr(), handle = %record.handle, endpoint = %record.endpoint, "registered at the epm");
+    tracing::debug!(epm = epm.addr(), handle = %record.handle, endpoints = ?record.endpoints, "registered at the epm");
     let cancel = CancellationToken::new();
     tokio::spawn(keep_registered(epm, record, client, lease, cancel.clone()));
     Ok(EpmRegistration { cancel })
@@ -114,7 +114,7 @@ async fn keep_registered(
                     client = c;
                     lease = l;
                     backoff.reset();
-                    tracing::info!(epm = epm.addr(), handle = %record.handle, endpoint = %record.endpoint, "registered at the epm again");
+                    tracing::info!(epm = epm.addr(), handle = %record.handle, endpoints = ?record.endpoints, "registered at the epm again");
                     break;
                 }
                 Err(e) => {
@@ -309,7 +309,7 @@ mod tests {
     fn rec(n: u8) -> Record {
         record_now(
             Handle::new("h").unwrap(),
-            std::net::SocketAddr::from(([127, 0, 0, 1], 1000 + u16::from(n))),
+            vec![std::net::SocketAddr::from(([127, 0, 0, 1], 1000 + u16::from(n))).into()],
             ReceiverId([n; 16]),
         )
     }

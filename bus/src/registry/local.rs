@@ -4,6 +4,7 @@
 //! $DIR/              mode 0700, owned by the user
 //! $DIR/secret        32 random bytes, mode 0600: authenticates local connections
 //! $DIR/receivers/    one file per receiver: <handle-hash>-<receiver-id>.rec (JSON)
+//! $DIR/sockets/      mode 0700: one Unix socket per receiver, <receiver-id>.sock
 //! ```
 //!
 //! `$DIR` is `$IPCBUS_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/ipcbus`, else
@@ -107,6 +108,7 @@ impl LocalRegistry {
         let dir = dir.into();
         ensure_private_dir(&dir)?;
         ensure_private_dir(&dir.join("receivers"))?;
+        ensure_private_dir(&dir.join("sockets"))?;
         Ok(LocalRegistry { dir })
     }
 
@@ -118,6 +120,33 @@ impl LocalRegistry {
     /// The directory holding one file per receiver (what discovery watches).
     pub fn receivers_dir(&self) -> PathBuf {
         self.dir.join("receivers")
+    }
+
+    /// The directory holding the receivers' Unix sockets.
+    pub fn sockets_dir(&self) -> PathBuf {
+        self.dir.join("sockets")
+    }
+
+    /// Where a receiver's Unix socket goes.
+    pub fn socket_path(&self, receiver: &ReceiverId) -> PathBuf {
+        self.sockets_dir().join(format!("{receiver}.sock"))
+    }
+
+    /// Removes the Unix socket files a stale record names, when they are in this
+    /// registry's socket directory (a record cannot make us remove anything else).
+    fn remove_sockets_of(&self, rec: &Record) {
+        let dir = self.sockets_dir();
+        for path in rec.endpoints.iter().filter_map(|e| e.unix_path()) {
+            if path.parent() == Some(dir.as_path()) {
+                match fs::remove_file(path) {
+                    Ok(()) => tracing::debug!(path = %path.display(), "removed stale unix socket"),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "could not remove stale unix socket")
+                    }
+                }
+            }
+        }
     }
 
     /// The per-user key that authenticates local connections, created on first use.
@@ -196,6 +225,13 @@ impl LocalRegistry {
         Ok(Registration { path: Some(path) })
     }
 
+    /// Removes a stale receiver's record if present, and the Unix socket it names in
+    /// this registry.
+    pub fn remove_stale(&self, rec: &Record) {
+        self.remove(&rec.handle, &rec.receiver);
+        self.remove_sockets_of(rec);
+    }
+
     /// Removes a receiver's record if present (used to clean up stale entries).
     pub fn remove(&self, handle: &Handle, receiver: &ReceiverId) {
         let path = self.record_path(handle, receiver);
@@ -237,8 +273,9 @@ impl LocalRegistry {
                 continue;
             }
             if rec.pid.is_some_and(|pid| !super::pid_alive(pid)) {
-                tracing::info!(handle = %rec.handle, endpoint = %rec.endpoint, pid = rec.pid, "removing stale registration: process is gone");
+                tracing::info!(handle = %rec.handle, receiver = %rec.receiver, pid = rec.pid, "removing stale registration: process is gone");
                 let _ = fs::remove_file(&path);
+                self.remove_sockets_of(&rec);
                 continue;
             }
             out.push(rec);
@@ -341,6 +378,7 @@ impl Drop for Registration {
 mod tests {
     use super::*;
     use crate::registry::record_now;
+    use ipcbus_proto::endpoint::Endpoint;
     use std::net::SocketAddr;
 
     fn tmpdir(name: &str) -> PathBuf {
@@ -364,10 +402,14 @@ mod tests {
         let h = Handle::new("orders").unwrap();
         let other = Handle::new("other").unwrap();
         let addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        let rec = record_now(h.clone(), addr, ReceiverId::random());
+        let rec = record_now(h.clone(), vec![addr.into()], ReceiverId::random());
         let mut g = reg.register(&rec).unwrap();
         let _g2 = reg
-            .register(&record_now(other.clone(), addr, ReceiverId::random()))
+            .register(&record_now(
+                other.clone(),
+                vec![addr.into()],
+                ReceiverId::random(),
+            ))
             .unwrap();
         assert_eq!(reg.scan(Some(&h)).unwrap(), vec![rec.clone()]);
         assert_eq!(reg.scan(None).unwrap().len(), 2);
@@ -381,10 +423,20 @@ mod tests {
         let dir = tmpdir("stale");
         let reg = LocalRegistry::open(&dir).unwrap();
         let h = Handle::new("x").unwrap();
+        let id = ReceiverId::random();
+        let sock = reg.socket_path(&id);
+        // A socket file outside the registry that a record names is never removed.
+        let outside = dir.join("outside.sock");
+        fs::write(&sock, b"").unwrap();
+        fs::write(&outside, b"").unwrap();
         let mut rec = record_now(
             h.clone(),
-            "127.0.0.1:1".parse().unwrap(),
-            ReceiverId::random(),
+            vec![
+                "127.0.0.1:1".parse().unwrap(),
+                Endpoint::unix(&sock),
+                Endpoint::unix(&outside),
+            ],
+            id,
         );
         rec.pid = Some(0x3fff_fff0); // above pid_max: no such process
         let g = reg.register(&rec).unwrap();
@@ -398,6 +450,11 @@ mod tests {
         // the stale one was removed by the scan
         let left: Vec<_> = fs::read_dir(reg.receivers_dir()).unwrap().collect();
         assert_eq!(left.len(), 1);
+        assert!(!sock.exists(), "the stale record's socket stays");
+        assert!(
+            outside.exists(),
+            "a socket outside the registry was removed"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -6,19 +6,19 @@ mod local;
 
 pub use local::{LocalRegistry, Registration, RegistryError};
 
-use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use ipcbus_proto::endpoint::Endpoint;
 use ipcbus_proto::handle::Handle;
 use ipcbus_proto::ids::ReceiverId;
 pub use ipcbus_proto::record::Record;
 
 /// A [`Record`] for a receiver registering now, from this process: the I/O-free
 /// [`Record::new`] with this process's id and the current time filled in.
-pub fn record_now(handle: Handle, endpoint: SocketAddr, receiver: ReceiverId) -> Record {
+pub fn record_now(handle: Handle, endpoints: Vec<Endpoint>, receiver: ReceiverId) -> Record {
     Record::new(
         handle,
-        endpoint,
+        endpoints,
         receiver,
         Some(std::process::id()),
         now_ms(),

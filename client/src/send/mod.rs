@@ -15,7 +15,9 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::Bytes;
 use futures::{FutureExt, Stream, StreamExt};
-use ipcbus::{FailReason, Handle, PendingReport, ReceiverInfo, SendReport, Sender, SenderEvent};
+use ipcbus::{
+    Endpoint, FailReason, Handle, PendingReport, ReceiverInfo, SendReport, Sender, SenderEvent,
+};
 use ipcbus_proto::crypto::TAG_LEN;
 use ipcbus_proto::frame::{DEFAULT_MAX_FRAME, HEADER_LEN};
 use serde::Serialize;
@@ -100,6 +102,11 @@ pub struct Args {
 
     /// Handle (topic) to send to
     pub handle: Handle,
+
+    /// Send to the receiver at ENDPOINT (repeatable): tcp://IP:PORT, IP:PORT or
+    /// unix:///PATH, with no discovery (no registry read, no EPM asked)
+    #[arg(long, value_name = "ENDPOINT")]
+    pub to: Vec<Endpoint>,
 
     /// Messages to send, one event each [default: the lines of stdin]
     pub messages: Vec<OsString>,
@@ -200,9 +207,13 @@ pub async fn run(common: &Common, args: Args) -> anyhow::Result<ExitCode> {
 
     let discovery = common.discovery()?;
     let security = common.security()?;
-    let mut tx = Sender::builder(args.handle.clone())
+    let mut builder = Sender::builder(args.handle.clone())
         .discovery(discovery)
-        .security(security)
+        .security(security);
+    for e in &args.to {
+        builder = builder.endpoint(e.clone());
+    }
+    let mut tx = builder
         .build()
         .await
         .with_context(|| format!("cannot send to handle {}", args.handle))?;
@@ -373,18 +384,18 @@ impl Show {
         let first_failures = self.tally.add(r);
         for who in &r.acked {
             if !self.joined.contains(who) && !self.gone.contains(who) {
-                self.joined.insert(*who);
+                self.joined.insert(who.clone());
             }
         }
         if self.json {
             let line = ReportJson {
                 seq: r.seq,
-                delivered: r.acked.iter().map(|a| a.addr.to_string()).collect(),
+                delivered: r.acked.iter().map(|a| a.endpoint.to_string()).collect(),
                 failed: r
                     .failed
                     .iter()
                     .map(|(who, why)| FailedJson {
-                        addr: who.addr.to_string(),
+                        addr: who.endpoint.to_string(),
                         reason: why.to_string(),
                     })
                     .collect(),
@@ -416,8 +427,8 @@ impl Show {
     fn event(&mut self, ev: SenderEvent) -> anyhow::Result<()> {
         match ev {
             SenderEvent::ReceiverJoined(who) => {
-                self.joined.insert(who);
                 self.gone.remove(&who);
+                self.joined.insert(who.clone());
                 if !self.initial.remove(&who) {
                     self.presence("joined", &who, None)?;
                 }
@@ -425,9 +436,14 @@ impl Show {
             SenderEvent::ReceiverLeft { receiver, reason } => {
                 // Closing ourselves is no news; a receiver that never connected is
                 // reported by its failed events.
-                self.initial.remove(&receiver);
-                self.gone.insert(receiver);
-                if reason != FailReason::SenderClosed && self.joined.remove(&receiver) {
+                let was_initial = self.initial.remove(&receiver);
+                self.gone.insert(receiver.clone());
+                // A receiver known at start whose connection was up before we
+                // subscribed has no "joined" event; if it said goodbye it was
+                // connected, even when its acknowledgement is not reported yet.
+                let said_bye = was_initial && reason == FailReason::ReceiverLeft;
+                if reason != FailReason::SenderClosed && (self.joined.remove(&receiver) || said_bye)
+                {
                     self.presence("left", &receiver, Some(&reason))?;
                 }
             }

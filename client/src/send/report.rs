@@ -43,24 +43,24 @@ impl Tally {
             self.untargeted += 1;
         }
         for who in &r.acked {
-            self.entry(*who, r.seq).acked += 1;
+            self.entry(who, r.seq).acked += 1;
         }
         let mut first = Vec::new();
         for (who, why) in &r.failed {
-            let p = self.entry(*who, r.seq);
+            let p = self.entry(who, r.seq);
             p.failed += 1;
             if p.first_failure.is_none() {
                 p.first_failure = Some((r.seq, why.clone()));
-                first.push(*who);
+                first.push(who.clone());
             }
         }
         first
     }
 
-    fn entry(&mut self, who: ReceiverInfo, seq: u64) -> &mut PerReceiver {
+    fn entry(&mut self, who: &ReceiverInfo, seq: u64) -> &mut PerReceiver {
         let order = &mut self.order;
-        self.per.entry(who).or_insert_with(|| {
-            order.push(who);
+        self.per.entry(who.clone()).or_insert_with(|| {
+            order.push(who.clone());
             PerReceiver {
                 first_seq: seq,
                 ..PerReceiver::default()
@@ -71,10 +71,17 @@ impl Tally {
     /// How to name `who`: its address, with its id when another receiver had the same
     /// address (one restarted on the same port).
     pub(super) fn name(&self, who: &ReceiverInfo) -> String {
-        if self.order.iter().filter(|o| o.addr == who.addr).count() > 1 {
-            who.to_string()
+        let short = short_name(&who.endpoint);
+        if self
+            .order
+            .iter()
+            .filter(|o| o.endpoint == who.endpoint)
+            .count()
+            > 1
+        {
+            format!("{short} ({})", who.id)
         } else {
-            who.addr.to_string()
+            short
         }
     }
 
@@ -171,9 +178,19 @@ pub(super) fn event_line(r: &SendReport) -> String {
         s.push_str(" acknowledged");
     }
     for (who, why) in &r.failed {
-        s.push_str(&format!("; {} failed ({why})", who.addr));
+        s.push_str(&format!("; {} failed ({why})", short_name(&who.endpoint)));
     }
     s
+}
+
+/// How the human-readable lines name a receiver: a TCP one by its bare `ip:port` (the
+/// form these lines always had), any other by its endpoint's text form
+/// (`unix:///...`), which names the transport. JSON lines use the text form always.
+pub(super) fn short_name(e: &Endpoint) -> String {
+    match e.tcp_addr() {
+        Some(a) => a.to_string(),
+        None => e.to_string(),
+    }
 }
 
 /// One report as `send --json` prints it.
@@ -230,19 +247,22 @@ mod tests {
     fn who(port: u16) -> ReceiverInfo {
         ReceiverInfo {
             id: ipcbus::ReceiverId::random(),
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            endpoint: SocketAddr::from(([127, 0, 0, 1], port)).into(),
         }
     }
 
     fn report(
         seq: u64,
-        acked: &[ReceiverInfo],
-        failed: &[(ReceiverInfo, FailReason)],
+        acked: &[&ReceiverInfo],
+        failed: &[(&ReceiverInfo, FailReason)],
     ) -> SendReport {
         SendReport {
             seq,
-            acked: acked.to_vec(),
-            failed: failed.to_vec(),
+            acked: acked.iter().map(|&a| a.clone()).collect(),
+            failed: failed
+                .iter()
+                .map(|(w, r)| ((*w).clone(), r.clone()))
+                .collect(),
         }
     }
 
@@ -255,13 +275,13 @@ mod tests {
         assert_eq!(t.summary(), "1 event: no receivers");
 
         let mut t = Tally::default();
-        t.add(&report(1, &[a], &[]));
+        t.add(&report(1, &[&a], &[]));
         assert_eq!(t.summary(), "1 event: 1 receiver acknowledged");
 
         // The only receiver left: the events after it went nowhere, and say so.
         let mut t = Tally::default();
-        t.add(&report(1, &[a], &[]));
-        t.add(&report(2, &[a], &[]));
+        t.add(&report(1, &[&a], &[]));
+        t.add(&report(2, &[&a], &[]));
         for seq in 3..=5 {
             t.add(&report(seq, &[], &[]));
         }
@@ -271,7 +291,7 @@ mod tests {
         );
 
         let mut t = Tally::default();
-        t.add(&report(1, &[], &[(a, FailReason::Refused)]));
+        t.add(&report(1, &[], &[(&a, FailReason::Refused)]));
         assert_eq!(
             t.summary(),
             "1 event: no receiver acknowledged; 127.0.0.1:4000 failed (connection refused)"
@@ -281,11 +301,11 @@ mod tests {
         for seq in 1..=3000 {
             // The receiver at 4000 closes after event 1002 and is dropped after 2000.
             if seq < 1003 {
-                t.add(&report(seq, &[a, b, c], &[]));
+                t.add(&report(seq, &[&a, &b, &c], &[]));
             } else if seq <= 2000 {
-                t.add(&report(seq, &[b, c], &[(a, FailReason::ReceiverLeft)]));
+                t.add(&report(seq, &[&b, &c], &[(&a, FailReason::ReceiverLeft)]));
             } else {
-                t.add(&report(seq, &[b, c], &[]));
+                t.add(&report(seq, &[&b, &c], &[]));
             }
         }
         assert_eq!(
@@ -294,9 +314,9 @@ mod tests {
         );
 
         let mut t = Tally::default();
-        t.add(&report(1, &[a], &[]));
-        t.add(&report(2, &[a], &[(b, FailReason::Disconnected)]));
-        t.add(&report(3, &[a, c], &[]));
+        t.add(&report(1, &[&a], &[]));
+        t.add(&report(2, &[&a], &[(&b, FailReason::Disconnected)]));
+        t.add(&report(3, &[&a, &c], &[]));
         assert_eq!(
             t.summary(),
             "3 events: 1 receiver acknowledged all; 127.0.0.1:4002 acknowledged 1 from event 3; \
@@ -304,16 +324,16 @@ mod tests {
         );
 
         let mut t = Tally::default();
-        t.add(&report(1, &[], &[(a, FailReason::TimedOut)]));
-        t.add(&report(2, &[], &[(a, FailReason::TimedOut)]));
+        t.add(&report(1, &[], &[(&a, FailReason::TimedOut)]));
+        t.add(&report(2, &[], &[(&a, FailReason::TimedOut)]));
         assert_eq!(
             t.summary(),
             "2 events: no receiver acknowledged; 127.0.0.1:4000 failed 2 from event 1 (timed out)"
         );
 
         let mut t = Tally::default();
-        t.add(&report(1, &[a], &[]));
-        t.add(&report(2, &[], &[(a, FailReason::Disconnected)]));
+        t.add(&report(1, &[&a], &[]));
+        t.add(&report(2, &[], &[(&a, FailReason::Disconnected)]));
         assert_eq!(
             t.summary(),
             "2 events: no receiver acknowledged all; 127.0.0.1:4000 failed event 2 (disconnected)"
@@ -325,11 +345,11 @@ mod tests {
         let (a, b) = (who(4000), who(4001));
         assert_eq!(event_line(&report(1, &[], &[])), "event 1: no receivers");
         assert_eq!(
-            event_line(&report(2, &[a], &[])),
+            event_line(&report(2, &[&a], &[])),
             "event 2: 1 receiver acknowledged"
         );
         assert_eq!(
-            event_line(&report(3, &[], &[(b, FailReason::TimedOut)])),
+            event_line(&report(3, &[], &[(&b, FailReason::TimedOut)])),
             "event 3: no receiver acknowledged; 127.0.0.1:4001 failed (timed out)"
         );
     }

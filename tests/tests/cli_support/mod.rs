@@ -132,21 +132,38 @@ pub fn example(name: &str) -> PathBuf {
     p
 }
 
-/// Starts `ipcbus listen` with `args` and waits for its `ready HANDLE ADDR` line;
-/// returns the process and ADDR.
+/// Starts `ipcbus listen` with `args` and waits for its `ready HANDLE ADDR
+/// [ENDPOINT...]` line; returns the process and ADDR (the TCP `ip:port`).
 pub fn listen(runtime: &Tmp, args: &[&str], env: &[(&str, &str)]) -> (Proc, String) {
+    let (p, endpoints) = listen_at(runtime, args, env);
+    let addr = endpoints
+        .iter()
+        .find_map(|e| e.tcp_addr())
+        .unwrap_or_else(|| panic!("no tcp address among {endpoints:?}"));
+    (p, addr.to_string())
+}
+
+/// Like [`listen`], returning every endpoint of the `ready` line.
+pub fn listen_at(
+    runtime: &Tmp,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Proc, Vec<ipcbus::Endpoint>) {
     let mut c = ipcbus_cmd(runtime.path());
     c.arg("listen").args(args).envs(env.iter().copied());
     let p = Proc::spawn(c);
     let ready = p.stderr_line("ready ");
     let parts: Vec<&str> = ready.split_whitespace().collect();
-    assert_eq!(parts.len(), 3, "ready line {ready:?}");
+    assert!(parts.len() >= 3, "ready line {ready:?}");
     assert_eq!(parts[0], "ready");
-    assert!(
-        parts[2].parse::<std::net::SocketAddr>().is_ok(),
-        "ADDR in {ready:?}"
-    );
-    (p, parts[2].to_string())
+    let endpoints = parts[2..]
+        .iter()
+        .map(|e| {
+            e.parse()
+                .unwrap_or_else(|err| panic!("{e:?} in {ready:?}: {err}"))
+        })
+        .collect();
+    (p, endpoints)
 }
 
 /// Runs `ipcbus send` with `args`, `env` and `stdin` to completion.
