@@ -69,6 +69,12 @@ pub enum BindError {
     /// The Unix socket could not be bound (path too long, in use, no permission).
     #[error(transparent)]
     Unix(#[from] UnixBindError),
+    /// `IPCBUS_TRANSPORTS` is set but is not a list of `tcp` and `unix`.
+    #[error("IPCBUS_TRANSPORTS={value:?}: write tcp, unix or tcp,unix")]
+    BadTransports {
+        /// The variable's value.
+        value: String,
+    },
     /// A Unix socket was asked for where there is no registry directory to put it in
     /// (EPM discovery): name its path with [`ReceiverBuilder::bind_at`].
     #[error(
@@ -98,17 +104,18 @@ pub struct ReceiverBuilder {
 }
 
 impl ReceiverBuilder {
-    /// Which transports to listen on: TCP, Unix domain socket, or both. Default: both
-    /// with the local registry (senders on this host then use the Unix socket), TCP
-    /// with the EPM (which carries TCP endpoints only).
+    /// Which transports to listen on: TCP, Unix domain socket, or both. Default: what
+    /// `IPCBUS_TRANSPORTS` says (`tcp`, `unix` or `tcp,unix`) when set, else both with
+    /// the local registry (senders on this host then use the Unix socket), TCP with
+    /// the EPM (which carries TCP endpoints only).
     ///
     /// The Unix socket goes in the registry directory (`$DIR/sockets/ID.sock`, mode
     /// 0600 in a 0700 directory) and is removed on close and drop; a peer of another
     /// uid is refused before the handshake (`SO_PEERCRED`), on top of the per-user
     /// secret. If that path would be longer than the platform's limit
     /// ([`MAX_UNIX_PATH`](crate::MAX_UNIX_PATH) bytes), the default falls back to TCP
-    /// alone with a warning; asking for [`Transport::Unix`] explicitly makes it a
-    /// [`BindError::Unix`].
+    /// alone with a warning; asking for [`Transport::Unix`] explicitly (here or in
+    /// `IPCBUS_TRANSPORTS`) makes it a [`BindError::Unix`].
     ///
     /// ```
     /// use ipcbus::{Handle, Receiver, Transport};
@@ -325,7 +332,12 @@ impl ReceiverBuilder {
             Some(_) => vec![Transport::Tcp, Transport::Unix],
             None => vec![Transport::Tcp],
         };
-        let transports = self.transports.clone().unwrap_or(default);
+        let chosen = match &self.transports {
+            Some(t) => Some(t.clone()),
+            None => transports_from_env()?,
+        };
+        let explicit = chosen.is_some();
+        let transports = chosen.unwrap_or(default);
         let mut out = Vec::with_capacity(2);
         if transports.contains(&Transport::Tcp) {
             let ip = discovery.bind_ip(self.ip).await?;
@@ -337,9 +349,7 @@ impl ReceiverBuilder {
             };
             match bind_unix(&reg.socket_path(&id)) {
                 Ok(l) => out.push(l),
-                Err(e @ UnixBindError::PathTooLong { .. })
-                    if self.transports.is_none() && !out.is_empty() =>
-                {
+                Err(e @ UnixBindError::PathTooLong { .. }) if !explicit && !out.is_empty() => {
                     tracing::warn!(handle = %self.handle, error = %e, "no unix socket for this receiver; tcp only");
                 }
                 Err(e) => return Err(e.into()),
@@ -347,6 +357,24 @@ impl ReceiverBuilder {
         }
         Ok(out)
     }
+}
+
+/// `IPCBUS_TRANSPORTS` (`tcp`, `unix`, `tcp,unix`; unset or empty: the default).
+fn transports_from_env() -> Result<Option<Vec<Transport>>, BindError> {
+    let Some(value) = std::env::var_os("IPCBUS_TRANSPORTS").filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let value = value.to_string_lossy().into_owned();
+    let mut out: Vec<Transport> = Vec::new();
+    for part in value.split(',').map(str::trim) {
+        match part.parse() {
+            Ok(t) => out.push(t),
+            Err(_) => return Err(BindError::BadTransports { value }),
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(Some(out))
 }
 
 /// The listeners of [`ReceiverBuilder::bind_at`].

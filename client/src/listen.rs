@@ -79,10 +79,16 @@ pub async fn run(common: &Common, args: Args) -> anyhow::Result<ExitCode> {
     for e in &args.at {
         b = b.bind_at(e.clone());
     }
-    let mut rx = b
-        .bind()
-        .await
-        .with_context(|| format!("cannot listen on handle {}", args.handle))?;
+    let mut rx = match b.bind().await {
+        Ok(rx) => rx,
+        Err(e @ ipcbus::BindError::BadTransports { .. }) => {
+            return Err(crate::common::config_error(e.to_string()))
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e))
+                .with_context(|| format!("cannot listen on handle {}", args.handle))
+        }
+    };
     let mut sigint = signal(SignalKind::interrupt()).config("cannot install a SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).config("cannot install a SIGTERM handler")?;
     out::note(format!("ready {} {}", args.handle, ready_addrs(&rx)));
