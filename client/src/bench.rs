@@ -29,10 +29,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use futures::{FutureExt, StreamExt};
-use ipcbus::{Handle, Key, Receiver, Security, Sender};
+use ipcbus::{Handle, Key, Receiver, Security, Sender, Transport};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter, Lines};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::process::{Child, ChildStdout, Command};
 
 use crate::common::{parse_secs, Common, ConfigContext, Salt};
@@ -130,6 +130,18 @@ pub struct Args {
     /// thread per process) or multi (a worker per core)
     #[arg(long, value_enum, default_value = "current")]
     pub rt: Rt,
+
+    /// Transport between the processes: tcp, unix, or a list (tcp,unix) to run each;
+    /// the plain baseline uses the same one (a plain Unix-socket pair for unix)
+    /// [default: what the library picks: unix with the local registry, tcp with an
+    /// EPM; --suite: tcp,unix]
+    #[arg(long, value_delimiter = ',', value_parser = parse_transport)]
+    pub transport: Vec<Transport>,
+}
+
+fn parse_transport(s: &str) -> Result<Transport, String> {
+    s.parse::<Transport>()
+        .map_err(|_| format!("{s:?} is not a transport: write tcp or unix"))
 }
 
 /// Which tokio runtime the bench processes run on.
@@ -264,6 +276,9 @@ pub struct ReceiverArgs {
     /// tokio runtime to run on.
     #[arg(long, value_enum, default_value = "multi")]
     pub rt: Rt,
+    /// Transport to listen on.
+    #[arg(long, default_value = "tcp", value_parser = parse_transport)]
+    pub transport: Transport,
 }
 
 /// What one receiver process reports on stdout when done.
@@ -283,6 +298,8 @@ impl ReceiverResult {
 /// The figures of a run.
 #[derive(Debug, Serialize)]
 struct Figures {
+    #[serde(serialize_with = "transport_name")]
+    transport: Transport,
     receivers: usize,
     size: usize,
     count: u64,
@@ -305,6 +322,8 @@ struct Figures {
 /// One throughput workload of a matrix run.
 #[derive(Debug, Clone, Copy, Serialize)]
 struct Workload {
+    #[serde(serialize_with = "transport_name")]
+    transport: Transport,
     receivers: usize,
     size: usize,
     compress: Compress,
@@ -312,6 +331,10 @@ struct Workload {
     payload: Payload,
     /// Events sent per run.
     count: u64,
+}
+
+fn transport_name<S: serde::Serializer>(t: &Transport, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(t.as_str())
 }
 
 /// Medians over the runs of one workload on one transport.
@@ -361,11 +384,16 @@ struct Latency {
 #[derive(Debug, Serialize)]
 struct Report {
     throughput: Vec<Row>,
+    /// The first of `latencies` (the form of this field before transports).
     latency: Option<LatencyRow>,
+    /// One ping-pong per transport.
+    latencies: Vec<LatencyRow>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 struct LatencyRow {
+    #[serde(serialize_with = "transport_name")]
+    transport: Transport,
     ipcbus: Latency,
     baseline: Option<Latency>,
     /// ipcbus p50 / baseline p50.
@@ -420,6 +448,15 @@ async fn run_here(common: Common, mut args: Args) -> anyhow::Result<ExitCode> {
             Toggle::Off
         }];
     }
+    if args.transport.is_empty() {
+        args.transport = if args.suite {
+            vec![Transport::Tcp, Transport::Unix]
+        } else if common.epm_addr()?.is_some() {
+            vec![Transport::Tcp]
+        } else {
+            vec![Transport::Unix]
+        };
+    }
     if args.suite {
         args.receivers = vec![1, 5, 20];
         args.size = vec![64, 1024, 64 * 1024];
@@ -454,17 +491,19 @@ async fn run_here(common: Common, mut args: Args) -> anyhow::Result<ExitCode> {
     };
 
     let mut workloads = Vec::new();
-    for &n in &args.receivers {
-        for &size in &args.size {
-            for &compress in &args.compress {
-                for &encrypt in &args.encrypt {
-                    workloads.push(ctx.workload(n, size, compress, encrypt.on()));
+    for &t in &args.transport {
+        for &n in &args.receivers {
+            for &size in &args.size {
+                for &compress in &args.compress {
+                    for &encrypt in &args.encrypt {
+                        workloads.push(ctx.workload(t, n, size, compress, encrypt.on()));
+                    }
                 }
             }
         }
-    }
-    if args.suite {
-        workloads.push(ctx.workload(1, 1024, Compress::On, true));
+        if args.suite {
+            workloads.push(ctx.workload(t, 1, 1024, Compress::On, true));
+        }
     }
     let by_time = args.count.is_none();
     let runs = args.runs.unwrap_or(if by_time { 3 } else { 1 });
@@ -485,7 +524,12 @@ async fn run_here(common: Common, mut args: Args) -> anyhow::Result<ExitCode> {
     }
 
     let per = if args.baseline { 2 } else { 1 };
-    let steps = workloads.len() as u64 * runs * per + u64::from(args.latency) * runs * per;
+    let pingpongs = if args.latency {
+        args.transport.len() as u64
+    } else {
+        0
+    };
+    let steps = workloads.len() as u64 * runs * per + pingpongs * runs * per;
     let bar = progress(common, steps);
     // One short, untimed run of each side first: the first run of an invocation
     // otherwise pays for cold caches and page faults (it measured the lowest of all
@@ -518,7 +562,7 @@ async fn run_here(common: Common, mut args: Args) -> anyhow::Result<ExitCode> {
             bus.push(run);
             bar.inc(1);
             if args.baseline {
-                bar.set_message(format!("{} plain tcp", w.label()));
+                bar.set_message(format!("{} plain {}", w.label(), w.transport));
                 raw.push(ctx.raw_run(*w).await?);
                 bar.inc(1);
             }
@@ -535,17 +579,18 @@ async fn run_here(common: Common, mut args: Args) -> anyhow::Result<ExitCode> {
             compression_in_effect: in_effect,
         });
     }
-    let latency = if args.latency {
+    let mut latencies = Vec::new();
+    for &t in args.transport.iter().filter(|_| args.latency) {
         let size = args.size.first().copied().unwrap_or(64);
         let mut bus = Vec::new();
         let mut raw = Vec::new();
         for _ in 0..runs {
-            bar.set_message("ping-pong ipcbus");
-            bus.push(ctx.bus_latency(size).await?);
+            bar.set_message(format!("ping-pong ipcbus {t}"));
+            bus.push(ctx.bus_latency(t, size).await?);
             bar.inc(1);
             if args.baseline {
-                bar.set_message("ping-pong plain tcp");
-                raw.push(ctx.raw_latency(size).await?);
+                bar.set_message(format!("ping-pong plain {t}"));
+                raw.push(ctx.raw_latency(t, size).await?);
                 bar.inc(1);
             }
         }
@@ -554,18 +599,18 @@ async fn run_here(common: Common, mut args: Args) -> anyhow::Result<ExitCode> {
             .baseline
             .then(|| median_latency(&raw, size, args.pings));
         let p50_ratio = baseline.as_ref().map(|b| ipcbus.p50_us / b.p50_us);
-        Some(LatencyRow {
+        latencies.push(LatencyRow {
+            transport: t,
             ipcbus,
             baseline,
             p50_ratio,
-        })
-    } else {
-        None
-    };
+        });
+    }
     bar.finish_and_clear();
     let report = Report {
         throughput: rows,
-        latency,
+        latency: latencies.first().cloned(),
+        latencies,
     };
     print_report(common, &report)?;
     Ok(if failed == 0 {
@@ -576,9 +621,17 @@ async fn run_here(common: Common, mut args: Args) -> anyhow::Result<ExitCode> {
 }
 
 impl Ctx<'_> {
-    fn workload(&self, n: u16, size: usize, compress: Compress, encrypt: bool) -> Workload {
+    fn workload(
+        &self,
+        transport: Transport,
+        n: u16,
+        size: usize,
+        compress: Compress,
+        encrypt: bool,
+    ) -> Workload {
         let cap = (self.args.max_bytes / size.max(1) as u64).max(1000);
         Workload {
+            transport,
             receivers: usize::from(n),
             size,
             compress,
@@ -663,7 +716,7 @@ impl Ctx<'_> {
             n,
             w.count,
             &handle,
-            ChildMode::Bus,
+            (ChildMode::Bus, w.transport),
             None,
             self.creds(w.encrypt),
         )
@@ -719,6 +772,7 @@ impl Ctx<'_> {
         drop(spawned);
         let run = RunFigures::new(&results, rate(acked, secs), secs, failed);
         let fig = Figures {
+            transport: w.transport,
             receivers: n,
             size: w.size,
             count: w.count,
@@ -746,18 +800,14 @@ impl Ctx<'_> {
             w.receivers,
             w.count,
             &handle,
-            ChildMode::Raw,
+            (ChildMode::Raw, w.transport),
             None,
             None,
         )
         .await?;
         let mut conns = Vec::new();
         for addr in &spawned.addrs {
-            let s = TcpStream::connect(addr)
-                .await
-                .with_context(|| format!("connecting to plain receiver {addr}"))?;
-            s.set_nodelay(true)?;
-            let (rd, wr) = s.into_split();
+            let (rd, wr) = plain_connect(addr).await?;
             conns.push((rd, BufWriter::with_capacity(64 * 1024, wr)));
         }
         let payload = self.payload(w.size);
@@ -784,12 +834,13 @@ impl Ctx<'_> {
 
     /// Ping-pong over two handles: this process sends on one and receives the echo on
     /// the other; a child process receives and sends back. Round trips in microseconds.
-    async fn bus_latency(&self, size: usize) -> anyhow::Result<Vec<f64>> {
+    async fn bus_latency(&self, transport: Transport, size: usize) -> anyhow::Result<Vec<f64>> {
         let ping = bench_handle()?;
         let pong = bench_handle()?;
         let warm = 1000u64;
         let mut rx = Receiver::builder(pong.clone())
             .discovery(self.discovery()?)
+            .transports([transport])
             .bind()
             .await?;
         let mut spawned = spawn_children(
@@ -797,7 +848,7 @@ impl Ctx<'_> {
             1,
             warm + self.args.pings,
             &ping,
-            ChildMode::Pong,
+            (ChildMode::Pong, transport),
             Some(&pong),
             None,
         )
@@ -839,7 +890,7 @@ impl Ctx<'_> {
     }
 
     /// Ping-pong over one plain TCP connection with length-prefixed frames.
-    async fn raw_latency(&self, size: usize) -> anyhow::Result<Vec<f64>> {
+    async fn raw_latency(&self, transport: Transport, size: usize) -> anyhow::Result<Vec<f64>> {
         let warm = 1000u64;
         let handle = bench_handle()?;
         let mut spawned = spawn_children(
@@ -847,15 +898,13 @@ impl Ctx<'_> {
             1,
             warm + self.args.pings,
             &handle,
-            ChildMode::RawPong,
+            (ChildMode::RawPong, transport),
             None,
             None,
         )
         .await?;
         let addr = spawned.addrs.first().context("no plain pong address")?;
-        let s = TcpStream::connect(addr).await?;
-        s.set_nodelay(true)?;
-        let (mut rd, mut wr) = s.into_split();
+        let (mut rd, mut wr) = plain_connect(addr).await?;
         let mut frame = Vec::with_capacity(4 + size);
         frame.extend_from_slice(&u32::try_from(size)?.to_be_bytes());
         frame.extend_from_slice(&payload(size));
@@ -885,7 +934,8 @@ impl Ctx<'_> {
 impl Workload {
     fn label(&self) -> String {
         format!(
-            "1->{} {} B{}{}{}",
+            "{} 1->{} {} B{}{}{}",
+            self.transport,
             self.receivers,
             self.size,
             match self.compress {
@@ -1065,7 +1115,7 @@ async fn spawn_children(
     n: usize,
     count: u64,
     handle: &Handle,
-    mode: ChildMode,
+    (mode, transport): (ChildMode, Transport),
     reply: Option<&Handle>,
     creds: Creds,
 ) -> anyhow::Result<Children> {
@@ -1089,6 +1139,10 @@ async fn spawn_children(
             })
             .arg("--rt")
             .arg(ctx.args.rt.as_arg())
+            .arg("--transport")
+            .arg(transport.as_str())
+            // Bus receivers listen on this transport only, so the sender uses it.
+            .env("IPCBUS_TRANSPORTS", transport.as_str())
             // The receivers get the password and salt below, or none.
             .env_remove("IPCBUS_PASSWORD_FILE")
             .env_remove("IPCBUS_PASSWORD")
@@ -1192,6 +1246,7 @@ async fn bus_child(common: &Common, args: &ReceiverArgs) -> anyhow::Result<Recei
     let mut b = Receiver::builder(args.handle.clone())
         .discovery(common.discovery()?)
         .security(common.security()?)
+        .transports([args.transport])
         .queue_capacity(8192);
     if let Some(ip) = common.ip {
         b = b.ip(ip);
@@ -1281,19 +1336,65 @@ impl Watchdog {
     }
 }
 
-/// Plain TCP: accept one connection, read (and with raw-pong echo) `count`
+/// The halves of a plain connection, whichever the transport.
+type PlainRead = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+type PlainWrite = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+
+/// Connects to a plain child's `ready` address: `ip:port` (TCP, no Nagle) or
+/// `unix:///path`.
+async fn plain_connect(addr: &str) -> anyhow::Result<(PlainRead, PlainWrite)> {
+    match addr.strip_prefix("unix://") {
+        Some(path) => {
+            let s = UnixStream::connect(path)
+                .await
+                .with_context(|| format!("connecting to plain receiver {addr}"))?;
+            let (rd, wr) = s.into_split();
+            Ok((Box::new(rd), Box::new(wr)))
+        }
+        None => {
+            let s = TcpStream::connect(addr)
+                .await
+                .with_context(|| format!("connecting to plain receiver {addr}"))?;
+            s.set_nodelay(true)?;
+            let (rd, wr) = s.into_split();
+            Ok((Box::new(rd), Box::new(wr)))
+        }
+    }
+}
+
+/// Plain TCP or Unix socket: accept one connection, read (and with raw-pong echo) `count`
 /// length-prefixed frames, then write one byte.
 async fn raw_child(common: &Common, args: &ReceiverArgs) -> anyhow::Result<ReceiverResult> {
-    let ip = common
-        .ip
-        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
-    let l = TcpListener::bind((ip, 0)).await?;
-    out::line(format!("ready {}", l.local_addr()?))?;
-    let (s, _) = tokio::time::timeout(args.idle, l.accept())
-        .await
-        .context("no plain connection in time")??;
-    s.set_nodelay(true)?;
-    let (rd, wr) = s.into_split();
+    let (rd, wr) = match args.transport {
+        Transport::Tcp => {
+            let ip = common
+                .ip
+                .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+            let l = TcpListener::bind((ip, 0)).await?;
+            out::line(format!("ready {}", l.local_addr()?))?;
+            let (s, _) = tokio::time::timeout(args.idle, l.accept())
+                .await
+                .context("no plain connection in time")??;
+            s.set_nodelay(true)?;
+            let (rd, wr) = s.into_split();
+            (Box::new(rd) as PlainRead, Box::new(wr) as PlainWrite)
+        }
+        Transport::Unix => {
+            let dir = tempfile::Builder::new()
+                .prefix("ipcbus-plain-")
+                .tempdir()
+                .context("cannot create a socket directory")?;
+            let path = dir.path().join("s.sock");
+            let l = UnixListener::bind(&path)?;
+            out::line(format!("ready unix://{}", path.display()))?;
+            let (s, _) = tokio::time::timeout(args.idle, l.accept())
+                .await
+                .context("no plain connection in time")??;
+            drop(dir);
+            let (rd, wr) = s.into_split();
+            (Box::new(rd) as PlainRead, Box::new(wr) as PlainWrite)
+        }
+    };
     let (count, idle, mode) = (args.count, args.idle, args.mode);
     let taking = tokio::spawn(async move {
         let mut wr = wr;
@@ -1348,14 +1449,15 @@ fn print(common: &Common, f: &Figures) -> anyhow::Result<()> {
         return Ok(());
     }
     out::line(format!(
-        "bench: 1 sender -> {}, {} of {} B",
+        "bench: 1 sender -> {}, {} of {} B, over {}",
         if f.receivers == 1 {
             "1 receiver process".to_owned()
         } else {
             format!("{} receiver processes", f.receivers)
         },
         out::plural(f.count, "event"),
-        f.size
+        f.size,
+        f.transport
     ))?;
     out::line(format!(
         "  per receiver: min {} msgs/s, median {} msgs/s",
@@ -1397,7 +1499,7 @@ fn print_report(common: &Common, r: &Report) -> anyhow::Result<()> {
         if runs == 1 { "" } else { "s" }
     ))?;
     out::line(format!(
-        "{:<22} {:>9} {:>5} {:>12} {:>12} {:>9} {:>12} {:>12} {:>12} {:>6}",
+        "{:<27} {:>9} {:>5} {:>12} {:>12} {:>9} {:>12} {:>12} {:>12} {:>6}",
         "workload",
         "events",
         "secs",
@@ -1406,14 +1508,14 @@ fn print_report(common: &Common, r: &Report) -> anyhow::Result<()> {
         "MB/s",
         "aggregate",
         "sender acked",
-        "plain tcp",
+        "plain",
         "ratio"
     ))?;
     for row in &r.throughput {
         let w = &row.workload;
         let b = &row.ipcbus;
         out::line(format!(
-            "{:<22} {:>9} {:>5.2} {:>12} {:>12} {:>9.1} {:>12} {:>12} {:>12} {:>6}",
+            "{:<27} {:>9} {:>5.2} {:>12} {:>12} {:>9.1} {:>12} {:>12} {:>12} {:>6}",
             w.label(),
             w.count,
             b.secs,
@@ -1429,9 +1531,10 @@ fn print_report(common: &Common, r: &Report) -> anyhow::Result<()> {
         ))?;
     }
     print_notes(r)?;
-    if let Some(l) = &r.latency {
+    for l in &r.latencies {
         out::line(format!(
-            "latency (round trip, {} B, {} pings; medians of {} run{}):",
+            "latency over {} (round trip, {} B, {} pings; medians of {} run{}):",
+            l.transport,
             l.ipcbus.size,
             l.ipcbus.pings,
             l.ipcbus.runs,
@@ -1445,7 +1548,7 @@ fn print_report(common: &Common, r: &Report) -> anyhow::Result<()> {
         };
         out::line(line("ipcbus", &l.ipcbus))?;
         if let Some(b) = &l.baseline {
-            out::line(line("plain tcp", b))?;
+            out::line(line(&format!("plain {}", l.transport), b))?;
         }
         if let Some(x) = l.p50_ratio {
             out::line(format!("  p50 ratio {x:.2}"))?;
@@ -1470,12 +1573,15 @@ fn print_notes(r: &Report) -> anyhow::Result<()> {
     )?;
     if baseline {
         out::line(
-            "  ratio = ipcbus recv median / plain tcp recv median: the same workload over \
-             plain tokio TCP\n    (length-prefixed frames, no acknowledgements), run by \
-             run in this invocation; 1.00 = as fast",
+            "  ratio = ipcbus recv median / plain recv median: the same workload over a \
+             plain tokio TCP or Unix-socket\n    connection of the same transport \
+             (length-prefixed frames, no acknowledgements), run by run in this\n    \
+             invocation; 1.00 = as fast",
         )?;
     } else {
-        out::line("  ratio: needs --baseline (the same workload over plain TCP, in this run)")?;
+        out::line(
+            "  ratio: needs --baseline (the same workload over a plain connection, in this run)",
+        )?;
     }
     for row in &r.throughput {
         let w = &row.workload;
