@@ -1,26 +1,31 @@
 //! ipcbus: a publish/subscribe event bus for processes on one machine and on a LAN.
 //!
-//! A [`Receiver`] binds a TCP port and registers a [`Handle`] (a topic name); a
-//! [`Sender`] created with the same handle discovers every receiver registered for it
-//! and fans each event out to all of them, exactly once per receiver and in order,
-//! and reports per event which receivers acknowledged and which failed.
+//! A [`Receiver`] binds a TCP port (and a Unix socket on its host) and registers a
+//! [`Handle`] (a topic name); a [`Sender`] created with the same handle discovers every
+//! receiver registered for it and fans each event out to all of them, exactly once per
+//! receiver and in order, and reports per event which receivers acknowledged and which
+//! failed.
 //!
 //! Modules:
-//! - [`proto`]: the crate `ipcbus-proto`, the I/O-free core of wire protocol v1 —
-//!   frame types, the codec, key derivation and sealing, compression, the handshake
-//!   state machines, the per-connection session checks, EPM messages, registry
-//!   records. No sockets, no clocks.
+//! - the crate `ipcbus-proto` (a dependency, not re-exported whole): the I/O-free core
+//!   of wire protocol v1 — frame types, the codec, key derivation and sealing,
+//!   compression, the handshake state machines, the per-connection session checks,
+//!   EPM messages, registry records, endpoints. No sockets, no clocks. The types
+//!   applications use ([`Handle`], [`Key`], [`Endpoint`], [`Record`], ...) are
+//!   re-exported here.
+//! - `transport`: the byte streams the protocol runs over (TCP, Unix domain sockets).
 //! - `framing`: the `tokio_util` decoder adapter over the core's v1 codec.
 //! - `handshake`: the async driver of the core's handshake state machines.
 //! - [`registry`]: records filled in for this process, and the local-user registry
 //!   directory.
 //! - [`epm`]: the client of the endpoint manager service (registrations with
-//!   leases, watches, reconnects); [`proto::epm`] holds its I/O-free messages.
+//!   leases, watches, reconnects).
 //! - `sender` / `receiver`: the async layer — connections, writer tasks, discovery.
 //! - `stats`: [`SenderStats`] and [`ReceiverStats`], the counters of
 //!   [`Sender::stats`] and [`Receiver::stats`], with the reason kinds they count by.
-//! - [`gate`]: admission of half-open connections (oldest evicted when full), shared by
-//!   receivers and the endpoint manager.
+//! - `gate`: admission of half-open connections (oldest evicted when full), shared by
+//!   receivers and the endpoint manager (which reaches it, and the EPM link, through
+//!   the `internals` feature).
 //!
 //! A receiver acknowledges an event when the application takes it, so in one task:
 //! publish, take, then await the report.
@@ -46,7 +51,8 @@ mod credentials;
 mod discovery;
 pub mod epm;
 mod framing;
-pub mod gate;
+#[cfg_attr(not(feature = "internals"), allow(unreachable_pub, dead_code))]
+mod gate;
 mod handshake;
 mod message;
 mod pool;
@@ -62,9 +68,7 @@ pub use chain::error_chain;
 pub use credentials::{Credentials, CredentialsBuilder, CredentialsError};
 pub use discovery::{Discovery, DiscoveryError};
 pub use epm::{Epm, EpmAddrError, EpmBuilder, EpmClient, EpmError};
-pub use gate::{HandshakeGate, HandshakeSlot};
 pub use handshake::HandshakeError;
-pub use ipcbus_proto as proto;
 pub use ipcbus_proto::{
     parse_salt, DecodeError, Handle, HandleError, Key, KeyError, ReceiverId, RejectReason,
     SaltError, SenderId,
@@ -78,6 +82,17 @@ pub use sender::{BuildError, PendingReport, SendError, Sender, SenderBuilder};
 pub use sender::{Compression, CompressionStats, SenderEvents};
 pub use stats::{ByKind, FailKind, ReasonKind, ReceiverStats, RejectKind, SenderStats};
 pub use transport::{Endpoint, EndpointError, Transport, UnixBindError, MAX_UNIX_PATH};
+
+/// What `epm-service` shares with this crate's receivers and EPM client: the admission
+/// of half-open connections and the framed, sealed EPM link. Not part of the API
+/// applications use (no stability promise); present only with the `internals`
+/// feature, which `epm-service` turns on.
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::epm::link;
+    pub use crate::gate::{HandshakeGate, HandshakeSlot};
+}
 
 /// The Rust blocks of `README.md`, compiled and run as doc tests so that the README
 /// and the code cannot drift apart.

@@ -1585,7 +1585,7 @@ fn print_notes(r: &Report) -> anyhow::Result<()> {
     }
     for row in &r.throughput {
         let w = &row.workload;
-        if w.size >= ipcbus::proto::compress::DEFAULT_THRESHOLD {
+        if w.size >= ipcbus_proto::compress::DEFAULT_THRESHOLD {
             out::line(format!(
                 "  compression of {}: {} ({})",
                 w.label(),
@@ -1597,7 +1597,7 @@ fn print_notes(r: &Report) -> anyhow::Result<()> {
     if !r
         .throughput
         .iter()
-        .any(|row| row.workload.size >= ipcbus::proto::compress::DEFAULT_THRESHOLD)
+        .any(|row| row.workload.size >= ipcbus_proto::compress::DEFAULT_THRESHOLD)
     {
         let modes: Vec<String> = r
             .throughput
@@ -1609,7 +1609,7 @@ fn print_notes(r: &Report) -> anyhow::Result<()> {
         out::line(format!(
             "  compression: {} (no event reaches its {} B threshold)",
             modes.join(", "),
-            ipcbus::proto::compress::DEFAULT_THRESHOLD
+            ipcbus_proto::compress::DEFAULT_THRESHOLD
         ))?;
     }
     Ok(())
@@ -1696,6 +1696,6 @@ mod tests {
         assert!(z < p.len() / 2, "{z}");
         let r = random_payload(1024);
         assert_eq!(r.len(), 1024);
-        assert!(ipcbus::proto::compress::gzip(&r, 1).is_none());
+        assert!(ipcbus_proto::compress::gzip(&r, 1).is_none());
     }
 }

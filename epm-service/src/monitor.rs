@@ -9,8 +9,8 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ipcbus::proto::epm::Entry;
 use ipcbus::{Handle, HandshakeError};
+use ipcbus_proto::epm::Entry;
 use serde::Serialize;
 
 use crate::config::Limits;

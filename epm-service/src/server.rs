@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ipcbus::epm::link::{self, LinkWriter};
-use ipcbus::{HandshakeGate, HandshakeSlot, ReceiverId, RejectReason};
+use ipcbus::internals::link::{self, LinkWriter};
+use ipcbus::internals::{HandshakeGate, HandshakeSlot};
+use ipcbus::{ReceiverId, RejectReason};
 use ipcbus_proto::epm::{Answer, ErrorCode, Op, Request, Response, Status};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};

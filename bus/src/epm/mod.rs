@@ -25,7 +25,12 @@
 //! ```
 
 mod client;
+#[cfg(feature = "internals")]
+#[doc(hidden)]
 pub mod link;
+#[cfg(not(feature = "internals"))]
+#[allow(unreachable_pub, dead_code)]
+pub(crate) mod link;
 pub(crate) mod session;
 
 pub use client::{EpmClient, WatchEvent};
