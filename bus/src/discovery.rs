@@ -129,21 +129,3 @@ impl Announcement {
         }
     }
 }
-
-impl From<DiscoveryError> for crate::receiver::BindError {
-    fn from(e: DiscoveryError) -> Self {
-        match e {
-            DiscoveryError::Registry(e) => e.into(),
-            DiscoveryError::Epm(e) => e.into(),
-        }
-    }
-}
-
-impl From<DiscoveryError> for crate::sender::BuildError {
-    fn from(e: DiscoveryError) -> Self {
-        match e {
-            DiscoveryError::Registry(e) => e.into(),
-            DiscoveryError::Epm(e) => e.into(),
-        }
-    }
-}

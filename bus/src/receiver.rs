@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::discovery::Announcement;
-use crate::discovery::Discovery;
+use crate::discovery::{Discovery, DiscoveryError};
 use crate::epm::{Epm, EpmError};
 use crate::gate::{HandshakeGate, HandshakeSlot};
 use crate::handshake;
@@ -85,6 +85,15 @@ pub enum BindError {
     /// unusable (see [`Credentials`](crate::Credentials)).
     #[error(transparent)]
     Credentials(#[from] crate::CredentialsError),
+}
+
+impl From<DiscoveryError> for BindError {
+    fn from(e: DiscoveryError) -> Self {
+        match e {
+            DiscoveryError::Registry(e) => e.into(),
+            DiscoveryError::Epm(e) => e.into(),
+        }
+    }
 }
 
 /// Configures and binds a [`Receiver`].

@@ -32,7 +32,7 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::discovery::Discovery;
+use crate::discovery::{Discovery, DiscoveryError};
 use crate::epm::{Epm, EpmError};
 use crate::framing::{FrameReader, ReadError};
 use crate::handshake::{self, HandshakeError};
@@ -85,6 +85,15 @@ pub enum BuildError {
     /// unusable (see [`Credentials`](crate::Credentials)).
     #[error(transparent)]
     Credentials(#[from] crate::CredentialsError),
+}
+
+impl From<DiscoveryError> for BuildError {
+    fn from(e: DiscoveryError) -> Self {
+        match e {
+            DiscoveryError::Registry(e) => e.into(),
+            DiscoveryError::Epm(e) => e.into(),
+        }
+    }
 }
 
 /// Configures and builds a [`Sender`].
