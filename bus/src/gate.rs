@@ -10,9 +10,99 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+
+use crate::transport::{Accepted, ByteStream, Listener, Peer};
+
+/// The accept loop of every server (receivers and the endpoint manager): accepts,
+/// refuses Unix-socket peers of another uid, admits each connection among the
+/// half-open ones under the connection limit, and retries failed accepts (out of file
+/// descriptors and the like) with a backoff from 10 ms to 1 s instead of spinning.
+#[derive(Debug)]
+pub struct Acceptor {
+    listener: Listener,
+    gate: HandshakeGate,
+    limit: Arc<Semaphore>,
+}
+
+/// A connection [`Acceptor::next`] hands out.
+#[derive(Debug)]
+pub enum Incoming {
+    /// Admitted: run its handshake while the slot is not evicted, and hold the permit
+    /// as long as the connection lives. `evicted` says whether an older half-open
+    /// connection was evicted to make room.
+    Admitted {
+        /// The connection.
+        stream: ByteStream,
+        /// Who it is.
+        peer: Peer,
+        /// Its half-open slot, until the handshake ends.
+        slot: HandshakeSlot,
+        /// Its place under the connection limit.
+        permit: OwnedSemaphorePermit,
+        /// Whether the oldest half-open connection was evicted for it.
+        evicted: bool,
+    },
+    /// The connection limit is reached: refuse it (or drop it).
+    Busy {
+        /// The connection.
+        stream: ByteStream,
+        /// Who it is.
+        peer: Peer,
+    },
+    /// A Unix-socket peer running as another user; it was closed before any byte.
+    WrongUser(Peer),
+}
+
+impl Acceptor {
+    /// Accepts on `listener`, admitting through `gate` under `limit`.
+    pub fn new(listener: Listener, gate: HandshakeGate, limit: Arc<Semaphore>) -> Acceptor {
+        Acceptor {
+            listener,
+            gate,
+            limit,
+        }
+    }
+
+    /// The next connection; `None` once `cancel` fires.
+    pub async fn next(&self, cancel: &CancellationToken) -> Option<Incoming> {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let accepted = tokio::select! {
+                _ = cancel.cancelled() => return None,
+                r = self.listener.accept() => r,
+            };
+            match accepted {
+                Ok(Accepted::WrongUser(peer)) => return Some(Incoming::WrongUser(peer)),
+                Ok(Accepted::Ok(stream, peer)) => {
+                    // Admit it among the half-open connections first: a flood of
+                    // handshakes that never finish evicts itself, not the clients.
+                    return Some(match self.gate.admit_under(&self.limit).await {
+                        Some((slot, permit, evicted)) => Incoming::Admitted {
+                            stream,
+                            peer,
+                            slot,
+                            permit,
+                            evicted,
+                        },
+                        None => Incoming::Busy { stream, peer },
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; backing off");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return None,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
 
 /// Bounded set of half-open connections; cheap to clone.
 #[derive(Debug, Clone)]

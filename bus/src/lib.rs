@@ -62,6 +62,7 @@ mod report;
 mod security;
 mod sender;
 mod stats;
+#[cfg_attr(not(feature = "internals"), allow(unreachable_pub))]
 mod transport;
 
 pub use chain::error_chain;
@@ -91,7 +92,8 @@ pub use transport::{Endpoint, EndpointError, Transport, UnixBindError, MAX_UNIX_
 #[doc(hidden)]
 pub mod internals {
     pub use crate::epm::link;
-    pub use crate::gate::{HandshakeGate, HandshakeSlot};
+    pub use crate::gate::{Acceptor, HandshakeGate, HandshakeSlot, Incoming};
+    pub use crate::transport::{ByteStream, Listener, Peer};
 }
 
 /// The Rust blocks of `README.md`, compiled and run as doc tests so that the README

@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::discovery::Announcement;
 use crate::discovery::{Discovery, DiscoveryError};
 use crate::epm::{Epm, EpmError};
-use crate::gate::{HandshakeGate, HandshakeSlot};
+use crate::gate::{Acceptor, HandshakeGate, HandshakeSlot, Incoming};
 use crate::handshake;
 use crate::message::Message;
 use crate::pool::Pool;
@@ -28,8 +28,8 @@ use crate::registry::{record_now, RegistryError};
 use crate::security::{Resolved, Security};
 use crate::stats::{ReceiverCounters, ReceiverStats, RejectKind};
 use crate::transport::{
-    bind_unix, Accepted, ByteStream, Endpoint, Listener, Peer, SocketFile, Transport,
-    UnixBindError, WriteHalf,
+    bind_unix, ByteStream, Endpoint, Listener, Peer, SocketFile, Transport, UnixBindError,
+    WriteHalf,
 };
 use ipcbus_proto::codec::CodecV1;
 use ipcbus_proto::crypto::{Sealer, TAG_LEN};
@@ -896,48 +896,38 @@ impl std::fmt::Debug for Shared {
 }
 
 async fn accept_loop(listener: Listener, shared: Arc<Shared>, tx: mpsc::Sender<Batch>) {
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok(Accepted::WrongUser(peer)) => {
-                shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+    let acceptor = Acceptor::new(
+        listener,
+        shared.half_open.clone(),
+        shared.conn_limit.clone(),
+    );
+    while let Some(incoming) = acceptor.next(&shared.shutdown).await {
+        shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+        match incoming {
+            Incoming::WrongUser(peer) => {
                 tracing::warn!(%peer, handle = %shared.handle, "unix socket peer runs as another user; refused before the handshake");
                 shared.counters.reject(RejectKind::WrongUser);
             }
-            Ok(Accepted::Ok(sock, peer)) => {
-                backoff = Duration::from_millis(10);
-                shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
-                // Admit it among the half-open connections first: a flood of
-                // handshakes that never finish evicts itself, not the senders.
-                let Some((slot, permit, evicted)) =
-                    shared.half_open.admit_under(&shared.conn_limit).await
-                else {
-                    tracing::warn!(%peer, handle = %shared.handle, "connection limit reached; closing new connection");
-                    shared.counters.reject(RejectKind::Busy);
-                    continue;
-                };
+            Incoming::Busy { peer, .. } => {
+                tracing::warn!(%peer, handle = %shared.handle, "connection limit reached; closing new connection");
+                shared.counters.reject(RejectKind::Busy);
+            }
+            Incoming::Admitted {
+                stream,
+                peer,
+                slot,
+                permit,
+                evicted,
+            } => {
                 if evicted {
                     tracing::warn!(%peer, handle = %shared.handle, "too many unfinished handshakes; evicted the oldest");
                 }
                 let shared2 = shared.clone();
                 let tx = tx.clone();
                 shared.tasks.spawn(async move {
-                    serve(sock, peer, shared2, tx, slot).await;
+                    serve(stream, peer, shared2, tx, slot).await;
                     drop(permit);
                 });
-            }
-            Err(e) => {
-                // Out of file descriptors and similar: wait instead of spinning.
-                tracing::warn!(error = %e, "accept failed; backing off");
-                tokio::select! {
-                    _ = shared.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
     }

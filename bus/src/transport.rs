@@ -18,8 +18,10 @@ pub const MAX_UNIX_PATH: usize = 107;
 
 /// A connected byte stream of either transport.
 #[derive(Debug)]
-pub(crate) enum ByteStream {
+pub enum ByteStream {
+    /// A TCP connection.
     Tcp(TcpStream),
+    /// A Unix-socket connection.
     Unix(UnixStream),
 }
 
@@ -39,11 +41,14 @@ pub(crate) enum WriteHalf {
 
 /// Who connected to a listener, for logs.
 #[derive(Debug, Clone)]
-pub(crate) enum Peer {
+pub enum Peer {
+    /// A TCP peer's address.
     Tcp(SocketAddr),
     /// A Unix-socket peer: its uid and pid from `SO_PEERCRED`, when known.
     Unix {
+        /// Its user id.
         uid: Option<u32>,
+        /// Its process id.
         pid: Option<i32>,
     },
 }
@@ -178,11 +183,16 @@ delegate_write!(WriteHalf);
 /// A listening socket of either transport. A Unix listener owns its socket file (and
 /// removes it when dropped) until [`take_socket_file`](Listener::take_socket_file).
 #[derive(Debug)]
-pub(crate) enum Listener {
+pub enum Listener {
+    /// A TCP listener.
     Tcp(TcpListener),
+    /// A Unix-socket listener.
     Unix {
+        /// The socket.
         listener: UnixListener,
+        /// Its path.
         path: PathBuf,
+        /// Its file, removed when dropped (until taken).
         file: Option<SocketFile>,
     },
 }
@@ -191,7 +201,7 @@ impl Listener {
     /// Accepts one connection. On a Unix socket, a peer of another uid than this
     /// process's is refused here, before any byte of the handshake
     /// ([`Accepted::WrongUser`]).
-    pub(crate) async fn accept(&self) -> io::Result<Accepted> {
+    pub async fn accept(&self) -> io::Result<Accepted> {
         match self {
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
@@ -233,7 +243,8 @@ impl Listener {
 
 /// The outcome of [`Listener::accept`].
 #[derive(Debug)]
-pub(crate) enum Accepted {
+pub enum Accepted {
+    /// A connection, and who it is.
     Ok(ByteStream, Peer),
     /// A Unix-socket peer running as another user (or whose credentials could not be
     /// read); the connection is dropped.
@@ -313,7 +324,7 @@ pub(crate) fn bind_unix(path: &Path) -> Result<Listener, UnixBindError> {
 
 /// A socket file, removed when dropped.
 #[derive(Debug)]
-pub(crate) struct SocketFile(PathBuf);
+pub struct SocketFile(PathBuf);
 
 impl Drop for SocketFile {
     fn drop(&mut self) {

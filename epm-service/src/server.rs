@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ipcbus::internals::link::{self, LinkWriter};
-use ipcbus::internals::{HandshakeGate, HandshakeSlot};
+use ipcbus::internals::{
+    Acceptor, ByteStream, HandshakeGate, HandshakeSlot, Incoming, Listener, Peer,
+};
 use ipcbus::{ReceiverId, RejectReason};
 use ipcbus_proto::epm::{Answer, ErrorCode, Op, Request, Response, Status};
 use tokio::net::{TcpListener, TcpStream};
@@ -223,39 +225,23 @@ impl Hub {
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, token: CancellationToken) {
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        let accepted = tokio::select! {
-            _ = token.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((sock, peer)) => {
-                backoff = Duration::from_millis(10);
-                // Admit it among the half-open connections first: a flood of
-                // handshakes that never finish evicts itself, not the clients.
-                let admitted = shared.half_open.admit_under(&shared.conn_limit).await;
-                if admitted.as_ref().is_some_and(|a| a.2) {
+    let acceptor = Acceptor::new(
+        Listener::Tcp(listener),
+        shared.half_open.clone(),
+        shared.conn_limit.clone(),
+    );
+    while let Some(incoming) = acceptor.next(&token).await {
+        match incoming {
+            Incoming::Admitted {
+                stream: ByteStream::Tcp(sock),
+                peer: Peer::Tcp(peer),
+                slot,
+                permit,
+                evicted,
+            } => {
+                if evicted {
                     tracing::warn!(%peer, "too many unfinished handshakes; evicted the oldest");
                 }
-                let Some((slot, permit, _)) = admitted else {
-                    tracing::warn!(%peer, "connection limit reached; refusing");
-                    shared.stats.rejected(RejectKind::Busy);
-                    if let Ok(p) = shared.refusing.clone().try_acquire_owned() {
-                        shared.tasks.spawn(async move {
-                            link::refuse(
-                                sock,
-                                RejectReason::Busy,
-                                "too many connections",
-                                Duration::from_secs(1),
-                            )
-                            .await;
-                            drop(p);
-                        });
-                    }
-                    continue;
-                };
-                let _ = sock.set_nodelay(true);
                 let s = shared.clone();
                 let t = token.child_token();
                 shared.tasks.spawn(async move {
@@ -263,15 +249,27 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, token: Cancella
                     drop(permit);
                 });
             }
-            Err(e) => {
-                // Out of file descriptors and similar: wait instead of spinning.
-                tracing::warn!(error = %e, "accept failed; backing off");
-                tokio::select! {
-                    _ = token.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+            Incoming::Busy {
+                stream: ByteStream::Tcp(sock),
+                peer,
+            } => {
+                tracing::warn!(%peer, "connection limit reached; refusing");
+                shared.stats.rejected(RejectKind::Busy);
+                if let Ok(p) = shared.refusing.clone().try_acquire_owned() {
+                    shared.tasks.spawn(async move {
+                        link::refuse(
+                            sock,
+                            RejectReason::Busy,
+                            "too many connections",
+                            Duration::from_secs(1),
+                        )
+                        .await;
+                        drop(p);
+                    });
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
+            // A TCP listener yields TCP streams only.
+            other => tracing::warn!(incoming = ?other, "not a tcp connection; closed"),
         }
     }
 }
