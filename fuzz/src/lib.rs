@@ -41,6 +41,7 @@ pub const TARGETS: &[&str] = &[
     "gunzip_cap",
     "salt",
     "epm_config",
+    "record",
 ];
 
 /// Runs the target called `name` on `data`. Unknown names do nothing.
@@ -55,6 +56,7 @@ pub fn run(name: &str, data: &[u8]) {
         "gunzip_cap" => gunzip_cap(data),
         "salt" => salt(data),
         "epm_config" => epm_config(data),
+        "record" => record(data),
         _ => {}
     }
 }
@@ -426,6 +428,25 @@ pub fn epm_config(data: &[u8]) {
     }
 }
 
+/// Registry records (JSON, as other processes write them) and endpoint texts: what
+/// parses prints back to text that parses to the same value, and a record always has
+/// at least one endpoint.
+pub fn record(data: &[u8]) {
+    if let Some(r) = ipcbus_proto::Record::from_json(data) {
+        assert!(!r.endpoints.is_empty(), "a record without endpoints");
+        assert_eq!(
+            ipcbus_proto::Record::from_json(&r.to_json()).as_ref(),
+            Some(&r)
+        );
+    }
+    if let Ok(s) = std::str::from_utf8(data) {
+        if let Ok(e) = s.parse::<ipcbus_proto::Endpoint>() {
+            let again: ipcbus_proto::Endpoint = e.to_string().parse().expect("printed endpoint");
+            assert_eq!(again, e);
+        }
+    }
+}
+
 /// A small seed corpus: for each target, inputs that reach past the first checks.
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let mut out: Vec<(&'static str, Vec<u8>)> = Vec::new();
@@ -598,5 +619,16 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     out.push(("epm_config", toml.as_bytes().to_vec()));
     out.push(("epm_config", b"[::1]:4455".to_vec()));
     out.push(("epm_config", b"max_frame = 1048576\nunknown = 1\n".to_vec()));
+
+    // record: both record forms, endpoint texts.
+    for s in [
+        r#"{"version":1,"handle":"a.b","endpoint":"127.0.0.1:4000","receiver":"03030303030303030303030303030303","pid":7,"since_ms":5}"#,
+        r#"{"version":1,"handle":"a.b","endpoint":"127.0.0.1:4000","endpoints":["tcp://127.0.0.1:4000","unix:///run/x/sockets/1.sock"],"receiver":"03030303030303030303030303030303","pid":null,"since_ms":5}"#,
+        "tcp://[::1]:4000",
+        "unix:///run/user/1000/ipcbus/sockets/x.sock",
+        "10.0.0.2:9",
+    ] {
+        out.push(("record", s.as_bytes().to_vec()));
+    }
     out
 }
