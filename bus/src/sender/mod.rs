@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
@@ -42,15 +42,17 @@ use crate::registry::{LocalRegistry, Record, RegistryError};
 use crate::report::{FailReason, ReceiverInfo, SendReport, SenderEvent};
 use crate::security::{Resolved, Security};
 use crate::stats::{ByKind, FailKind, SenderStats};
-use ipcbus_proto::codec::{put_frame, CodecV1};
+use ipcbus_proto::codec::CodecV1;
 use ipcbus_proto::compress::{CompressPolicy, Gzipper, DEFAULT_THRESHOLD};
 pub use ipcbus_proto::compress::{Compression, CompressionStats};
 use ipcbus_proto::crypto::{Sealer, TAG_LEN};
 use ipcbus_proto::frame::{
-    parse_ack, DecodeError, Flags, Kind, RejectReason, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX,
+    parse_ack, DecodeError, Flags, Header, Kind, RejectReason, DEFAULT_MAX_FRAME, HEADER_LEN,
+    LEN_PREFIX,
 };
 use ipcbus_proto::handle::Handle;
 use ipcbus_proto::ids::SenderId;
+use ipcbus_proto::session::{Inbound, Opened, Outbound};
 
 /// Why an event could not be sent at all (per-receiver failures go in the
 /// [`SendReport`] instead).
@@ -497,7 +499,12 @@ impl Sender {
         };
         // Encoded once, into the stage every receiver's writer takes from: the work per
         // event does not grow with the number of receivers.
-        let header = data_header(flags, seq, body.len());
+        let header = Header {
+            kind: Kind::Data,
+            flags,
+            seq,
+        }
+        .to_bytes(body.len());
         let frame_len = header.len() + body.len();
         self.unyielded += frame_len;
         let mut stage = lock_stage(&self.shared.stage);
@@ -1365,16 +1372,6 @@ fn start_conn(
     conn
 }
 
-/// The length prefix and header of a Data frame.
-fn data_header(flags: Flags, seq: u64, body_len: usize) -> [u8; LEN_PREFIX + HEADER_LEN] {
-    let mut h = [0u8; LEN_PREFIX + HEADER_LEN];
-    h[..4].copy_from_slice(&((HEADER_LEN + body_len) as u32).to_be_bytes());
-    h[4] = Kind::Data as u8;
-    h[5] = flags.0;
-    h[6..].copy_from_slice(&seq.to_be_bytes());
-    h
-}
-
 /// A connection on this host gets a congestion control that does not pace (`cubic`;
 /// best effort, the system's default stays if it cannot be set). With `bbr`, a common
 /// default, the kernel paces the sender's bursts of 128 KiB with a timer even on
@@ -1421,18 +1418,20 @@ async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
     }
 }
 
-/// Re-encodes a buffer of plain frames as sealed frames.
+/// Re-encodes a buffer of plain frames (as the publisher staged them) as sealed
+/// frames.
 fn seal_all(sealer: &Sealer, mut plain: &[u8], out: &mut BytesMut) {
-    while plain.len() >= LEN_PREFIX + HEADER_LEN {
-        let len = u32::from_be_bytes([plain[0], plain[1], plain[2], plain[3]]) as usize;
-        let kind = Kind::from_u8(plain[4]).unwrap_or(Kind::Data);
-        let flags = Flags(plain[5]);
-        let mut seq_bytes = [0u8; 8];
-        seq_bytes.copy_from_slice(&plain[6..14]);
-        let seq = u64::from_be_bytes(seq_bytes);
-        let body = &plain[LEN_PREFIX + HEADER_LEN..LEN_PREFIX + len];
-        sealer.put_sealed(out, kind, flags, seq, body);
-        plain.advance(LEN_PREFIX + len);
+    while let Some(head) = plain.first_chunk::<{ LEN_PREFIX + HEADER_LEN }>() {
+        // Only frames this sender encoded are staged, so neither check fails.
+        let Ok((h, body_len)) = Header::parse_prefixed(head) else {
+            return;
+        };
+        let end = LEN_PREFIX + HEADER_LEN + body_len;
+        let Some(body) = plain.get(LEN_PREFIX + HEADER_LEN..end) else {
+            return;
+        };
+        sealer.put_sealed(out, h.kind, h.flags, h.seq, body);
+        plain = &plain[end..];
     }
 }
 
@@ -1479,10 +1478,10 @@ async fn drive(conn: &Arc<Conn>, receiver_id: ipcbus_proto::ids::ReceiverId) -> 
     let writer = async {
         let mut sealed = BytesMut::new();
         let mut batch: Vec<Bytes> = Vec::new();
-        // The highest sequence asked to be acknowledged promptly, and the AckRequest
-        // frames' own counter.
+        // AckRequests are numbered (and sealed) by their own counter.
+        let mut requests = Outbound::new(tx_sealer.clone());
+        // The highest sequence asked to be acknowledged promptly.
         let mut requested = 0u64;
-        let mut request_seq = 0u64;
         // The last event written: a request never names one not written yet.
         let mut written = 0u64;
         loop {
@@ -1529,13 +1528,6 @@ async fn drive(conn: &Arc<Conn>, receiver_id: ipcbus_proto::ids::ReceiverId) -> 
             }
             if let Some(up_to) = request {
                 requested = up_to;
-                request_seq += 1;
-                if tx_sealer.is_none() {
-                    let mut ask = BytesMut::new();
-                    let body = up_to.to_be_bytes();
-                    put_frame(&mut ask, Kind::AckRequest, Flags(0), request_seq, &body);
-                    batch.push(ask.freeze());
-                }
             }
             let (wrote, result) = match &tx_sealer {
                 Some(s) => {
@@ -1544,20 +1536,23 @@ async fn drive(conn: &Arc<Conn>, receiver_id: ipcbus_proto::ids::ReceiverId) -> 
                         seal_all(s, chunk, &mut sealed);
                     }
                     if let Some(up_to) = request {
-                        s.put_sealed(
-                            &mut sealed,
-                            Kind::AckRequest,
-                            Flags(0),
-                            request_seq,
-                            &up_to.to_be_bytes(),
-                        );
+                        let body = up_to.to_be_bytes();
+                        requests.put(&mut sealed, Kind::AckRequest, Flags(0), &body);
                     }
                     (sealed.len(), wr.write_all(&sealed).await)
                 }
-                None => (
-                    batch.iter().map(Bytes::len).sum::<usize>(),
-                    write_all_vectored(&mut wr, &batch).await,
-                ),
+                None => {
+                    if let Some(up_to) = request {
+                        let mut ask = BytesMut::new();
+                        let body = up_to.to_be_bytes();
+                        requests.put(&mut ask, Kind::AckRequest, Flags(0), &body);
+                        batch.push(ask.freeze());
+                    }
+                    (
+                        batch.iter().map(Bytes::len).sum::<usize>(),
+                        write_all_vectored(&mut wr, &batch).await,
+                    )
+                }
             };
             batch.clear();
             if let Err(e) = result {
@@ -1577,7 +1572,7 @@ async fn drive(conn: &Arc<Conn>, receiver_id: ipcbus_proto::ids::ReceiverId) -> 
             FrameReader(CodecV1::new(shared.max_frame.min(64 * 1024))),
         );
         frames.read_buffer_mut().extend_from_slice(&est.read_buf);
-        let mut last_frame_seq = 0u64;
+        let mut inbound = Inbound::acks(rx_sealer);
         let tick = (shared.send_timeout / 4).max(Duration::from_millis(5));
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1607,28 +1602,26 @@ async fn drive(conn: &Arc<Conn>, receiver_id: ipcbus_proto::ids::ReceiverId) -> 
                 Some(Err(ReadError::Decode(e))) => return protocol(conn, e),
                 Some(Ok(f)) => f,
             };
-            if f.seq <= last_frame_seq {
-                return protocol(
-                    conn,
-                    DecodeError::OutOfOrder {
-                        seq: f.seq,
-                        last: last_frame_seq,
-                    },
-                );
-            }
-            last_frame_seq = f.seq;
-            match &rx_sealer {
-                Some(s) => {
-                    if let Err(e) = s.open(&mut f) {
-                        return protocol(conn, e);
-                    }
+            // Kind, order and seal, checked in the session.
+            let inflated;
+            let body: &[u8] = match inbound.open_frame(&mut f) {
+                Ok(Opened::Plain(_)) => &f.body,
+                Ok(Opened::Inflated(b)) => {
+                    inflated = b;
+                    &inflated
                 }
-                None if f.flags.sealed() => return protocol(conn, DecodeError::SealMismatch),
-                None => {}
-            }
+                Ok(Opened::AckRequest(_)) => {
+                    let e = DecodeError::Unexpected {
+                        got: Kind::AckRequest,
+                        expected: "Ack or Bye",
+                    };
+                    return protocol(conn, e);
+                }
+                Err(e) => return protocol(conn, e),
+            };
             match f.kind {
                 Kind::Ack => {
-                    let up_to = match parse_ack(&f.body) {
+                    let up_to = match parse_ack(body) {
                         Ok(v) => v,
                         Err(e) => return protocol(conn, e),
                     };
