@@ -20,53 +20,49 @@
 //!   receiver, and tracking the discovered receivers;
 //! - [`fanout`]: the I/O-free core: the stage and its chunks, each connection's
 //!   window, queue, outcomes, waiters and counters;
-//! - the connection driver (below `run_established`), a write loop and a read loop
-//!   over any byte stream.
+//! - [`conn`]: the connection driver, a write loop and a read loop over any byte
+//!   stream.
 
+mod conn;
 mod fanout;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tokio::time::Instant;
-use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use self::conn::{Link, Session};
 use self::fanout::{
-    acked_events, fold_settled, lock, lock_out, lock_stage, Acked, ConnTotals, Destination, Limits,
-    Segment, SpinMutex, Stage, Window,
+    acked_events, fold_settled, lock_out, lock_stage, ConnTotals, Destination, Limits, Segment,
+    SpinMutex, Stage, Window,
 };
 use crate::discovery::Discovery;
 use crate::epm::{Epm, EpmError};
-use crate::framing::{FrameReader, ReadError};
 use crate::handshake::{self, Established, HandshakeError};
 use crate::registry::{LocalRegistry, Record, RegistryError};
 use crate::report::{FailReason, ReceiverInfo, SendReport, SenderEvent};
 use crate::security::{Resolved, Security};
 use crate::stats::SenderStats;
-use ipcbus_proto::codec::CodecV1;
 use ipcbus_proto::compress::{CompressPolicy, Gzipper, DEFAULT_THRESHOLD};
 pub use ipcbus_proto::compress::{Compression, CompressionStats};
-use ipcbus_proto::crypto::{Sealer, TAG_LEN};
+use ipcbus_proto::crypto::TAG_LEN;
 use ipcbus_proto::frame::{
-    parse_ack, DecodeError, Flags, Header, Kind, RejectReason, DEFAULT_MAX_FRAME, HEADER_LEN,
-    LEN_PREFIX,
+    Flags, Header, Kind, RejectReason, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX,
 };
 use ipcbus_proto::handle::Handle;
 use ipcbus_proto::ids::SenderId;
-use ipcbus_proto::session::{Inbound, Opened, Outbound};
 
 /// Why an event could not be sent at all (per-receiver failures go in the
 /// [`SendReport`] instead).
@@ -1166,267 +1162,7 @@ async fn run_established(conn: &Arc<Conn>, est: Established<TcpStream>) -> FailR
         rx: est.rx,
         read_buf: est.read_buf,
     };
-    run(&**conn, rd, wr, session).await
-}
-
-/// What the driver needs of the connection it drives (the sender's `Conn`).
-trait Link: Destination + Sized {
-    /// The publisher's stage: a writer with nothing queued takes from it.
-    fn stage(&self) -> &SpinMutex<Stage<Self>>;
-    /// Notified when the writer is to wake ([`Destination::wake_writer`]).
-    fn writer_wake(&self) -> &Notify;
-    /// Tells a publisher waiting for window or buffer space that some was freed.
-    fn space_freed(&self);
-    /// The receiver (for logs).
-    fn receiver(&self) -> &ReceiverInfo;
-    /// The handle (for logs).
-    fn handle(&self) -> &Handle;
-    /// How long a written event may stay unacknowledged.
-    fn send_timeout(&self) -> Duration;
-    /// Largest frame the connection carries.
-    fn max_frame(&self) -> usize;
-}
-
-/// The session of an established connection: the sealers of both directions (on a
-/// sealed connection) and the bytes read past the handshake.
-#[derive(Debug)]
-struct Session {
-    tx: Option<Sealer>,
-    rx: Option<Sealer>,
-    read_buf: BytesMut,
-}
-
-/// Drives an established connection until it ends; returns why it ended.
-async fn run<L, R, W>(conn: &L, rd: R, wr: W, session: Session) -> FailReason
-where
-    L: Link,
-    R: AsyncRead + Unpin + Send,
-    W: AsyncWrite + Unpin + Send,
-{
-    // (last sequence of a written batch, when it was written): for the ack timeout.
-    let batches = Mutex::new(VecDeque::new());
-    tokio::select! {
-        r = write_loop(conn, wr, session.tx, &batches) => r,
-        r = read_loop(conn, rd, session.rx, session.read_buf, &batches) => r,
-    }
-}
-
-async fn write_loop<L: Link, W: AsyncWrite + Unpin>(
-    conn: &L,
-    mut wr: W,
-    sealer: Option<Sealer>,
-    batches: &Mutex<VecDeque<(u64, Instant)>>,
-) -> FailReason {
-    let window = conn.window();
-    let mut sealed = BytesMut::new();
-    let mut batch: Vec<Bytes> = Vec::new();
-    // AckRequests are numbered (and sealed) by their own counter.
-    let mut requests = Outbound::new(sealer.clone());
-    // The highest sequence asked to be acknowledged promptly.
-    let mut requested = 0u64;
-    // The last event written: a request never names one not written yet.
-    let mut written = 0u64;
-    loop {
-        let notified = conn.writer_wake().notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        let took = window.take_queued(&mut batch);
-        let top = took.unwrap_or(written);
-        let want = window.ack_wanted.load(Ordering::Acquire).min(top);
-        let request = (want > requested).then_some(want);
-        if took.is_none() && request.is_none() {
-            // Nothing queued: take what the publisher staged, or sleep until a
-            // hand-over or a request. Both under the stage's lock, so no hand-over
-            // is missed; a request after this look finds the writer waiting.
-            let sleep = lock_stage(conn.stage()).park(conn);
-            let asked = window.ack_wanted.load(Ordering::Acquire).min(written) > requested;
-            if sleep && !asked {
-                notified.await;
-            }
-            continue;
-        }
-        if let Some(last) = took {
-            conn.space_freed();
-            lock(batches).push_back((last, Instant::now()));
-        }
-        if let Some(up_to) = request {
-            requested = up_to;
-        }
-        let (wrote, result) = match &sealer {
-            Some(s) => {
-                sealed.clear();
-                for chunk in &batch {
-                    seal_all(s, chunk, &mut sealed);
-                }
-                if let Some(up_to) = request {
-                    let body = up_to.to_be_bytes();
-                    requests.put(&mut sealed, Kind::AckRequest, Flags(0), &body);
-                }
-                (sealed.len(), wr.write_all(&sealed).await)
-            }
-            None => {
-                if let Some(up_to) = request {
-                    let mut ask = BytesMut::new();
-                    let body = up_to.to_be_bytes();
-                    requests.put(&mut ask, Kind::AckRequest, Flags(0), &body);
-                    batch.push(ask.freeze());
-                }
-                (
-                    batch.iter().map(Bytes::len).sum::<usize>(),
-                    write_all_vectored(&mut wr, &batch).await,
-                )
-            }
-        };
-        batch.clear();
-        if let Err(e) = result {
-            tracing::debug!(receiver = %conn.receiver(), error = %e, "write failed");
-            return FailReason::Disconnected;
-        }
-        // The writer's own counter: one uncontended add per write.
-        window
-            .bytes_written
-            .fetch_add(wrote as u64, Ordering::Relaxed);
-        written = top;
-    }
-}
-
-async fn read_loop<L: Link, R: AsyncRead + Unpin>(
-    conn: &L,
-    rd: R,
-    opener: Option<Sealer>,
-    read_buf: BytesMut,
-    batches: &Mutex<VecDeque<(u64, Instant)>>,
-) -> FailReason {
-    let window = conn.window();
-    let mut frames = FramedRead::new(
-        rd,
-        FrameReader(CodecV1::new(conn.max_frame().min(64 * 1024))),
-    );
-    frames.read_buffer_mut().extend_from_slice(&read_buf);
-    let mut inbound = Inbound::acks(opener);
-    let send_timeout = conn.send_timeout();
-    let tick = (send_timeout / 4).max(Duration::from_millis(5));
-    let mut ticker = tokio::time::interval(tick);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let next = tokio::select! {
-            f = frames.next() => f,
-            _ = ticker.tick() => {
-                let acked = window.acked.load(Ordering::Acquire);
-                let overdue = {
-                    let mut b = lock(batches);
-                    while b.front().is_some_and(|e| e.0 <= acked) {
-                        b.pop_front();
-                    }
-                    b.front().is_some_and(|e| e.1.elapsed() > send_timeout)
-                };
-                if overdue {
-                    tracing::warn!(handle = %conn.handle(), receiver = %conn.receiver(), "receiver did not acknowledge within the send timeout; dropping it");
-                    return FailReason::TimedOut;
-                }
-                continue;
-            }
-        };
-        let mut f = match next {
-            None => return FailReason::Disconnected,
-            // A reset or other socket error is a lost connection, not bad input.
-            Some(Err(ReadError::Io(_))) => return FailReason::Disconnected,
-            Some(Err(ReadError::Decode(e))) => return protocol(conn, e),
-            Some(Ok(f)) => f,
-        };
-        // Kind, order and seal, checked in the session.
-        let inflated;
-        let body: &[u8] = match inbound.open_frame(&mut f) {
-            Ok(Opened::Plain(_)) => &f.body,
-            Ok(Opened::Inflated(b)) => {
-                inflated = b;
-                &inflated
-            }
-            Ok(Opened::AckRequest(_)) => {
-                let e = DecodeError::Unexpected {
-                    got: Kind::AckRequest,
-                    expected: "Ack or Bye",
-                };
-                return protocol(conn, e);
-            }
-            Err(e) => return protocol(conn, e),
-        };
-        if f.kind == Kind::Bye {
-            return FailReason::ReceiverLeft;
-        }
-        let up_to = match parse_ack(body) {
-            Ok(v) => v,
-            Err(e) => return protocol(conn, e),
-        };
-        match window.ack(up_to) {
-            Acked::Stale => {}
-            Acked::Moved => conn.space_freed(),
-            Acked::Beyond => {
-                return protocol(
-                    conn,
-                    DecodeError::Malformed("ack beyond the last event sent"),
-                )
-            }
-            Acked::Failed(reason) => return reason,
-        }
-    }
-}
-
-fn protocol<L: Link>(conn: &L, e: DecodeError) -> FailReason {
-    tracing::warn!(receiver = %conn.receiver(), error = %e, "receiver broke the protocol; dropping it");
-    FailReason::Protocol(e.to_string())
-}
-
-/// Writes every chunk, with as few calls as the stream allows.
-async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    chunks: &[Bytes],
-) -> std::io::Result<()> {
-    if let [one] = chunks {
-        return wr.write_all(one).await;
-    }
-    // (chunk, bytes of it written so far)
-    let (mut i, mut off) = (0, 0);
-    loop {
-        while i < chunks.len() && chunks[i].len() == off {
-            i += 1;
-            off = 0;
-        }
-        if i == chunks.len() {
-            return Ok(());
-        }
-        let slices: Vec<std::io::IoSlice<'_>> = std::iter::once(&chunks[i][off..])
-            .chain(chunks[i + 1..].iter().map(|c| &c[..]))
-            .map(std::io::IoSlice::new)
-            .collect();
-        let mut n = wr.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 && n >= chunks[i].len() - off {
-            n -= chunks[i].len() - off;
-            i += 1;
-            off = 0;
-        }
-        off += n;
-    }
-}
-
-/// Re-encodes a buffer of plain frames (as the publisher staged them) as sealed
-/// frames.
-fn seal_all(sealer: &Sealer, mut plain: &[u8], out: &mut BytesMut) {
-    while let Some(head) = plain.first_chunk::<{ LEN_PREFIX + HEADER_LEN }>() {
-        // Only frames this sender encoded are staged, so neither check fails.
-        let Ok((h, body_len)) = Header::parse_prefixed(head) else {
-            return;
-        };
-        let end = LEN_PREFIX + HEADER_LEN + body_len;
-        let Some(body) = plain.get(LEN_PREFIX + HEADER_LEN..end) else {
-            return;
-        };
-        sealer.put_sealed(out, h.kind, h.flags, h.seq, body);
-        plain = &plain[end..];
-    }
+    conn::run(&**conn, rd, wr, session).await
 }
 
 /// Keeps one connection per discovered receiver: given the current set of records
@@ -1632,7 +1368,6 @@ impl EpmDiscovery {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
 
     #[tokio::test]
     async fn loopback_connections_are_not_paced() {
@@ -1708,27 +1443,5 @@ mod tests {
             rx.close().await;
         }
         std::fs::remove_dir_all(&dir).ok();
-    }
-
-    #[tokio::test]
-    async fn write_all_vectored_survives_short_writes() {
-        // A 7-byte pipe: every write is cut short, often inside a chunk.
-        let (mut a, mut b) = tokio::io::duplex(7);
-        let chunks: Vec<Bytes> = [&b"abc"[..], b"", b"defghijklmnop", b"q", b"rstuvwxyz"]
-            .iter()
-            .map(|c| Bytes::copy_from_slice(c))
-            .collect();
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            b.read_to_end(&mut got).await.unwrap();
-            got
-        });
-        write_all_vectored(&mut a, &chunks).await.unwrap();
-        write_all_vectored(&mut a, &chunks[1..2]).await.unwrap();
-        write_all_vectored(&mut a, &[Bytes::new(), Bytes::new()])
-            .await
-            .unwrap();
-        drop(a);
-        assert_eq!(reader.await.unwrap(), b"abcdefghijklmnopqrstuvwxyz");
     }
 }
