@@ -26,7 +26,7 @@ use tokio_util::codec::FramedRead;
 
 use super::fanout::{lock, lock_stage, Acked, Destination, SpinMutex, Stage};
 use crate::framing::{FrameReader, ReadError};
-use crate::report::{FailReason, ReceiverInfo};
+use crate::report::FailReason;
 use ipcbus_proto::codec::CodecV1;
 use ipcbus_proto::crypto::Sealer;
 use ipcbus_proto::frame::{parse_ack, DecodeError, Flags, Header, Kind, HEADER_LEN, LEN_PREFIX};
@@ -42,7 +42,7 @@ pub(super) trait Link: Destination + Sized {
     /// Tells a publisher waiting for window or buffer space that some was freed.
     fn space_freed(&self);
     /// The receiver (for logs).
-    fn receiver(&self) -> &ReceiverInfo;
+    fn receiver(&self) -> &dyn std::fmt::Display;
     /// The handle (for logs).
     fn handle(&self) -> &Handle;
     /// How long a written event may stay unacknowledged.
@@ -296,7 +296,184 @@ fn seal_all(sealer: &Sealer, mut plain: &[u8], out: &mut BytesMut) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
+    use crate::sender::fanout::{lock_stage, Limits, Window};
+    use ipcbus_proto::crypto::{Key, SessionKeys};
+    use ipcbus_proto::frame::RawFrame;
+    use ipcbus_proto::ids::ReceiverId;
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, DuplexStream, ReadHalf, WriteHalf};
+
+    /// A connection as the driver sees it, without a sender around it.
+    struct Probe {
+        window: Window,
+        stage: SpinMutex<Stage<Probe>>,
+        wake: Notify,
+        handle: Handle,
+    }
+
+    impl Destination for Probe {
+        fn window(&self) -> &Window {
+            &self.window
+        }
+        fn wake_writer(&self) {
+            self.wake.notify_one();
+        }
+        fn skipped(&self, _: u64, _: u64, _: &FailReason) {}
+    }
+
+    impl Link for Probe {
+        fn stage(&self) -> &SpinMutex<Stage<Probe>> {
+            &self.stage
+        }
+        fn writer_wake(&self) -> &Notify {
+            &self.wake
+        }
+        fn space_freed(&self) {}
+        fn receiver(&self) -> &dyn std::fmt::Display {
+            &"probe"
+        }
+        fn handle(&self) -> &Handle {
+            &self.handle
+        }
+        fn send_timeout(&self) -> Duration {
+            Duration::from_secs(10)
+        }
+        fn max_frame(&self) -> usize {
+            1 << 20
+        }
+    }
+
+    /// The receiving end of the stream, as a test drives it.
+    struct Peer {
+        frames: FramedRead<ReadHalf<DuplexStream>, FrameReader>,
+        inbound: Inbound,
+        wr: WriteHalf<DuplexStream>,
+        out: Outbound,
+    }
+
+    impl Peer {
+        async fn next(&mut self) -> (RawFrame, Opened) {
+            let mut f = self.frames.next().await.unwrap().unwrap();
+            let opened = self.inbound.open_frame(&mut f).unwrap();
+            (f, opened)
+        }
+
+        async fn send(&mut self, kind: Kind, body: &[u8]) {
+            let mut buf = BytesMut::new();
+            self.out.put(&mut buf, kind, Flags(0), body);
+            self.wr.write_all(&buf).await.unwrap();
+        }
+    }
+
+    /// A probe connection with events 1..=3 queued, driven over an in-memory
+    /// stream (sealed or not), and the peer at the other end.
+    fn start(sealed: bool) -> (Arc<Probe>, tokio::task::JoinHandle<FailReason>, Peer) {
+        let probe = Arc::new(Probe {
+            window: Window::default(),
+            stage: SpinMutex::new(Stage::new()),
+            wake: Notify::new(),
+            handle: Handle::new("probe").unwrap(),
+        });
+        probe.window.start_after(0);
+        {
+            let mut stage = lock_stage(&probe.stage);
+            let limits = Limits {
+                window: 100,
+                buffer: 1 << 20,
+            };
+            stage.retarget(Arc::from(vec![probe.clone()]), limits);
+            for seq in 1..=3u64 {
+                let h = Header {
+                    kind: Kind::Data,
+                    flags: Flags(0),
+                    seq,
+                };
+                stage.push(seq, &h.to_bytes(1), &[b'a' + seq as u8]);
+            }
+            stage.hand_over();
+        }
+        let keys = SessionKeys::derive(
+            &Key::from_bytes([1; 32]),
+            b"hello",
+            &[2; 32],
+            &ReceiverId([3; 16]),
+            &[4; 32],
+        );
+        let sealer = |k: &[u8; 32]| sealed.then(|| Sealer::new(k));
+        let session = Session {
+            tx: sealer(&keys.c2s),
+            rx: sealer(&keys.s2c),
+            read_buf: BytesMut::new(),
+        };
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
+        let (rd, wr) = tokio::io::split(ours);
+        let p = probe.clone();
+        let driver = tokio::spawn(async move { run(&*p, rd, wr, session).await });
+        let (rd, wr) = tokio::io::split(theirs);
+        let peer = Peer {
+            frames: FramedRead::new(rd, FrameReader(CodecV1::default())),
+            inbound: Inbound::events(sealer(&keys.c2s), 1 << 20),
+            wr,
+            out: Outbound::new(sealer(&keys.s2c)),
+        };
+        (probe, driver, peer)
+    }
+
+    #[tokio::test]
+    async fn the_driver_writes_queued_events_asks_for_acks_and_moves_the_window() {
+        for sealed in [false, true] {
+            let (probe, driver, mut peer) = start(sealed);
+            for seq in 1..=3u64 {
+                let (f, opened) = peer.next().await;
+                assert_eq!((f.kind, f.seq), (Kind::Data, seq), "sealed: {sealed}");
+                assert_eq!(opened, Opened::Plain(1));
+                assert_eq!(f.body[..], [b'a' + seq as u8]);
+            }
+            peer.send(Kind::Ack, &2u64.to_be_bytes()).await;
+            // Someone waits for event 3: the writer asks for it.
+            if probe.window.register_waiter(3, std::task::Waker::noop()) {
+                probe.wake_writer();
+            }
+            let (f, opened) = peer.next().await;
+            assert_eq!((f.kind, opened), (Kind::AckRequest, Opened::AckRequest(3)));
+            assert_eq!(probe.window.outcome(2), Some(Ok(())));
+            peer.send(Kind::Ack, &3u64.to_be_bytes()).await;
+            peer.send(Kind::Bye, &[]).await;
+            assert_eq!(driver.await.unwrap(), FailReason::ReceiverLeft);
+            assert_eq!(probe.window.outcome(3), Some(Ok(())));
+            let per_frame = if sealed { 15 + 16 } else { 15 };
+            assert_eq!(
+                probe.window.bytes_written.load(Ordering::SeqCst),
+                3 * per_frame + per_frame + 7
+            );
+            // The stage holds the probe, which holds the stage.
+            lock_stage(&probe.stage).retarget(
+                Arc::from(Vec::new()),
+                Limits {
+                    window: 1,
+                    buffer: 1,
+                },
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ack_beyond_the_last_event_or_a_wrong_kind_ends_the_connection() {
+        let (_probe, driver, mut peer) = start(true);
+        peer.send(Kind::Ack, &9u64.to_be_bytes()).await;
+        assert_eq!(
+            driver.await.unwrap(),
+            FailReason::Protocol(
+                DecodeError::Malformed("ack beyond the last event sent").to_string()
+            )
+        );
+        let (_probe, driver, mut peer) = start(false);
+        peer.send(Kind::Data, b"x").await;
+        assert!(matches!(
+            driver.await.unwrap(),
+            FailReason::Protocol(e) if e.contains("expected Ack or Bye")
+        ));
+    }
 
     #[tokio::test]
     async fn write_all_vectored_survives_short_writes() {

@@ -1002,7 +1002,7 @@ impl Link for Conn {
         self.space.notify_one();
     }
 
-    fn receiver(&self) -> &ReceiverInfo {
+    fn receiver(&self) -> &dyn std::fmt::Display {
         &self.info
     }
 
