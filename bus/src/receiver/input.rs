@@ -3,7 +3,8 @@
 //! over as one [`Batch`] per read; [`Batch`], from which the application takes one
 //! `Message` per event; [`AckState`], what the application has taken and what the
 //! sender asked for, which says when an acknowledgement is due. No sockets and no
-//! tasks: the driver (`conn.rs`) reads into the buffer and writes the acks.
+//! tasks: the read loop (`conn.rs`) reads into the buffer, the receiver's
+//! `ack_writer` writes the acks.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

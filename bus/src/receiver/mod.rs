@@ -7,8 +7,8 @@
 //! - [`input`]: the pure pieces of a connection: the read buffer checked through the
 //!   session (`Input`), the batches the application takes events from (`Batch`), and
 //!   when an acknowledgement is due (`AckState`);
-//! - [`conn`]: the connection driver after the handshake: the read loop and the
-//!   acknowledgement writer, over any byte stream.
+//! - [`conn`]: the connection's read loop after the handshake, over any byte
+//!   stream; its acknowledgement writer (`ack_writer`) is still here.
 
 mod conn;
 mod input;
@@ -21,13 +21,16 @@ use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use futures::Stream;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use self::input::{AckState, Batch};
+use self::input::{AckState, Batch, ACK_DELAY};
 use crate::discovery::Announcement;
 use crate::discovery::Discovery;
 use crate::epm::{Epm, EpmError};
@@ -37,9 +40,11 @@ use crate::message::Message;
 use crate::registry::{record_now, RegistryError};
 use crate::security::{Resolved, Security};
 use crate::stats::{ReceiverCounters, ReceiverStats, RejectKind};
-use ipcbus_proto::frame::DEFAULT_MAX_FRAME;
+use ipcbus_proto::crypto::Sealer;
+use ipcbus_proto::frame::{Flags, Kind, DEFAULT_MAX_FRAME};
 use ipcbus_proto::handle::Handle;
 use ipcbus_proto::ids::{ReceiverId, SenderId};
+use ipcbus_proto::session::Outbound;
 
 /// Why a receiver could not be bound.
 #[derive(Debug, thiserror::Error)]
@@ -515,19 +520,90 @@ async fn serve(
     counters.handshakes.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(%peer, handle = %shared.handle, %sender, "sender connected");
     let (rd, wr) = est.io.into_split();
-    let session = conn::Session {
-        tx: est.tx,
-        rx: est.rx,
-        read_buf: est.read_buf,
-    };
+    let ack = Arc::new(AckState::default());
+    let conn_done = shared.shutdown.child_token();
+    let acker = shared.tasks.spawn(ack_writer(
+        wr,
+        est.tx,
+        ack.clone(),
+        shared.shutdown.clone(),
+        conn_done.clone(),
+    ));
     let cx = conn::Context {
         shutdown: &shared.shutdown,
-        tasks: &shared.tasks,
         bytes_read: &counters.bytes_read,
         max_frame: shared.max_frame,
     };
-    if let Err(e) = conn::run(rd, wr, session, sender, tx, cx).await {
+    let result = conn::read_loop(rd, est.rx, est.read_buf, sender, &ack, tx, cx).await;
+    if let Err(e) = result {
         tracing::warn!(%peer, handle = %shared.handle, %sender, error = %e, "closing connection on bad input");
     }
+    conn_done.cancel();
+    let _ = acker.await;
     counters.closed.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Writes cumulative acknowledgements as the application takes events; on receiver
+/// shutdown, writes a last ack and `Bye`.
+async fn ack_writer(
+    mut wr: OwnedWriteHalf,
+    sealer: Option<Sealer>,
+    ack: Arc<AckState>,
+    shutdown: CancellationToken,
+    conn_done: CancellationToken,
+) {
+    let mut sent = 0u64;
+    let mut out = Outbound::new(sealer);
+    let mut buf = BytesMut::with_capacity(64);
+    loop {
+        let (closing, conn_ended) = loop {
+            // Declare ourselves idle (and whether the delay timer runs), then look
+            // again, so a take that lands in between is not missed: it either sees
+            // `idle` and wakes us if needed, or we see it here.
+            let before = ack.taken.load(Ordering::SeqCst);
+            let pending = before > sent;
+            ack.timer.store(pending, Ordering::SeqCst);
+            ack.idle.store(true, Ordering::SeqCst);
+            let taken = ack.taken.load(Ordering::SeqCst);
+            let ended = (shutdown.is_cancelled(), conn_done.is_cancelled());
+            if ack.due(taken) || ended.0 || ended.1 {
+                ack.idle.store(false, Ordering::SeqCst);
+                break ended;
+            }
+            if taken != before {
+                ack.idle.store(false, Ordering::SeqCst);
+                continue;
+            }
+            // Order matters: a take that raced with shutdown is still acknowledged.
+            let woke = tokio::select! {
+                biased;
+                _ = ack.notify.notified() => None,
+                _ = shutdown.cancelled() => Some((true, false)),
+                _ = conn_done.cancelled() => Some((false, true)),
+                _ = tokio::time::sleep(ACK_DELAY), if pending => Some((false, false)),
+            };
+            ack.idle.store(false, Ordering::SeqCst);
+            if let Some(r) = woke {
+                break r;
+            }
+            // Woken by a take or a request: look again.
+        };
+        let up = ack.taken.load(Ordering::Acquire);
+        buf.clear();
+        if up > sent {
+            out.put(&mut buf, Kind::Ack, Flags(0), &up.to_be_bytes());
+            sent = up;
+            ack.sent.store(up, Ordering::Release);
+        }
+        if closing {
+            out.put(&mut buf, Kind::Bye, Flags(0), &[]);
+        }
+        if !buf.is_empty() && wr.write_all(&buf).await.is_err() {
+            return;
+        }
+        if closing || conn_ended {
+            let _ = wr.shutdown().await;
+            return;
+        }
+    }
 }
