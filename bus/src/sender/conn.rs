@@ -12,7 +12,6 @@
 //!
 //! [`Window`]: super::fanout::Window
 
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -24,7 +23,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::codec::FramedRead;
 
-use super::fanout::{lock, lock_stage, Acked, Destination, SpinMutex, Stage};
+use super::fanout::{lock, lock_stage, Acked, Destination, SpinMutex, Stage, Unacked};
 use crate::framing::{FrameReader, ReadError};
 use crate::report::FailReason;
 use ipcbus_proto::codec::CodecV1;
@@ -67,8 +66,8 @@ where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
-    // (last sequence of a written batch, when it was written): for the ack timeout.
-    let batches = Mutex::new(VecDeque::new());
+    // The written batches not acknowledged yet: for the ack timeout.
+    let batches = Mutex::new(Unacked::default());
     tokio::select! {
         r = write_loop(conn, wr, session.tx, &batches) => r,
         r = read_loop(conn, rd, session.rx, session.read_buf, &batches) => r,
@@ -79,7 +78,7 @@ async fn write_loop<L: Link, W: AsyncWrite + Unpin>(
     conn: &L,
     mut wr: W,
     sealer: Option<Sealer>,
-    batches: &Mutex<VecDeque<(u64, Instant)>>,
+    batches: &Mutex<Unacked>,
 ) -> FailReason {
     let window = conn.window();
     let mut sealed = BytesMut::new();
@@ -111,7 +110,7 @@ async fn write_loop<L: Link, W: AsyncWrite + Unpin>(
         }
         if let Some(last) = took {
             conn.space_freed();
-            lock(batches).push_back((last, Instant::now()));
+            lock(batches).written(last, Instant::now().into_std());
         }
         if let Some(up_to) = request {
             requested = up_to;
@@ -159,7 +158,7 @@ async fn read_loop<L: Link, R: AsyncRead + Unpin>(
     rd: R,
     opener: Option<Sealer>,
     read_buf: BytesMut,
-    batches: &Mutex<VecDeque<(u64, Instant)>>,
+    batches: &Mutex<Unacked>,
 ) -> FailReason {
     let window = conn.window();
     let mut frames = FramedRead::new(
@@ -177,13 +176,8 @@ async fn read_loop<L: Link, R: AsyncRead + Unpin>(
             f = frames.next() => f,
             _ = ticker.tick() => {
                 let acked = window.acked.load(Ordering::Acquire);
-                let overdue = {
-                    let mut b = lock(batches);
-                    while b.front().is_some_and(|e| e.0 <= acked) {
-                        b.pop_front();
-                    }
-                    b.front().is_some_and(|e| e.1.elapsed() > send_timeout)
-                };
+                let now = Instant::now().into_std();
+                let overdue = lock(batches).overdue(acked, now, send_timeout);
                 if overdue {
                     tracing::warn!(handle = %conn.handle(), receiver = %conn.receiver(), "receiver did not acknowledge within the send timeout; dropping it");
                     return FailReason::TimedOut;

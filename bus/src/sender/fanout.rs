@@ -15,6 +15,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::Waker;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -454,6 +455,33 @@ impl Window {
     }
 }
 
+/// The batches a connection wrote that the receiver has not acknowledged yet, each
+/// with when it was written: the connection is dead once the oldest stays
+/// unacknowledged past the send timeout. Time is passed in.
+#[derive(Debug, Default)]
+pub(super) struct Unacked {
+    /// (last event of a written batch, when it was written), oldest first.
+    batches: VecDeque<(u64, Instant)>,
+}
+
+impl Unacked {
+    /// A batch whose last event is `last` was written at `at`.
+    pub(super) fn written(&mut self, last: u64, at: Instant) {
+        self.batches.push_back((last, at));
+    }
+
+    /// Forgets the batches acknowledged up to `acked`; returns whether the oldest
+    /// left was written more than `timeout` before `now`.
+    pub(super) fn overdue(&mut self, acked: u64, now: Instant, timeout: Duration) -> bool {
+        while self.batches.front().is_some_and(|b| b.0 <= acked) {
+            self.batches.pop_front();
+        }
+        self.batches
+            .front()
+            .is_some_and(|b| now.saturating_duration_since(b.1) > timeout)
+    }
+}
+
 /// Events published to one set of targets: from `first` to the next segment's first
 /// (or the latest event).
 #[derive(Debug)]
@@ -820,6 +848,27 @@ mod tests {
         assert!(stage.park(&t[0]));
         assert!(w.request_ack(5));
         assert!(!w.request_ack(6), "awake: nothing to wake");
+    }
+
+    #[test]
+    fn a_batch_unacknowledged_past_the_timeout_is_overdue() {
+        let (t0, timeout) = (Instant::now(), Duration::from_secs(1));
+        let ms = Duration::from_millis;
+        let mut u = Unacked::default();
+        assert!(!u.overdue(0, t0 + ms(10_000), timeout), "nothing written");
+        u.written(5, t0);
+        u.written(9, t0 + ms(500));
+        assert!(!u.overdue(0, t0 + ms(1000), timeout), "not past it yet");
+        assert!(u.overdue(0, t0 + ms(1001), timeout));
+        assert!(
+            !u.overdue(5, t0 + ms(1001), timeout),
+            "the first batch is acked"
+        );
+        assert!(
+            u.overdue(7, t0 + ms(1501), timeout),
+            "a batch acked in part counts"
+        );
+        assert!(!u.overdue(9, t0 + ms(100_000), timeout), "all acked");
     }
 
     #[test]
