@@ -53,6 +53,7 @@ pub(super) struct Batch {
 impl Batch {
     /// The next event of the batch. `data` holds only frames the connection task
     /// checked, so the checks here never fail; if they did, the batch just ends.
+    #[inline]
     pub(super) fn next_message(&mut self) -> Option<Message> {
         let (end, header) = loop {
             let d = &self.data[..];
@@ -255,6 +256,7 @@ impl Default for AckState {
 }
 
 impl AckState {
+    #[inline]
     pub(super) fn take(&self, seq: u64) {
         self.taken.store(seq, Ordering::SeqCst);
         if self.idle.load(Ordering::SeqCst)

@@ -314,6 +314,7 @@ impl Window {
     }
 
     /// The outcome of event `seq` for this receiver, if it is known yet.
+    #[inline]
     pub(super) fn outcome(&self, seq: u64) -> Option<Result<(), FailReason>> {
         if self.acked.load(Ordering::Acquire) >= seq {
             return Some(Ok(()));
@@ -345,12 +346,14 @@ impl Window {
     /// Someone waits for the outcome of event `seq`: the writer is to ask the
     /// receiver to acknowledge it as soon as it is taken (receivers otherwise batch
     /// acks). Returns whether the writer sleeps and must be woken for it.
+    #[inline]
     pub(super) fn request_ack(&self, seq: u64) -> bool {
         self.ack_wanted.fetch_max(seq, Ordering::AcqRel) < seq
             && std::mem::take(&mut lock_out(&self.out).writer_waiting)
     }
 
     /// The receiver acknowledged every event up to `up_to`.
+    #[inline]
     pub(super) fn ack(&self, up_to: u64) -> Acked {
         if up_to > self.queued.load(Ordering::Acquire) {
             return Acked::Beyond;
@@ -417,12 +420,14 @@ impl Window {
     }
 
     /// Whether event `seq` fits this connection's window and buffer.
+    #[inline]
     pub(super) fn has_room(&self, seq: u64, limits: Limits) -> bool {
         seq - self.acked.load(Ordering::Acquire) <= limits.window
             && lock_out(&self.out).bytes < limits.buffer
     }
 
     /// Queues a chunk whose last event is `last`, unless the connection failed.
+    #[inline]
     fn enqueue(&self, chunk: &Bytes, last: u64, buffer_limit: usize) -> Enqueued {
         let mut out = lock_out(&self.out);
         if let Some(reason) = self.failure.get() {
@@ -446,6 +451,7 @@ impl Window {
 
     /// The writer takes every queued chunk into `batch`; returns the last event
     /// taken, if any.
+    #[inline]
     pub(super) fn take_queued(&self, batch: &mut Vec<Bytes>) -> Option<u64> {
         let mut out = lock_out(&self.out);
         let last = out.chunks.back().map(|c| c.1);
