@@ -120,6 +120,28 @@ impl Header {
         })
     }
 
+    /// Parses what [`Header::to_bytes`] writes: the length prefix and the header;
+    /// returns the header and the length of the body that follows.
+    ///
+    /// # Errors
+    /// [`DecodeError::TooShort`], [`DecodeError::UnknownKind`],
+    /// [`DecodeError::UnknownFlags`]. The maximum is the codec's to check.
+    #[inline]
+    pub fn parse_prefixed(
+        b: &[u8; LEN_PREFIX + HEADER_LEN],
+    ) -> Result<(Header, usize), DecodeError> {
+        let (prefix, header) = b.split_at(LEN_PREFIX);
+        let mut len = [0u8; LEN_PREFIX];
+        len.copy_from_slice(prefix);
+        let len = u32::from_be_bytes(len) as usize;
+        let body_len = len
+            .checked_sub(HEADER_LEN)
+            .ok_or(DecodeError::TooShort { len })?;
+        let mut h = [0u8; HEADER_LEN];
+        h.copy_from_slice(header);
+        Ok((Header::parse(&h)?, body_len))
+    }
+
     /// The length prefix and header of a frame whose body is `body_len` bytes.
     #[inline]
     pub fn to_bytes(&self, body_len: usize) -> [u8; LEN_PREFIX + HEADER_LEN] {
@@ -539,6 +561,14 @@ mod tests {
         let mut bad = *body;
         bad[1] = 0x80;
         assert_eq!(Header::parse(&bad), Err(DecodeError::UnknownFlags(0x80)));
+        // With the length prefix: the inverse of `to_bytes`.
+        assert_eq!(Header::parse_prefixed(&b), Ok((h, 2)));
+        let mut short = b;
+        short[..LEN_PREFIX].copy_from_slice(&9u32.to_be_bytes());
+        assert_eq!(
+            Header::parse_prefixed(&short),
+            Err(DecodeError::TooShort { len: 9 })
+        );
     }
 
     fn hello() -> Hello {

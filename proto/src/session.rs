@@ -2,8 +2,8 @@
 //! numbers the frames this side sends and seals them on a sealed connection;
 //! [`Inbound`] checks every frame received — its kind, its order, that it is sealed
 //! exactly when the connection is — then opens it and inflates it within the
-//! maximum. The receiver and both ends of the EPM make their checks through it; the
-//! sender's acknowledgement reader still makes the same checks itself (to move here).
+//! maximum. The receiver, the sender's acknowledgement reader and both ends of the
+//! EPM make their checks through it.
 
 use bytes::BytesMut;
 
@@ -86,6 +86,12 @@ impl Inbound {
     /// counter.
     pub fn events(opener: Option<Sealer>, max_inflate: usize) -> Inbound {
         Inbound::new(opener, &[Kind::Data, Kind::AckRequest], "Data", max_inflate)
+    }
+
+    /// What a sender accepts from a receiver: `Ack` and `Bye` (their bodies are 8
+    /// bytes at most, so that is all one may inflate to).
+    pub fn acks(opener: Option<Sealer>) -> Inbound {
+        Inbound::new(opener, &[Kind::Ack, Kind::Bye], "Ack or Bye", 8)
     }
 
     /// What the two ends of an EPM connection accept from each other: `Data`.

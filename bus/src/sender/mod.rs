@@ -13,41 +13,53 @@
 //! those counters: acknowledged when the receiver's ack reaches the event, failed when
 //! the connection died first. Nothing is kept per in-flight event, so memory is
 //! bounded by the per-receiver window and buffer limits.
+//!
+//! By concern:
+//! - this module: the public API (`Sender`, `SenderBuilder`, `PendingReport`,
+//!   `SenderEvents`), the state the sender and its tasks share, connecting to a
+//!   receiver, and tracking the discovered receivers;
+//! - [`fanout`]: the I/O-free core: the stage and its chunks, each connection's
+//!   window, queue, outcomes, waiters and counters;
+//! - [`conn`]: the connection driver, a write loop and a read loop over any byte
+//!   stream.
+
+mod conn;
+mod fanout;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use serde::Serialize;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tokio::time::Instant;
-use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use self::conn::{Link, Session};
+use self::fanout::{
+    acked_events, fold_settled, lock_out, lock_stage, ConnTotals, Destination, Limits, Segment,
+    SpinMutex, Stage, Window,
+};
 use crate::discovery::{Discovery, DiscoveryError};
 use crate::epm::{Epm, EpmError};
-use crate::framing::{FrameReader, ReadError};
-use crate::handshake::{self, HandshakeError};
-use crate::pool::Pool;
+use crate::handshake::{self, Established, HandshakeError};
 use crate::registry::{LocalRegistry, Record, RegistryError};
 use crate::report::{FailReason, ReceiverInfo, SendReport, SenderEvent};
 use crate::security::{Resolved, Security};
-use crate::stats::{ByKind, FailKind, SenderStats};
+use crate::stats::SenderStats;
 use crate::transport::{ByteStream, Endpoint, Transport};
-use ipcbus_proto::codec::{put_frame, CodecV1};
 use ipcbus_proto::compress::{CompressPolicy, Gzipper, DEFAULT_THRESHOLD};
 pub use ipcbus_proto::compress::{Compression, CompressionStats};
-use ipcbus_proto::crypto::{Sealer, TAG_LEN};
+use ipcbus_proto::crypto::TAG_LEN;
 use ipcbus_proto::frame::{
-    parse_ack, DecodeError, Flags, Kind, RejectReason, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX,
+    Flags, Header, Kind, RejectReason, DEFAULT_MAX_FRAME, HEADER_LEN, LEN_PREFIX,
 };
 use ipcbus_proto::handle::Handle;
 use ipcbus_proto::ids::{ReceiverId, SenderId};
@@ -350,40 +362,9 @@ pub struct Sender {
     retired_totals: ConnTotals,
     /// The runs of events published to one set of targets whose outcome may still
     /// change, oldest first (for [`SenderStats::acked_events`]).
-    segments: VecDeque<Segment>,
+    segments: VecDeque<Segment<Conn>>,
     /// Events acknowledged by all their targets in the segments already folded.
     acked_events_done: u64,
-}
-
-/// Events published to one set of targets: from `first` to the next segment's first
-/// (or the latest event).
-#[derive(Debug)]
-struct Segment {
-    first: u64,
-    targets: Arc<[Arc<Conn>]>,
-}
-
-impl Segment {
-    /// How many of its events up to `last` every target acknowledged (acks are
-    /// cumulative, so the lowest acknowledgement bounds them).
-    fn acked_events(&self, last: u64) -> u64 {
-        let Some(low) = self
-            .targets
-            .iter()
-            .map(|c| c.acked.load(Ordering::Acquire))
-            .min()
-        else {
-            return 0;
-        };
-        (low.min(last) + 1).saturating_sub(self.first)
-    }
-
-    /// Whether every event up to `last` is acknowledged or failed by every target.
-    fn settled(&self, last: u64) -> bool {
-        self.targets
-            .iter()
-            .all(|c| c.failure.get().is_some() || c.acked.load(Ordering::Acquire) >= last)
-    }
 }
 
 /// A publisher in full flow yields to the runtime after queuing this many bytes for
@@ -505,7 +486,7 @@ impl Sender {
         // receiver (and the rest of the runtime, as tokio's cooperative budget would).
         if self.unyielded >= YIELD_BYTES {
             self.unyielded = 0;
-            lock_stage(&self.shared.stage).hand_over(&self.shared);
+            lock_stage(&self.shared.stage).hand_over();
             tokio::task::yield_now().await;
         }
         if self.shared.updates_pending.load(Ordering::Relaxed) {
@@ -540,7 +521,12 @@ impl Sender {
         };
         // Encoded once, into the stage every receiver's writer takes from: the work per
         // event does not grow with the number of receivers.
-        let header = data_header(flags, seq, body.len());
+        let header = Header {
+            kind: Kind::Data,
+            flags,
+            seq,
+        }
+        .to_bytes(body.len());
         let frame_len = header.len() + body.len();
         self.unyielded += frame_len;
         let mut stage = lock_stage(&self.shared.stage);
@@ -549,7 +535,7 @@ impl Sender {
             self.wait_for_room(seq).await;
             stage = lock_stage(&self.shared.stage);
         }
-        stage.push(&self.shared, seq, &header, body);
+        stage.push(seq, &header, body);
         drop(stage);
         self.last_seq = seq;
         if !self
@@ -706,14 +692,8 @@ impl Sender {
             changed = true;
             match u {
                 Update::Add(c) => {
-                    // Its window starts at the next event (under the queue's lock, so
-                    // a concurrent `fail` sees both counters before or both after).
-                    {
-                        let _out = lock_out(&c.out);
-                        c.acked.store(self.next_seq - 1, Ordering::Release);
-                        c.queued.store(self.next_seq - 1, Ordering::Release);
-                        c.base.store(self.next_seq - 1, Ordering::Relaxed);
-                    }
+                    // Its window starts at the next event.
+                    c.window.start_after(self.next_seq - 1);
                     self.conns.push(c);
                 }
                 Update::Remove(c) => {
@@ -730,24 +710,11 @@ impl Sender {
                 targets: self.targets.clone(),
             });
             // Segments whose every outcome is known keep only their count.
-            while self.segments.len() >= 2 {
-                let last = self.segments[1].first - 1;
-                if !self.segments[0].settled(last) {
-                    break;
-                }
-                self.acked_events_done += self.segments[0].acked_events(last);
-                self.segments.pop_front();
-            }
+            fold_settled(&mut self.segments, &mut self.acked_events_done);
             self.compress
                 .set_remote(self.targets.iter().any(|c| !c.info.endpoint.is_local()));
             // What is staged goes to the receivers it was published for.
-            let mut stage = lock_stage(&self.shared.stage);
-            stage.hand_over(&self.shared);
-            stage.targets = self.targets.clone();
-            stage.room_until = 0;
-            // A new target's writer may have gone to sleep before it was a target (the
-            // hand-over then did not wake it): the next event is handed over at once.
-            stage.idle_writers = stage.idle_writers.max(1);
+            lock_stage(&self.shared.stage).retarget(self.targets.clone(), self.shared.limits());
         }
         // Connections that are gone for good keep only their totals: after the stage
         // has stopped naming them as targets, so that a hand-over of staged events
@@ -765,15 +732,7 @@ impl Sender {
 
     /// Events acknowledged by every target in the segments not folded yet.
     fn segment_acked_events(&self) -> u64 {
-        let mut sum = 0;
-        for (i, seg) in self.segments.iter().enumerate() {
-            let last = self
-                .segments
-                .get(i + 1)
-                .map_or(self.next_seq - 1, |next| next.first - 1);
-            sum += seg.acked_events(last);
-        }
-        sum
+        acked_events(&self.segments, self.next_seq - 1)
     }
 
     /// Waits until every target has room for event `seq` in its window and buffer, at
@@ -782,39 +741,13 @@ impl Sender {
         let shared = &self.shared;
         let mut deadline = None;
         loop {
-            let blocker = {
-                let mut stage = lock_stage(&shared.stage);
-                // Whatever is staged goes to the writers first, so they have work.
-                stage.hand_over(shared);
-                stage.over = false;
-                let mut room_until = u64::MAX;
-                let mut blocker = None;
-                for c in stage.targets.iter() {
-                    if c.failure.get().is_some() {
-                        continue;
-                    }
-                    let until = c
-                        .acked
-                        .load(Ordering::Acquire)
-                        .saturating_add(shared.window);
-                    room_until = room_until.min(until);
-                    if seq > until {
-                        // Its window is full: ask for the acknowledgements now (all
-                        // such receivers at once, not one per round trip).
-                        c.request_ack(c.queued.load(Ordering::Acquire));
-                    }
-                    if blocker.is_none() && !c.has_room(seq) {
-                        blocker = Some(c.clone());
-                    }
-                }
-                stage.room_until = room_until;
-                blocker
-            };
+            // Whatever is staged goes to the writers first, so they have work.
+            let blocker = lock_stage(&shared.stage).blocker(seq);
             let Some(c) = blocker else { return };
             let notified = c.space.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if c.failure.get().is_some() || c.has_room(seq) {
+            if c.failure.get().is_some() || c.window.has_room(seq, shared.limits()) {
                 continue;
             }
             let dl = *deadline.get_or_insert_with(|| Instant::now() + shared.send_timeout);
@@ -830,11 +763,8 @@ impl Drop for Sender {
     fn drop(&mut self) {
         // What is staged goes to the connections first, so the failures their
         // shutdown reports cover it.
-        let mut stage = lock_stage(&self.shared.stage);
-        stage.hand_over(&self.shared);
         // The stage's targets hold the connections, which hold `Shared`.
-        stage.targets = Arc::from(Vec::new());
-        drop(stage);
+        lock_stage(&self.shared.stage).retarget(Arc::from(Vec::new()), self.shared.limits());
         self.shared.shutdown.cancel();
     }
 }
@@ -980,7 +910,7 @@ struct Shared {
     shutdown: CancellationToken,
     tasks: TaskTracker,
     /// Events encoded once for every receiver, not yet handed to the connections.
-    stage: SpinMutex<Stage>,
+    stage: SpinMutex<Stage<Conn>>,
     /// Connections started, reconnects among them, and handshakes done (for
     /// [`Sender::stats`]; once per connection each).
     connects: AtomicU64,
@@ -994,6 +924,14 @@ impl Shared {
         let _ = self.updates.send(u);
         self.updates_pending.store(true, Ordering::Release);
     }
+
+    /// The bounds of every receiver's window.
+    fn limits(&self) -> Limits {
+        Limits {
+            window: self.window,
+            buffer: self.buffer_limit,
+        }
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -1005,156 +943,29 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-/// Most bytes staged before they are handed to the connections: about one good
-/// write's worth (a single larger frame makes a larger chunk).
-const STAGE_CHUNK: usize = 128 * 1024;
-
-/// Events encoded once for every receiver: the publisher appends each frame here, and
-/// whole chunks are handed to every target connection's queue as one shared `Bytes`
-/// (a reference each, not a copy). A hand-over happens when a writer has run dry
-/// (the publisher sees `idle_writers`, or the writer finds events staged before it
-/// sleeps), when the stage reaches [`STAGE_CHUNK`], when the publisher yields, and
-/// before the targets change. So staged events never wait for a next publish: a writer
-/// only sleeps with the stage empty.
-struct Stage {
-    buf: Vec<u8>,
-    first_seq: u64,
-    last_seq: u64,
-    targets: Arc<[Arc<Conn>]>,
-    /// Writers asleep with nothing to write since the last hand-over.
-    idle_writers: usize,
-    /// Every live target had window for events up to this sequence number when last
-    /// checked (acknowledgements only move it up): the publisher's fast check.
-    room_until: u64,
-    /// A target's queue went over the buffer limit at a hand-over.
-    over: bool,
-    pool: Arc<Pool>,
-}
-
-/// Spare stage buffers kept, and the largest kept.
-const STAGE_POOL: usize = 8;
-const STAGE_POOL_MAX: usize = 1 << 20;
-
-impl Stage {
-    fn new() -> Stage {
-        Stage {
-            buf: Vec::new(),
-            first_seq: 0,
-            last_seq: 0,
-            targets: Arc::from(Vec::new()),
-            idle_writers: 0,
-            room_until: 0,
-            over: false,
-            pool: Pool::new(STAGE_POOL, STAGE_POOL_MAX),
-        }
-    }
-
-    /// Whether event `seq` fits without a closer look.
-    fn has_room(&self, seq: u64) -> bool {
-        seq <= self.room_until && !self.over
-    }
-
-    fn push(&mut self, shared: &Shared, seq: u64, header: &[u8], body: &[u8]) {
-        let len = header.len() + body.len();
-        if !self.buf.is_empty() && self.buf.len() + len > STAGE_CHUNK {
-            self.hand_over(shared);
-        }
-        if self.buf.is_empty() {
-            self.first_seq = seq;
-            self.buf.reserve(len.max(STAGE_CHUNK.min(4 * 1024)));
-        }
-        self.buf.extend_from_slice(header);
-        self.buf.extend_from_slice(body);
-        self.last_seq = seq;
-        if self.idle_writers > 0 {
-            self.hand_over(shared);
-        }
-    }
-
-    /// Hands what is staged to every target as one shared chunk, and wakes the
-    /// writers that sleep. A target already failed takes nothing: the events are
-    /// reported failed for it.
-    fn hand_over(&mut self, shared: &Shared) {
-        if self.buf.is_empty() {
-            return;
-        }
-        let next = self.pool.get(0);
-        let chunk = self.pool.share(std::mem::replace(&mut self.buf, next));
-        let (first, last) = (self.first_seq, self.last_seq);
-        for c in self.targets.iter() {
-            let wake = {
-                let mut out = lock_out(&c.out);
-                if let Some(reason) = c.failure.get() {
-                    drop(out);
-                    c.note_skipped(first, last, reason);
-                    continue;
-                }
-                out.bytes += chunk.len();
-                out.chunks.push_back((chunk.clone(), last));
-                c.queued.store(last, Ordering::Release);
-                if out.bytes >= shared.buffer_limit {
-                    self.over = true;
-                }
-                std::mem::take(&mut out.writer_waiting)
-            };
-            if wake {
-                c.writer_wake.notify_one();
-            }
-        }
-        self.idle_writers = 0;
-    }
-}
-
-fn lock_stage(m: &SpinMutex<Stage>) -> spin::mutex::SpinMutexGuard<'_, Stage> {
-    spin_lock(m)
-}
-
-/// Chunks handed to a connection and not yet taken by its writer.
-struct Out {
-    /// Each chunk with the sequence number of its last event.
-    chunks: VecDeque<(Bytes, u64)>,
-    /// Bytes in `chunks`.
-    bytes: usize,
-    writer_waiting: bool,
-}
-
-/// One receiver connection as the sender and its tasks share it.
+/// One receiver connection as the sender and its tasks share it: its window in the
+/// fan-out core, and what the async side adds (wake-ups, cancellation, state).
+///
+/// It dereferences to its [`Window`], so the window's counters and failure read as
+/// the connection's own (`conn.failure`, `conn.acked`).
 struct Conn {
     info: ReceiverInfo,
     shared: Arc<Shared>,
-    out: SpinMutex<Out>,
+    window: Window,
     /// Wakes the writer when frames were queued while it slept.
     writer_wake: Notify,
     /// Wakes a publisher waiting for window or buffer space.
     space: Notify,
-    /// Highest sequence number queued for this receiver.
-    queued: AtomicU64,
-    /// Highest sequence number the receiver acknowledged.
-    acked: AtomicU64,
-    /// Set once, when the connection is dead; `acked` no longer moves after that.
-    failure: OnceLock<FailReason>,
-    /// Highest sequence number whose acknowledgement someone waits for.
-    ack_wanted: AtomicU64,
-    waiters: Mutex<Vec<(u64, Waker)>>,
     cancel: CancellationToken,
     ready: AtomicBool,
     finished: AtomicBool,
-    /// The sequence number before its first event: `acked - base` events were
-    /// acknowledged on this connection.
-    base: AtomicU64,
-    /// Events reported failed on this connection (all for the reason in `failure`);
-    /// counted per failed range, not per event.
-    failed: AtomicU64,
-    /// Bytes its writer wrote; counted per write, by the writer alone.
-    bytes_written: AtomicU64,
 }
 
-/// What a connection's counters add up to, for [`Sender::stats`].
-#[derive(Debug, Clone, Default)]
-struct ConnTotals {
-    acked: u64,
-    failed: ByKind<FailKind>,
-    bytes_written: u64,
+impl std::ops::Deref for Conn {
+    type Target = Window;
+    fn deref(&self) -> &Window {
+        &self.window
+    }
 }
 
 impl std::fmt::Debug for Conn {
@@ -1163,152 +974,90 @@ impl std::fmt::Debug for Conn {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The stage's and the output queues' lock. The stage's is taken for every event, and
-/// both are almost never contended (the publisher appends, a writer takes, both in a
-/// few instructions, mostly on the same thread), so it is a spin lock: its release is
-/// a plain store, where `std::sync::Mutex` needs a second atomic read-modify-write (a
-/// full barrier on x86) per event. Contended, it spins briefly, then yields the
-/// thread, so a holder that was preempted gets the CPU.
-type SpinMutex<T> = spin::mutex::SpinMutex<T>;
-
-fn lock_out(m: &SpinMutex<Out>) -> spin::mutex::SpinMutexGuard<'_, Out> {
-    spin_lock(m)
-}
-
-fn spin_lock<T>(m: &SpinMutex<T>) -> spin::mutex::SpinMutexGuard<'_, T> {
-    let mut spins = 0u32;
-    loop {
-        if let Some(g) = m.try_lock() {
-            return g;
-        }
-        if spins < 64 {
-            spins += 1;
-            std::hint::spin_loop();
-        } else {
-            std::thread::yield_now();
-        }
-    }
-}
-
 impl Conn {
-    /// Adds this connection's counts to `t`.
-    fn add_to(&self, t: &mut ConnTotals) {
-        let acked = self.acked.load(Ordering::Acquire);
-        t.acked += acked.saturating_sub(self.base.load(Ordering::Relaxed));
-        t.bytes_written += self.bytes_written.load(Ordering::Relaxed);
-        let failed = self.failed.load(Ordering::Acquire);
-        if let Some(why) = self.failure.get().filter(|_| failed > 0) {
-            t.failed.add(why.kind(), failed);
-        }
-    }
-
-    /// The outcome of event `seq` for this receiver, if it is known yet.
-    fn outcome(&self, seq: u64) -> Option<Result<(), FailReason>> {
-        if self.acked.load(Ordering::Acquire) >= seq {
-            return Some(Ok(()));
-        }
-        // `acked` is final once `failure` is set, and it is set after the last ack.
-        self.failure.get().map(|f| {
-            if self.acked.load(Ordering::Acquire) >= seq {
-                Ok(())
-            } else {
-                Err(f.clone())
-            }
-        })
-    }
-
+    /// `waker` waits for the outcome of event `seq`; the receiver is asked for a
+    /// prompt acknowledgement of it.
     fn register_waiter(&self, seq: u64, waker: &Waker) {
-        {
-            let mut w = lock(&self.waiters);
-            if let Some(e) = w.iter_mut().find(|e| e.0 == seq && e.1.will_wake(waker)) {
-                e.1.clone_from(waker);
-            } else {
-                w.push((seq, waker.clone()));
-            }
-        }
-        self.request_ack(seq);
-    }
-
-    /// Someone waits for the outcome of event `seq`: have the writer ask the receiver
-    /// to acknowledge it as soon as it is taken (receivers otherwise batch acks).
-    fn request_ack(&self, seq: u64) {
-        if self.ack_wanted.fetch_max(seq, Ordering::AcqRel) < seq {
-            let wake = std::mem::take(&mut lock_out(&self.out).writer_waiting);
-            if wake {
-                self.writer_wake.notify_one();
-            }
+        if self.window.register_waiter(seq, waker) {
+            self.writer_wake.notify_one();
         }
     }
 
-    fn wake_up_to(&self, acked: u64) {
-        let mut w = lock(&self.waiters);
-        if w.is_empty() {
-            return;
-        }
-        let mut i = 0;
-        while i < w.len() {
-            if w[i].0 <= acked {
-                w.swap_remove(i).1.wake();
-            } else {
-                i += 1;
-            }
-        }
-    }
-
-    fn wake_all(&self) {
-        let drained: Vec<_> = lock(&self.waiters).drain(..).collect();
-        for (_, w) in drained {
-            w.wake();
-        }
-    }
-
-    /// Marks the connection failed (first reason wins), stops its task, and wakes
-    /// everyone waiting on it.
+    /// Marks the connection failed (first reason wins), reports the events it had
+    /// not acknowledged, stops its task, and wakes everyone waiting on it.
     fn fail(&self, reason: FailReason) {
-        if self.failure.set(reason.clone()).is_ok() {
-            // Under the queue's lock: a hand-over either queued its chunk before this
-            // (counted here) or sees the failure (and reports the chunk itself).
-            let (first, last) = {
-                let _out = lock_out(&self.out);
-                (
-                    self.acked.load(Ordering::Acquire) + 1,
-                    self.queued.load(Ordering::Acquire),
-                )
-            };
-            if last >= first {
-                self.failed.fetch_add(last - first + 1, Ordering::Release);
-                let _ = self.shared.events.send(SenderEvent::SendFailed {
-                    first_seq: first,
-                    last_seq: last,
-                    receiver: self.info.clone(),
-                    reason,
-                });
-            }
+        if let Some((first, last)) = self.window.fail(reason.clone()) {
+            let _ = self.shared.events.send(SenderEvent::SendFailed {
+                first_seq: first,
+                last_seq: last,
+                receiver: self.info.clone(),
+                reason,
+            });
         }
         self.cancel.cancel();
-        self.wake_all();
+        self.window.wake_all();
         self.space.notify_one();
     }
 
-    /// Whether event `seq` fits this connection's window and buffer.
-    fn has_room(&self, seq: u64) -> bool {
-        seq - self.acked.load(Ordering::Acquire) <= self.shared.window
-            && lock_out(&self.out).bytes < self.shared.buffer_limit
+    /// Counts the connection as connected and tells the application.
+    fn established(&self) {
+        let shared = &self.shared;
+        self.ready.store(true, Ordering::Release);
+        shared.handshakes.fetch_add(1, Ordering::Relaxed);
+        shared.ready.send_modify(|n| *n += 1);
+        let _ = shared
+            .events
+            .send(SenderEvent::ReceiverJoined(self.info.clone()));
+        tracing::debug!(handle = %shared.handle, receiver = %self.info, "receiver connected");
+    }
+}
+
+impl Destination for Conn {
+    fn window(&self) -> &Window {
+        &self.window
     }
 
-    fn note_skipped(&self, first: u64, last: u64, reason: &FailReason) {
-        self.failed
-            .fetch_add(last.saturating_sub(first) + 1, Ordering::Release);
+    fn wake_writer(&self) {
+        self.writer_wake.notify_one();
+    }
+
+    fn skipped(&self, first: u64, last: u64, reason: &FailReason) {
         let _ = self.shared.events.send(SenderEvent::SendFailed {
             first_seq: first,
             last_seq: last,
             receiver: self.info.clone(),
             reason: reason.clone(),
         });
+    }
+}
+
+impl Link for Conn {
+    fn stage(&self) -> &SpinMutex<Stage<Conn>> {
+        &self.shared.stage
+    }
+
+    fn writer_wake(&self) -> &Notify {
+        &self.writer_wake
+    }
+
+    fn space_freed(&self) {
+        self.space.notify_one();
+    }
+
+    fn receiver(&self) -> &dyn std::fmt::Display {
+        &self.info
+    }
+
+    fn handle(&self) -> &Handle {
+        &self.shared.handle
+    }
+
+    fn send_timeout(&self) -> Duration {
+        self.shared.send_timeout
+    }
+
+    fn max_frame(&self) -> usize {
+        self.shared.max_frame
     }
 }
 
@@ -1348,24 +1097,12 @@ fn start_conn(
             endpoint,
         },
         shared: shared.clone(),
-        out: SpinMutex::new(Out {
-            chunks: VecDeque::new(),
-            bytes: 0,
-            writer_waiting: false,
-        }),
+        window: Window::default(),
         writer_wake: Notify::new(),
         space: Notify::new(),
-        queued: AtomicU64::new(0),
-        acked: AtomicU64::new(0),
-        failure: OnceLock::new(),
-        ack_wanted: AtomicU64::new(0),
-        waiters: Mutex::new(Vec::new()),
         cancel: shared.shutdown.child_token(),
         ready: AtomicBool::new(false),
         finished: AtomicBool::new(false),
-        base: AtomicU64::new(0),
-        failed: AtomicU64::new(0),
-        bytes_written: AtomicU64::new(0),
     });
     shared.connects.fetch_add(1, Ordering::Relaxed);
     shared.update(Update::Add(conn.clone()));
@@ -1379,7 +1116,7 @@ fn start_conn(
         c.fail(reason.clone());
         // Events still staged for it are reported failed by a hand-over; do it now
         // rather than at some later publish (there may be none).
-        lock_stage(&c.shared.stage).hand_over(&c.shared);
+        lock_stage(&c.shared.stage).hand_over();
         // Free the queued chunks now; the counters keep every outcome.
         let dropped = std::mem::take(&mut lock_out(&c.out).chunks);
         drop(dropped);
@@ -1412,67 +1149,19 @@ fn start_conn(
     conn
 }
 
-/// The length prefix and header of a Data frame.
-fn data_header(flags: Flags, seq: u64, body_len: usize) -> [u8; LEN_PREFIX + HEADER_LEN] {
-    let mut h = [0u8; LEN_PREFIX + HEADER_LEN];
-    h[..4].copy_from_slice(&((HEADER_LEN + body_len) as u32).to_be_bytes());
-    h[4] = Kind::Data as u8;
-    h[5] = flags.0;
-    h[6..].copy_from_slice(&seq.to_be_bytes());
-    h
-}
-
-/// Writes every chunk, with as few calls as the socket allows.
-async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
-    wr: &mut W,
-    chunks: &[Bytes],
-) -> std::io::Result<()> {
-    if let [one] = chunks {
-        return wr.write_all(one).await;
-    }
-    // (chunk, bytes of it written so far)
-    let (mut i, mut off) = (0, 0);
-    loop {
-        while i < chunks.len() && chunks[i].len() == off {
-            i += 1;
-            off = 0;
-        }
-        if i == chunks.len() {
-            return Ok(());
-        }
-        let slices: Vec<std::io::IoSlice<'_>> = std::iter::once(&chunks[i][off..])
-            .chain(chunks[i + 1..].iter().map(|c| &c[..]))
-            .map(std::io::IoSlice::new)
-            .collect();
-        let mut n = wr.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while n > 0 && n >= chunks[i].len() - off {
-            n -= chunks[i].len() - off;
-            i += 1;
-            off = 0;
-        }
-        off += n;
-    }
-}
-
-/// Re-encodes a buffer of plain frames as sealed frames.
-fn seal_all(sealer: &Sealer, mut plain: &[u8], out: &mut BytesMut) {
-    while plain.len() >= LEN_PREFIX + HEADER_LEN {
-        let len = u32::from_be_bytes([plain[0], plain[1], plain[2], plain[3]]) as usize;
-        let kind = Kind::from_u8(plain[4]).unwrap_or(Kind::Data);
-        let flags = Flags(plain[5]);
-        let mut seq_bytes = [0u8; 8];
-        seq_bytes.copy_from_slice(&plain[6..14]);
-        let seq = u64::from_be_bytes(seq_bytes);
-        let body = &plain[LEN_PREFIX + HEADER_LEN..LEN_PREFIX + len];
-        sealer.put_sealed(out, kind, flags, seq, body);
-        plain.advance(LEN_PREFIX + len);
-    }
-}
-
+/// Connects to the receiver, then drives the connection until it ends.
 async fn drive(conn: &Arc<Conn>, expect: Option<ReceiverId>) -> FailReason {
+    match connect(conn, expect).await {
+        Ok(est) => run_established(conn, est).await,
+        Err(reason) => reason,
+    }
+}
+
+/// Connects to the receiver and runs the handshake, within the connect timeout.
+async fn connect(
+    conn: &Arc<Conn>,
+    expect: Option<ReceiverId>,
+) -> Result<Established<ByteStream>, FailReason> {
     let shared = &conn.shared;
     let connected = tokio::time::timeout(shared.connect_timeout, async {
         let sock = ByteStream::connect(&conn.info.endpoint).await?;
@@ -1487,236 +1176,26 @@ async fn drive(conn: &Arc<Conn>, expect: Option<ReceiverId>) -> FailReason {
         .await
     })
     .await;
-    let est = match connected {
-        Ok(Ok(est)) => est,
+    match connected {
+        Ok(Ok(est)) => Ok(est),
         Ok(Err(e)) => {
             tracing::warn!(handle = %shared.handle, receiver = %conn.info, error = %e, "cannot connect to receiver");
-            return fail_reason(&e);
+            Err(fail_reason(&e))
         }
-        Err(_) => return FailReason::TimedOut,
-    };
-    conn.ready.store(true, Ordering::Release);
-    shared.handshakes.fetch_add(1, Ordering::Relaxed);
-    shared.ready.send_modify(|n| *n += 1);
-    let _ = shared
-        .events
-        .send(SenderEvent::ReceiverJoined(conn.info.clone()));
-    tracing::debug!(handle = %shared.handle, receiver = %conn.info, "receiver connected");
-
-    let (rd, mut wr) = est.io.into_split();
-    let tx_sealer = est.tx;
-    let rx_sealer = est.rx;
-    // (last sequence of a written batch, when it was written): for the ack timeout.
-    let batches: Mutex<VecDeque<(u64, Instant)>> = Mutex::new(VecDeque::new());
-
-    let writer = async {
-        let mut sealed = BytesMut::new();
-        let mut batch: Vec<Bytes> = Vec::new();
-        // The highest sequence asked to be acknowledged promptly, and the AckRequest
-        // frames' own counter.
-        let mut requested = 0u64;
-        let mut request_seq = 0u64;
-        // The last event written: a request never names one not written yet.
-        let mut written = 0u64;
-        loop {
-            let notified = conn.writer_wake.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let took = {
-                let mut out = lock_out(&conn.out);
-                let last = out.chunks.back().map(|c| c.1);
-                out.bytes = 0;
-                batch.extend(out.chunks.drain(..).map(|c| c.0));
-                last
-            };
-            let top = took.unwrap_or(written);
-            let want = conn.ack_wanted.load(Ordering::Acquire).min(top);
-            let request = (want > requested).then_some(want);
-            if took.is_none() && request.is_none() {
-                // Nothing queued: take what the publisher staged, or sleep until a
-                // hand-over or a request. Both under the stage's lock, so no hand-over
-                // is missed; a request after this look finds `writer_waiting` set.
-                let sleep = {
-                    let mut stage = lock_stage(&shared.stage);
-                    if stage.buf.is_empty() {
-                        let mut out = lock_out(&conn.out);
-                        if out.chunks.is_empty() {
-                            out.writer_waiting = true;
-                            stage.idle_writers += 1;
-                        }
-                        out.writer_waiting
-                    } else {
-                        stage.hand_over(shared);
-                        false
-                    }
-                };
-                let asked = conn.ack_wanted.load(Ordering::Acquire).min(written) > requested;
-                if sleep && !asked {
-                    notified.await;
-                }
-                continue;
-            }
-            if let Some(last) = took {
-                conn.space.notify_one();
-                lock(&batches).push_back((last, Instant::now()));
-            }
-            if let Some(up_to) = request {
-                requested = up_to;
-                request_seq += 1;
-                if tx_sealer.is_none() {
-                    let mut ask = BytesMut::new();
-                    let body = up_to.to_be_bytes();
-                    put_frame(&mut ask, Kind::AckRequest, Flags(0), request_seq, &body);
-                    batch.push(ask.freeze());
-                }
-            }
-            let (wrote, result) = match &tx_sealer {
-                Some(s) => {
-                    sealed.clear();
-                    for chunk in &batch {
-                        seal_all(s, chunk, &mut sealed);
-                    }
-                    if let Some(up_to) = request {
-                        s.put_sealed(
-                            &mut sealed,
-                            Kind::AckRequest,
-                            Flags(0),
-                            request_seq,
-                            &up_to.to_be_bytes(),
-                        );
-                    }
-                    (sealed.len(), wr.write_all(&sealed).await)
-                }
-                None => (
-                    batch.iter().map(Bytes::len).sum::<usize>(),
-                    write_all_vectored(&mut wr, &batch).await,
-                ),
-            };
-            batch.clear();
-            if let Err(e) = result {
-                tracing::debug!(receiver = %conn.info, error = %e, "write failed");
-                return FailReason::Disconnected;
-            }
-            // The writer's own counter: one uncontended add per write.
-            conn.bytes_written
-                .fetch_add(wrote as u64, Ordering::Relaxed);
-            written = top;
-        }
-    };
-
-    let reader = async {
-        let mut frames = FramedRead::new(
-            rd,
-            FrameReader(CodecV1::new(shared.max_frame.min(64 * 1024))),
-        );
-        frames.read_buffer_mut().extend_from_slice(&est.read_buf);
-        let mut last_frame_seq = 0u64;
-        let tick = (shared.send_timeout / 4).max(Duration::from_millis(5));
-        let mut ticker = tokio::time::interval(tick);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let next = tokio::select! {
-                f = frames.next() => f,
-                _ = ticker.tick() => {
-                    let acked = conn.acked.load(Ordering::Acquire);
-                    let overdue = {
-                        let mut b = lock(&batches);
-                        while b.front().is_some_and(|e| e.0 <= acked) {
-                            b.pop_front();
-                        }
-                        b.front().is_some_and(|e| e.1.elapsed() > shared.send_timeout)
-                    };
-                    if overdue {
-                        tracing::warn!(handle = %shared.handle, receiver = %conn.info, "receiver did not acknowledge within the send timeout; dropping it");
-                        return FailReason::TimedOut;
-                    }
-                    continue;
-                }
-            };
-            let mut f = match next {
-                None => return FailReason::Disconnected,
-                // A reset or other socket error is a lost connection, not bad input.
-                Some(Err(ReadError::Io(_))) => return FailReason::Disconnected,
-                Some(Err(ReadError::Decode(e))) => return protocol(conn, e),
-                Some(Ok(f)) => f,
-            };
-            if f.seq <= last_frame_seq {
-                return protocol(
-                    conn,
-                    DecodeError::OutOfOrder {
-                        seq: f.seq,
-                        last: last_frame_seq,
-                    },
-                );
-            }
-            last_frame_seq = f.seq;
-            match &rx_sealer {
-                Some(s) => {
-                    if let Err(e) = s.open(&mut f) {
-                        return protocol(conn, e);
-                    }
-                }
-                None if f.flags.sealed() => return protocol(conn, DecodeError::SealMismatch),
-                None => {}
-            }
-            match f.kind {
-                Kind::Ack => {
-                    let up_to = match parse_ack(&f.body) {
-                        Ok(v) => v,
-                        Err(e) => return protocol(conn, e),
-                    };
-                    if up_to > conn.queued.load(Ordering::Acquire) {
-                        return protocol(
-                            conn,
-                            DecodeError::Malformed("ack beyond the last event sent"),
-                        );
-                    }
-                    if up_to > conn.acked.load(Ordering::Acquire) {
-                        // Under the queue's lock, and not once the connection failed:
-                        // `fail` counted everything past the old `acked` as failed, so
-                        // a later ack must not count some of it as acknowledged too.
-                        {
-                            let _out = lock_out(&conn.out);
-                            if let Some(reason) = conn.failure.get() {
-                                return reason.clone();
-                            }
-                            conn.acked.store(up_to, Ordering::Release);
-                        }
-                        conn.wake_up_to(up_to);
-                        conn.space.notify_one();
-                    }
-                }
-                Kind::Bye => return FailReason::ReceiverLeft,
-                got => {
-                    return protocol(
-                        conn,
-                        DecodeError::Unexpected {
-                            got,
-                            expected: "Ack or Bye",
-                        },
-                    )
-                }
-            }
-        }
-    };
-
-    tokio::pin!(writer, reader);
-    tokio::select! {
-        r = &mut writer => match r {
-            // A receiver that closed may have said goodbye before the write failed (a
-            // Unix socket fails the write at once): read what it sent first.
-            FailReason::Disconnected => tokio::time::timeout(Duration::from_millis(200), reader)
-                .await
-                .unwrap_or(r),
-            r => r,
-        },
-        r = &mut reader => r,
+        Err(_) => Err(FailReason::TimedOut),
     }
 }
 
-fn protocol(conn: &Conn, e: DecodeError) -> FailReason {
-    tracing::warn!(receiver = %conn.info, error = %e, "receiver broke the protocol; dropping it");
-    FailReason::Protocol(e.to_string())
+/// Drives a connection whose handshake is done until it ends.
+async fn run_established(conn: &Arc<Conn>, est: Established<ByteStream>) -> FailReason {
+    conn.established();
+    let (rd, wr) = est.io.into_split();
+    let session = Session {
+        tx: est.tx,
+        rx: est.rx,
+        read_buf: est.read_buf,
+    };
+    conn::run(&**conn, rd, wr, session).await
 }
 
 /// Keeps one connection per discovered receiver: given the current set of records
@@ -1986,7 +1465,6 @@ impl EpmDiscovery {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
 
     #[test]
     fn sender_events_is_a_named_unpin_send_stream() {
@@ -2046,27 +1524,5 @@ mod tests {
             rx.close().await;
         }
         std::fs::remove_dir_all(&dir).ok();
-    }
-
-    #[tokio::test]
-    async fn write_all_vectored_survives_short_writes() {
-        // A 7-byte pipe: every write is cut short, often inside a chunk.
-        let (mut a, mut b) = tokio::io::duplex(7);
-        let chunks: Vec<Bytes> = [&b"abc"[..], b"", b"defghijklmnop", b"q", b"rstuvwxyz"]
-            .iter()
-            .map(|c| Bytes::copy_from_slice(c))
-            .collect();
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            b.read_to_end(&mut got).await.unwrap();
-            got
-        });
-        write_all_vectored(&mut a, &chunks).await.unwrap();
-        write_all_vectored(&mut a, &chunks[1..2]).await.unwrap();
-        write_all_vectored(&mut a, &[Bytes::new(), Bytes::new()])
-            .await
-            .unwrap();
-        drop(a);
-        assert_eq!(reader.await.unwrap(), b"abcdefghijklmnopqrstuvwxyz");
     }
 }
