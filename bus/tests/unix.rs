@@ -587,3 +587,84 @@ async fn a_receiver_whose_socket_file_was_deleted_is_still_reached_over_tcp() {
     assert_eq!(round_trip(&mut tx, &mut rx, "still there").await, [tcp]);
     assert_eq!(files(&reg.receivers_dir()).len(), 1, "the live record went");
 }
+
+#[tokio::test]
+async fn a_closing_receiver_says_goodbye_over_tcp() {
+    closing_receiver_says_goodbye(Transport::Tcp).await
+}
+
+#[tokio::test]
+async fn a_closing_receiver_says_goodbye_over_unix() {
+    closing_receiver_says_goodbye(Transport::Unix).await
+}
+
+/// A receiver that closes with events not taken: the sender hears it left (not a
+/// dropped connection) and reports those events failed for that reason.
+async fn closing_receiver_says_goodbye(t: Transport) {
+    let dir = Tmp::new("bye");
+    let disc = dir.registry();
+    let mut rx = Receiver::builder(handle("bye"))
+        .discovery(disc.clone())
+        .transports([t])
+        .bind()
+        .await
+        .unwrap();
+    let mut tx = Sender::builder(handle("bye"))
+        .discovery(disc)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(tx.wait_for_receivers(1, T).await, 1);
+    round_trip(&mut tx, &mut rx, "taken").await;
+    let mut events = tx.events();
+    let untaken = tx.publish_bytes("not taken").await.unwrap();
+    // Let it reach the receiver's queue before it closes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    rx.close().await;
+    let r = tokio::time::timeout(T, untaken).await.unwrap();
+    assert!(r.acked.is_empty(), "{r:?}");
+    assert_eq!(r.failed.len(), 1, "{r:?}");
+    assert_eq!(r.failed[0].0.endpoint.transport(), t);
+    assert_eq!(r.failed[0].1, FailReason::ReceiverLeft, "{r:?}");
+    let left = async {
+        while let Some(ev) = events.next().await {
+            if let ipcbus::SenderEvent::ReceiverLeft { reason, .. } = ev {
+                return reason;
+            }
+        }
+        panic!("the sender's events ended");
+    };
+    let reason = tokio::time::timeout(T, left).await.unwrap();
+    assert_eq!(reason, FailReason::ReceiverLeft);
+}
+
+#[tokio::test]
+async fn a_sender_given_an_endpoint_waits_for_a_receiver_that_is_not_there_yet() {
+    let dir = Tmp::new("later");
+    let path = dir.path().join("later.sock");
+    let at = Endpoint::unix(&path);
+    let mut tx = Sender::builder(handle("later"))
+        .discovery(dir.registry())
+        .endpoint(at.clone())
+        .build()
+        .await
+        .unwrap();
+    // Nobody there: refused, and nothing of ours removed.
+    let r = tokio::time::timeout(T, tx.send_bytes("early"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.acked.is_empty(), "{r:?}");
+    if let Some((who, why)) = r.failed.first() {
+        assert_eq!(who.endpoint, at);
+        assert_eq!(*why, FailReason::Refused);
+    }
+    let mut rx = Receiver::builder(handle("later"))
+        .discovery(dir.registry())
+        .bind_at(at.clone())
+        .bind()
+        .await
+        .unwrap();
+    assert_eq!(tx.wait_for_receivers(1, Duration::from_secs(20)).await, 1);
+    assert_eq!(round_trip(&mut tx, &mut rx, "late").await, [at]);
+}

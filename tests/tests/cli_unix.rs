@@ -192,3 +192,44 @@ fn list_shows_every_endpoint_and_its_transport() {
         assert!(r.stdout.contains(&ep.to_string()), "{ep} in {r:?}");
     }
 }
+
+#[test]
+fn a_registry_too_deep_for_a_socket_path_means_tcp_only_unless_unix_is_asked_for() {
+    let rt = Tmp::new("deep");
+    let deep = rt.path().join("d".repeat(100));
+    std::fs::create_dir_all(&deep).unwrap();
+
+    let mut c = ipcbus_cmd(&deep);
+    c.args(["listen", "deep"]);
+    let p = cli_support::Proc::spawn(c);
+    let warning = p.stderr_line("limit is 107");
+    assert!(warning.contains("tcp only"), "{warning}");
+    let ready = p.stderr_line("ready ");
+    let endpoints: Vec<&str> = ready.split_whitespace().skip(2).collect();
+    assert_eq!(endpoints.len(), 1, "{ready}");
+    assert!(
+        endpoints[0].parse::<std::net::SocketAddr>().is_ok(),
+        "{ready}"
+    );
+    drop(p);
+
+    let mut c = ipcbus_cmd(&deep);
+    c.args(["listen", "deep"]).env("IPCBUS_TRANSPORTS", "unix");
+    let r = run(c, b"");
+    assert_ne!(r.code(), 0, "{r:?}");
+    assert!(r.stderr.contains("limit is 107"), "{r:?}");
+    assert!(r.stderr.contains("IPCBUS_RUNTIME_DIR"), "{r:?}");
+}
+
+#[test]
+fn unix_with_an_epm_needs_a_path() {
+    let rt = Tmp::new("epm-unix");
+    let mut c = ipcbus_cmd(rt.path());
+    // Nothing listens at the EPM's address: binding fails before anyone is asked.
+    c.args(["listen", "h"])
+        .env("IPCBUS_EPM", "127.0.0.1:1")
+        .env("IPCBUS_TRANSPORTS", "unix");
+    let r = run(c, b"");
+    assert_ne!(r.code(), 0, "{r:?}");
+    assert!(r.stderr.contains("--at unix:///PATH"), "{r:?}");
+}
