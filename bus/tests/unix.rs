@@ -668,3 +668,48 @@ async fn a_sender_given_an_endpoint_waits_for_a_receiver_that_is_not_there_yet()
     assert_eq!(tx.wait_for_receivers(1, Duration::from_secs(20)).await, 1);
     assert_eq!(round_trip(&mut tx, &mut rx, "late").await, [at]);
 }
+
+#[test]
+fn binding_where_a_listener_never_accepts_is_in_use_not_a_hang() {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let dir = Tmp::new("backlog");
+    let path = dir.path().join("busy.sock");
+    // A listener that never accepts, its queue full.
+    let listener = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+    listener.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+    listener.listen(1).unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..64 {
+        let c = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        c.set_nonblocking(true).unwrap();
+        match c.connect(&SockAddr::unix(&path).unwrap()) {
+            Ok(()) => queued.push(c),
+            Err(_) => break, // the queue is full
+        }
+    }
+    assert!(queued.len() < 64, "the listener's queue never filled");
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let at = Endpoint::unix(&path);
+    let reg = dir.path().join("reg");
+    // In a thread of its own: a bind that blocks cannot be timed out from its task.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let r = rt.block_on(
+            Receiver::builder(handle("busy"))
+                .discovery(Discovery::local_at(reg).unwrap())
+                .bind_at(at)
+                .bind(),
+        );
+        let _ = done_tx.send(r.map(|rx| rx.endpoints().to_vec()));
+    });
+    match done_rx.recv_timeout(T) {
+        Ok(Err(BindError::Unix(UnixBindError::InUse(p)))) => assert_eq!(p, path),
+        Ok(other) => panic!("{other:?}"),
+        Err(_) => panic!("bind hung on a listener that does not accept"),
+    }
+    drop(queued);
+    drop(listener);
+}
