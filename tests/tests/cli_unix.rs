@@ -233,3 +233,25 @@ fn unix_with_an_epm_needs_a_path() {
     assert_ne!(r.code(), 0, "{r:?}");
     assert!(r.stderr.contains("--at unix:///PATH"), "{r:?}");
 }
+
+#[test]
+fn send_json_names_a_tcp_receiver_one_way_in_reports_and_summary() {
+    let rt = Tmp::new("json-names");
+    // Nothing listens on port 1: the event fails there.
+    let r = send(
+        &rt,
+        &["h", "--to", "tcp://127.0.0.1:1", "--json", "m"],
+        &[],
+        b"",
+    );
+    assert_eq!(r.code(), 1, "{r:?}");
+    let lines = json_lines(&r.stdout);
+    let report = lines.iter().find(|v| v.get("seq").is_some()).unwrap();
+    assert_eq!(report["failed"][0]["addr"], "tcp://127.0.0.1:1", "{r:?}");
+    let summary = lines.last().unwrap();
+    assert_eq!(summary["event"], "summary", "{r:?}");
+    assert_eq!(
+        summary["receivers"][0]["receiver"], "tcp://127.0.0.1:1",
+        "{r:?}"
+    );
+}
