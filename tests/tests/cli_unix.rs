@@ -255,3 +255,23 @@ fn send_json_names_a_tcp_receiver_one_way_in_reports_and_summary() {
         "{r:?}"
     );
 }
+
+#[test]
+fn listen_at_a_path_in_use_fails_and_at_one_left_by_a_killed_listener_works() {
+    let rt = Tmp::new("at-reuse");
+    let sock = rt.path().join("r.sock");
+    let at = format!("unix://{}", sock.display());
+    let (first, _) = listen_at(&rt, &["reuse", "--at", &at], &[]);
+    let mut c = ipcbus_cmd(rt.path());
+    c.args(["listen", "reuse", "--at", &at]);
+    let r = run(c, b"");
+    assert_ne!(r.code(), 0, "{r:?}");
+    assert!(r.stderr.contains("in use"), "{r:?}");
+
+    drop(first); // SIGKILL: the socket file stays, nothing listens there
+    assert!(sock.exists());
+    let (mut l, endpoints) = listen_at(&rt, &["reuse", "--at", &at, "--json", "--count", "1"], &[]);
+    assert_eq!(endpoints, [Endpoint::unix(&sock)]);
+    assert_eq!(send_to(&rt, "reuse", &at, "again"), serde_json::json!([at]));
+    assert_eq!(payloads(&mut l), ["again"]);
+}
