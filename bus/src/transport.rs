@@ -304,13 +304,11 @@ pub(crate) fn bind_unix(path: &Path) -> Result<Listener, UnixBindError> {
                 "a file that is not a socket is in the way",
             )));
         }
-        match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => return Err(UnixBindError::InUse(path.to_owned())),
-            Err(_) => {
-                tracing::info!(path = %path.display(), "removing stale unix socket: nothing listens there");
-                let _ = std::fs::remove_file(path);
-            }
+        if listening_at(path).map_err(io)? {
+            return Err(UnixBindError::InUse(path.to_owned()));
         }
+        tracing::info!(path = %path.display(), "removing stale unix socket: nothing listens there");
+        let _ = std::fs::remove_file(path);
     }
     let listener = UnixListener::bind(path).map_err(io)?;
     let file = SocketFile(path.to_owned());
@@ -320,6 +318,20 @@ pub(crate) fn bind_unix(path: &Path) -> Result<Listener, UnixBindError> {
         path: path.to_owned(),
         file: Some(file),
     })
+}
+
+/// Whether a listener is at the socket `path`. The connect does not block, so a
+/// listener that does not accept, its queue full, counts as listening (`EAGAIN`)
+/// instead of blocking the caller until it accepts.
+fn listening_at(path: &Path) -> io::Result<bool> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let probe = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    probe.set_nonblocking(true)?;
+    match probe.connect(&SockAddr::unix(path)?) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
+        Err(_) => Ok(false),
+    }
 }
 
 /// A socket file, removed when dropped.

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::StreamExt;
-use ipcbus::{Discovery, FailReason, Handle, Key, Receiver, Security, Sender};
+use ipcbus::{Discovery, FailReason, Handle, Key, Receiver, Security, Sender, Transport};
 
 fn registry(name: &str) -> (Discovery, PathBuf) {
     let dir = std::env::temp_dir().join(format!(
@@ -82,16 +82,27 @@ async fn no_receivers_is_not_an_error() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// Over the Unix sockets, which senders on the receivers' host use.
 #[tokio::test]
-async fn pipelined_fan_out_in_order() {
-    fan_out_in_order("fan").await;
+async fn pipelined_fan_out_in_order_over_unix() {
+    fan_out_in_order("fan", Transport::Unix, 20_000).await;
+}
+
+#[tokio::test]
+async fn pipelined_fan_out_in_order_over_tcp() {
+    fan_out_in_order("fantcp", Transport::Tcp, 10_000).await;
 }
 
 /// The same on a multi-threaded runtime: the publisher, the writers (which hand the
 /// stage over when they run dry) and the readers run on different threads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pipelined_fan_out_in_order_across_threads() {
-    fan_out_in_order("fanmt").await;
+async fn pipelined_fan_out_in_order_across_threads_over_unix() {
+    fan_out_in_order("fanmt", Transport::Unix, 20_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_fan_out_in_order_across_threads_over_tcp() {
+    fan_out_in_order("fanmttcp", Transport::Tcp, 10_000).await;
 }
 
 /// A burst queued without a wait, then no more publishing: the last events staged
@@ -141,13 +152,14 @@ async fn a_burst_then_silence_delivers_everything() {
     std::fs::remove_dir_all(dir).ok();
 }
 
-async fn fan_out_in_order(name: &str) {
+async fn fan_out_in_order(name: &str, t: Transport, n: u64) {
     let (disc, dir) = registry(name);
     let mut rxs = Vec::new();
     for _ in 0..3 {
         rxs.push(
             Receiver::builder(handle(name))
                 .discovery(disc.clone())
+                .transports([t])
                 .bind()
                 .await
                 .unwrap(),
@@ -159,7 +171,7 @@ async fn fan_out_in_order(name: &str) {
         .await
         .unwrap();
     assert_eq!(tx.wait_for_receivers(3, T).await, 3);
-    let n = 20_000u64;
+    assert!(tx.receivers().iter().all(|r| r.endpoint.transport() == t));
     let readers: Vec<_> = rxs
         .into_iter()
         .map(|mut rx| {

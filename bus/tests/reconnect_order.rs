@@ -14,17 +14,16 @@ use ipcbus::{Discovery, Handle, Receiver, Security, SenderId};
 use ipcbus_proto::codec::put_frame;
 use ipcbus_proto::frame::{Flags, Kind};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 mod common;
-use common::{handshake, T};
+use common::{handshake, Stream, T};
 
 /// An open-mode connection of sender `id`, by hand.
-async fn connect_as(addr: std::net::SocketAddr, id: SenderId) -> TcpStream {
+async fn connect_as(addr: std::net::SocketAddr, id: SenderId) -> Stream {
     handshake(addr, "order", id, None).await.0
 }
 
-async fn data(s: &mut TcpStream, seqs: &[u64]) {
+async fn data(s: &mut Stream, seqs: &[u64]) {
     let mut out = BytesMut::new();
     for &q in seqs {
         put_frame(&mut out, Kind::Data, Flags(0), q, &q.to_be_bytes());

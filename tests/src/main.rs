@@ -3,14 +3,16 @@
 //! ```text
 //! ipcbus-testpeer recv --handle H [--expect N] [--until-seq S] [--stall-after K]
 //!                      [--password P --salt S] [--timeout SECS]
-//!     prints "ready ADDR RECEIVER_ID" once registered, then at the end
+//!     prints "ready ADDR RECEIVER_ID" once registered (ADDR: the TCP ip:port, or
+//!     the Unix endpoint with IPCBUS_TRANSPORTS=unix), then at the end
 //!     "summary {json}" with per-sender first/last/count/dups/out_of_order.
 //! ipcbus-testpeer send --handle H --count N [--wait-for K] [--size B]
 //!                      [--interval-us U] [--password P --salt S]
 //!     prints "ready SENDER_ID" once K receivers are connected, then
-//!     "summary {json}" with per-receiver acked and failed counts.
+//!     "summary {json}" with per-receiver endpoint, acked and failed counts.
 //! ```
-//! The registry is the one of `IPCBUS_RUNTIME_DIR`.
+//! The registry is the one of `IPCBUS_RUNTIME_DIR`; receivers listen on what
+//! `IPCBUS_TRANSPORTS` says.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::process::ExitCode;
@@ -40,6 +42,8 @@ struct PerSender {
 
 #[derive(Serialize, Default)]
 struct PerReceiver {
+    /// Where the receiver was reached (`tcp://...`, `unix://...`).
+    endpoint: String,
     acked: u64,
     failed: u64,
     reasons: BTreeMap<String, u64>,
@@ -55,7 +59,16 @@ async fn recv(a: &Args) -> anyhow::Result<()> {
         .security(security(a)?)
         .bind()
         .await?;
-    let addr = rx.local_addr().context("the receiver has no tcp address")?;
+    // The TCP ip:port when it listens on TCP (what older callers parse), else its
+    // first endpoint (IPCBUS_TRANSPORTS=unix).
+    let addr = match rx.local_addr() {
+        Some(a) => a.to_string(),
+        None => rx
+            .endpoints()
+            .first()
+            .context("the receiver has no endpoint")?
+            .to_string(),
+    };
     say(&format!("ready {addr} {}", rx.id()));
     let mut per: BTreeMap<String, PerSender> = BTreeMap::new();
     let mut total = 0u64;
@@ -110,10 +123,13 @@ async fn send(a: &Args) -> anyhow::Result<()> {
     let mut pending = VecDeque::new();
     let mut tally = |r: ipcbus::SendReport| {
         for a in r.acked {
-            per.entry(a.id.to_string()).or_default().acked += 1;
+            let e = per.entry(a.id.to_string()).or_default();
+            e.endpoint = a.endpoint.to_string();
+            e.acked += 1;
         }
         for (f, why) in r.failed {
             let e = per.entry(f.id.to_string()).or_default();
+            e.endpoint = f.endpoint.to_string();
             e.failed += 1;
             *e.reasons.entry(why.to_string()).or_default() += 1;
         }

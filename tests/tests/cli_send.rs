@@ -1,7 +1,8 @@
 //! `ipcbus send` as a user runs it: the summary line and its plurals, -q and -v,
 //! a receiver killed mid-stream (one failure line and a "left" note, or JSON
 //! objects), --file and -s, how stdin lines are split, and input larger than an
-//! event read with bounded memory.
+//! event read with bounded memory. Receivers joining, leaving and killed are run
+//! over TCP and over Unix sockets.
 
 mod cli_support;
 
@@ -12,6 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use cli_support::{ipcbus_cmd, json_lines, run, Proc, Ran, Tmp, T};
+use ipcbus::{Endpoint, Transport};
 use serde_json::Value;
 
 /// The largest event: 16 MiB minus the frame header (10) and an encryption tag (16).
@@ -30,6 +32,23 @@ fn listen(runtime: &Tmp, args: &[&str]) -> (Proc, String) {
         .find(|e| e.transport() == ipcbus::Transport::Unix)
         .unwrap_or_else(|| panic!("no unix socket among {endpoints:?}"));
     (p, unix.to_string())
+}
+
+/// Starts a listener on transport `t` only; returns it with its endpoint.
+fn listen_over(runtime: &Tmp, t: Transport, args: &[&str]) -> (Proc, Endpoint) {
+    let (p, endpoints) =
+        cli_support::listen_at(runtime, args, &[("IPCBUS_TRANSPORTS", t.as_str())]);
+    assert_eq!(endpoints.len(), 1, "{endpoints:?}");
+    assert_eq!(endpoints[0].transport(), t);
+    let e = endpoints[0].clone();
+    (p, e)
+}
+
+/// How the human lines name a receiver at `e`: bare ip:port for TCP (JSON names it
+/// by its text form, `tcp://...`).
+fn human(e: &Endpoint) -> String {
+    e.tcp_addr()
+        .map_or_else(|| e.to_string(), |a| a.to_string())
 }
 
 fn send(runtime: &Tmp, args: &[&str], stdin: &[u8]) -> Ran {
@@ -309,11 +328,12 @@ fn quiet_prints_nothing_and_verbose_a_line_per_event() {
     );
 }
 
-/// Two listeners; the second is stopped, sent 20 more events, and killed, so its
-/// events in flight fail. Returns send's output and the killed listener's address.
-fn kill_listener_mid_stream(rt: &Tmp, json: bool) -> (i32, String, String, String) {
-    let (l1, _) = listen(rt, &["stream"]);
-    let (l2, a2) = listen(rt, &["stream"]);
+/// Two listeners on `t`; the second is stopped, sent 20 more events, and killed, so
+/// its events in flight fail. Returns send's output and the killed listener's
+/// endpoint.
+fn kill_listener_mid_stream(rt: &Tmp, t: Transport, json: bool) -> (i32, String, String, Endpoint) {
+    let (l1, _) = listen_over(rt, t, &["stream"]);
+    let (l2, a2) = listen_over(rt, t, &["stream"]);
     let mut c = ipcbus_cmd(rt.path());
     c.args(["send", "stream"]);
     if json {
@@ -353,9 +373,19 @@ fn failed_range(s: &str, prefix: &str) -> (u64, u64) {
 }
 
 #[test]
-fn killed_listener_gives_one_failure_line_a_left_note_and_a_summary() {
+fn killed_listener_gives_one_failure_line_a_left_note_and_a_summary_over_unix() {
+    killed_listener_gives_one_failure_line(Transport::Unix)
+}
+
+#[test]
+fn killed_listener_gives_one_failure_line_a_left_note_and_a_summary_over_tcp() {
+    killed_listener_gives_one_failure_line(Transport::Tcp)
+}
+
+fn killed_listener_gives_one_failure_line(t: Transport) {
     let rt = Tmp::new("send-kill");
-    let (code, out, err, a2) = kill_listener_mid_stream(&rt, false);
+    let (code, out, err, a2) = kill_listener_mid_stream(&rt, t, false);
+    let a2 = human(&a2);
     assert_eq!(code, 1, "stdout {out:?} stderr {err:?}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 1, "{out:?}");
@@ -387,9 +417,20 @@ fn killed_listener_gives_one_failure_line_a_left_note_and_a_summary() {
 }
 
 #[test]
-fn killed_listener_in_json_gives_a_left_object_and_a_summary_object() {
+fn killed_listener_in_json_gives_a_left_object_and_a_summary_object_over_unix() {
+    killed_listener_in_json(Transport::Unix)
+}
+
+#[test]
+fn killed_listener_in_json_gives_a_left_object_and_a_summary_object_over_tcp() {
+    killed_listener_in_json(Transport::Tcp)
+}
+
+fn killed_listener_in_json(t: Transport) {
     let rt = Tmp::new("send-kill-json");
-    let (code, out, err, a2) = kill_listener_mid_stream(&rt, true);
+    let (code, out, err, a2) = kill_listener_mid_stream(&rt, t, true);
+    // JSON names a receiver by its endpoint's text form everywhere.
+    let a2 = a2.to_string();
     assert_eq!(code, 1, "stdout {out:?} stderr {err:?}");
     let all = json_lines(&out);
     let reports: Vec<&Value> = all.iter().filter(|v| v.get("seq").is_some()).collect();
@@ -431,9 +472,18 @@ fn killed_listener_in_json_gives_a_left_object_and_a_summary_object() {
 }
 
 #[test]
-fn a_receiver_joining_mid_stream_is_announced() {
+fn a_receiver_joining_mid_stream_is_announced_over_unix() {
+    a_receiver_joining_mid_stream(Transport::Unix)
+}
+
+#[test]
+fn a_receiver_joining_mid_stream_is_announced_over_tcp() {
+    a_receiver_joining_mid_stream(Transport::Tcp)
+}
+
+fn a_receiver_joining_mid_stream(t: Transport) {
     let rt = Tmp::new("send-join");
-    let (l1, a1) = listen(&rt, &["late"]);
+    let (l1, a1) = listen_over(&rt, t, &["late"]);
     let mut s = Piped::spawn({
         let mut c = ipcbus_cmd(rt.path());
         c.args(["send", "late"]);
@@ -441,7 +491,8 @@ fn a_receiver_joining_mid_stream_is_announced() {
     });
     s.write(b"first\n");
     l1.stdout_line("first");
-    let (l2, a2) = listen(&rt, &["late"]);
+    let (l2, a2) = listen_over(&rt, t, &["late"]);
+    let a2 = human(&a2);
     // Discovery picks the new receiver up shortly (inotify, else a rescan every 2 s):
     // send until it has one event (a thread watches its output).
     let (got_tx, got) = std::sync::mpsc::channel();
@@ -472,10 +523,20 @@ fn a_receiver_joining_mid_stream_is_announced() {
 }
 
 #[test]
-fn a_receiver_leaving_with_nothing_in_flight_is_announced() {
+fn a_receiver_leaving_with_nothing_in_flight_is_announced_over_unix() {
+    a_receiver_leaving_with_nothing_in_flight(Transport::Unix)
+}
+
+#[test]
+fn a_receiver_leaving_with_nothing_in_flight_is_announced_over_tcp() {
+    a_receiver_leaving_with_nothing_in_flight(Transport::Tcp)
+}
+
+fn a_receiver_leaving_with_nothing_in_flight(t: Transport) {
     let rt = Tmp::new("send-leave");
-    let (l1, _) = listen(&rt, &["idle"]);
-    let (mut l2, a2) = listen(&rt, &["idle"]);
+    let (l1, _) = listen_over(&rt, t, &["idle"]);
+    let (mut l2, a2) = listen_over(&rt, t, &["idle"]);
+    let a2 = human(&a2);
     let mut s = Piped::spawn({
         let mut c = ipcbus_cmd(rt.path());
         c.args(["send", "idle"]);

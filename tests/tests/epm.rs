@@ -287,6 +287,63 @@ async fn unrenewed_registration_expires_after_its_lease() {
     drop(silent);
 }
 
+/// The EPM carries TCP endpoints only: a receiver given a Unix path and a TCP
+/// address registers the TCP one, EPM senders reach it over TCP and a sender given
+/// the path over the Unix socket; one with only a Unix path cannot register.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_epm_carries_the_tcp_endpoint_of_a_receiver_also_on_a_unix_socket() {
+    let (_svc, addr) = Service::start(&["--bind", "127.0.0.1:0"]);
+    let epm = Epm::connect(addr.to_string()).await.unwrap();
+    let dir = TempDir::new("epm-unix");
+    let path = dir.path().join("rx.sock");
+    let key = Key::derive("epm unix", b"salt").unwrap();
+    let mut rx = Receiver::builder(h("both-ways"))
+        .epm(epm.clone())
+        .key(key.clone())
+        .bind_at("tcp://127.0.0.1:0".parse().unwrap())
+        .bind_at(ipcbus::Endpoint::unix(&path))
+        .bind()
+        .await
+        .unwrap();
+    let tcp = rx.endpoints()[0].clone();
+    let regs = epm.lookup(&h("both-ways")).await.unwrap();
+    assert_eq!(regs.len(), 1);
+    assert_eq!(regs[0].endpoints, std::slice::from_ref(&tcp));
+
+    let by_epm = ipcbus::Sender::builder(h("both-ways"))
+        .epm(epm.clone())
+        .key(key.clone());
+    let by_path = ipcbus::Sender::builder(h("both-ways"))
+        .key(key.clone())
+        .endpoint(ipcbus::Endpoint::unix(&path));
+    for (b, over) in [(by_epm, tcp), (by_path, ipcbus::Endpoint::unix(&path))] {
+        let mut tx = b.build().await.unwrap();
+        assert_eq!(tx.wait_for_receivers(1, T).await, 1);
+        let pending = tx.publish_bytes("x").await.unwrap();
+        let m = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+        assert_eq!(&m.payload()[..], b"x");
+        let report = tokio::time::timeout(T, pending).await.unwrap();
+        assert_eq!(report.acked.len(), 1, "{report:?}");
+        assert_eq!(report.acked[0].endpoint, over);
+        tx.close().await;
+    }
+    rx.close().await;
+    assert!(!path.exists());
+
+    let e = Receiver::builder(h("unix-only"))
+        .epm(epm.clone())
+        .key(key)
+        .bind_at(ipcbus::Endpoint::unix(&path))
+        .bind()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, BindError::Epm(EpmError::NoTcpEndpoint)),
+        "{e:?}"
+    );
+    assert!(!path.exists(), "the failed receiver left its socket");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn receiver_and_sender_deliver_through_the_epm() {
     let (_svc, addr) = Service::start(&["--bind", "127.0.0.1:0"]);

@@ -32,7 +32,7 @@ use ipcbus_proto::frame::{Flags, Hello, Kind, Mode, VERSION};
 use ipcbus_proto::handshake::{Client, ClientConfig, Status};
 use ipcbus_tests::{Proc, TempDir};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 const PEER: &str = env!("CARGO_BIN_EXE_ipcbus-testpeer");
 const EPM_BIN: &str = env!("CARGO_BIN_EXE_test-epm-service");
@@ -101,6 +101,27 @@ async fn open_many(addr: SocketAddr, n: usize, first: &[u8]) -> Vec<TcpStream> {
             break;
         }
         match tokio::time::timeout(T, TcpStream::connect(addr)).await {
+            Ok(Ok(mut s)) => {
+                if !first.is_empty() {
+                    let _ = s.write_all(first).await;
+                }
+                out.push(s);
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
+/// Like [`open_many`], on the Unix socket at `path`.
+async fn open_many_unix(path: &std::path::Path, n: usize, first: &[u8]) -> Vec<UnixStream> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        if Instant::now() >= deadline {
+            break;
+        }
+        match tokio::time::timeout(T, UnixStream::connect(path)).await {
             Ok(Ok(mut s)) => {
                 if !first.is_empty() {
                     let _ = s.write_all(first).await;
@@ -192,7 +213,8 @@ async fn handshake(
 // The receiver.
 
 struct Rx {
-    _dir: TempDir,
+    /// The registry directory (its sockets directory holds the Unix socket).
+    dir: TempDir,
     proc: Proc,
     addr: SocketAddr,
     key: Key,
@@ -220,7 +242,7 @@ fn start_receiver() -> Rx {
     let addr: SocketAddr = ready.split_whitespace().next().unwrap().parse().unwrap();
     let disc = Discovery::local_at(dir.path()).unwrap();
     Rx {
-        _dir: dir,
+        dir,
         proc,
         addr,
         key: Key::derive("hostile pw", b"salt").unwrap(),
@@ -264,6 +286,42 @@ impl Rx {
     fn hwm(&self) -> u64 {
         status_bytes(self.proc.pid(), "VmHWM")
     }
+}
+
+/// The handshake flood of [`receiver_process_under_attack_stays_bounded_and_serving`]
+/// on the receiver's Unix socket, which senders on its host use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_process_under_a_unix_socket_flood_stays_bounded_and_serving() {
+    raise_fd_limit(8192);
+    let rx = start_receiver();
+    let pid = rx.proc.pid();
+    rx.serves("baseline").await;
+    let base_fds = fds(pid);
+    let sockets: Vec<_> = std::fs::read_dir(rx.dir.path().join("sockets"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    assert_eq!(sockets.len(), 1, "{sockets:?}");
+    let (hello, _, _) = hello_frame("victim", Mode::Sealed);
+    let mut flood = open_many_unix(&sockets[0], 1000, &[]).await;
+    flood.extend(open_many_unix(&sockets[0], 1000, &hello[..hello.len() / 2]).await);
+    eprintln!("unix flood: {} connections open", flood.len());
+    // A full accept queue refuses a Unix connect at once (EAGAIN), where TCP waits.
+    assert!(
+        flood.len() >= 500,
+        "only {} connections opened",
+        flood.len()
+    );
+    rx.serves_within("during the unix handshake flood", Duration::from_secs(3))
+        .await;
+    let left = fds_fall_to(pid, base_fds + 16, Duration::from_secs(8)).await;
+    assert!(
+        left <= base_fds + 16,
+        "fds stay at {left} (baseline {base_fds})"
+    );
+    rx.serves("after the unix handshake flood").await;
+    drop(flood);
+    assert!(rx.hwm() < RECEIVER_HWM, "VmHWM {} KiB", rx.hwm() / 1024);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

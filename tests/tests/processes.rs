@@ -1,28 +1,35 @@
-//! Delivery guarantees with receivers and senders in separate processes.
+//! Delivery guarantees with receivers and senders in separate processes, over TCP
+//! and over Unix sockets: the receiver processes listen on the one transport
+//! `IPCBUS_TRANSPORTS` names, so the senders find only that one in their records.
+//! The Unix runs (the default on a host) keep the full counts; the TCP runs of the
+//! longer tests send fewer events.
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use ipcbus::{Discovery, FailReason, Handle, Sender, SenderEvent};
+use ipcbus::{Discovery, FailReason, Handle, Sender, SenderEvent, Transport};
 use ipcbus_tests::{Proc, TempDir};
 use serde_json::Value;
 
 const PEER: &str = env!("CARGO_BIN_EXE_ipcbus-testpeer");
 const T: Duration = Duration::from_secs(60);
 
-fn peer(dir: &TempDir, args: &[&str]) -> Proc {
+/// A test peer whose receivers listen on `t` only.
+fn peer(dir: &TempDir, t: Transport, args: &[&str]) -> Proc {
     let mut cmd = Command::new(PEER);
-    cmd.args(args).env("IPCBUS_RUNTIME_DIR", dir.path());
+    cmd.args(args)
+        .env("IPCBUS_RUNTIME_DIR", dir.path())
+        .env("IPCBUS_TRANSPORTS", t.as_str());
     Proc::spawn(cmd)
 }
 
-/// Starts a receiver process; returns it with its receiver id.
-fn receiver(dir: &TempDir, handle: &str, extra: &[&str]) -> (Proc, String) {
+/// Starts a receiver process listening on `t`; returns it with its receiver id.
+fn receiver(dir: &TempDir, t: Transport, handle: &str, extra: &[&str]) -> (Proc, String) {
     let mut args = vec!["recv", "--handle", handle];
     args.extend_from_slice(extra);
-    let p = peer(dir, &args);
+    let p = peer(dir, t, &args);
     let ready = p.expect_line("ready ", T);
     let id = ready.split_whitespace().nth(1).unwrap().to_string();
     (p, id)
@@ -37,17 +44,35 @@ fn sender_in_process(dir: &TempDir, handle: &str) -> ipcbus::SenderBuilder {
         .discovery(Discovery::local_at(dir.path()).unwrap())
 }
 
+/// Checks every report endpoint in `reports` is of transport `t`.
+fn all_over(t: Transport, reports: &[ipcbus::SendReport]) {
+    for r in reports {
+        for who in r.acked.iter().chain(r.failed.iter().map(|(w, _)| w)) {
+            assert_eq!(who.endpoint.transport(), t, "{who}");
+        }
+    }
+}
+
 #[test]
-fn three_receivers_two_senders_exactly_once_in_order() {
+fn three_receivers_two_senders_exactly_once_in_order_over_unix() {
+    three_receivers_two_senders(Transport::Unix, 10_000)
+}
+
+#[test]
+fn three_receivers_two_senders_exactly_once_in_order_over_tcp() {
+    three_receivers_two_senders(Transport::Tcp, 3_000)
+}
+
+fn three_receivers_two_senders(t: Transport, n: u64) {
     let dir = TempDir::new("3x2");
-    let n = 10_000u64;
     let receivers: Vec<(Proc, String)> = (0..3)
-        .map(|_| receiver(&dir, "fan", &["--expect", &(2 * n).to_string()]))
+        .map(|_| receiver(&dir, t, "fan", &["--expect", &(2 * n).to_string()]))
         .collect();
     let senders: Vec<Proc> = (0..2)
         .map(|_| {
             peer(
                 &dir,
+                t,
                 &[
                     "send",
                     "--handle",
@@ -76,21 +101,35 @@ fn three_receivers_two_senders_exactly_once_in_order() {
         for rep in &sent {
             assert_eq!(rep[rid]["acked"], n, "{rep}");
             assert_eq!(rep[rid]["failed"], 0, "{rep}");
+            let endpoint = rep[rid]["endpoint"].as_str().unwrap_or_default();
+            assert!(
+                endpoint.starts_with(&format!("{t}://")),
+                "{rid} reached at {endpoint}, not over {t}"
+            );
         }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn receiver_joining_mid_stream_gets_each_later_event_once() {
+async fn receiver_joining_mid_stream_gets_each_later_event_once_over_unix() {
+    receiver_joining_mid_stream(Transport::Unix).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_joining_mid_stream_gets_each_later_event_once_over_tcp() {
+    receiver_joining_mid_stream(Transport::Tcp).await
+}
+
+async fn receiver_joining_mid_stream(t: Transport) {
     let dir = TempDir::new("join");
-    let (a, a_id) = receiver(&dir, "join", &["--until-seq", "3000"]);
+    let (a, a_id) = receiver(&dir, t, "join", &["--until-seq", "3000"]);
     let mut tx = sender_in_process(&dir, "join").build().await.unwrap();
     assert_eq!(tx.wait_for_receivers(1, T).await, 1);
     let mut reports = Vec::new();
     let mut b = None;
     for i in 1..=3000u64 {
         if i == 1000 {
-            b = Some(receiver(&dir, "join", &["--until-seq", "3000"]));
+            b = Some(receiver(&dir, t, "join", &["--until-seq", "3000"]));
         }
         reports.push(tx.publish_bytes(i.to_be_bytes().to_vec()).await.unwrap());
         tokio::time::sleep(Duration::from_micros(500)).await;
@@ -99,6 +138,7 @@ async fn receiver_joining_mid_stream_gets_each_later_event_once() {
     for p in reports {
         let r = tokio::time::timeout(T, p).await.unwrap();
         assert!(r.failed.is_empty(), "{r:?}");
+        all_over(t, std::slice::from_ref(&r));
         for a in r.acked {
             acked_by.entry(a.id.to_string()).or_default().push(r.seq);
         }
@@ -126,10 +166,19 @@ async fn receiver_joining_mid_stream_gets_each_later_event_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkilled_receiver_is_reported_failed_fast_and_others_lose_nothing() {
+async fn sigkilled_receiver_is_reported_failed_fast_and_others_lose_nothing_over_unix() {
+    sigkilled_receiver(Transport::Unix).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_receiver_is_reported_failed_fast_and_others_lose_nothing_over_tcp() {
+    sigkilled_receiver(Transport::Tcp).await
+}
+
+async fn sigkilled_receiver(t: Transport) {
     let dir = TempDir::new("kill");
     let rs: Vec<(Proc, String)> = (0..3)
-        .map(|_| receiver(&dir, "kill", &["--until-seq", "4000"]))
+        .map(|_| receiver(&dir, t, "kill", &["--until-seq", "4000"]))
         .collect();
     let mut tx = sender_in_process(&dir, "kill").build().await.unwrap();
     assert_eq!(tx.wait_for_receivers(3, T).await, 3);
@@ -211,6 +260,7 @@ async fn sigkilled_receiver_is_reported_failed_fast_and_others_lose_nothing() {
         assert_eq!(s[&sid]["dups"], 0);
     }
     // Every report accounts for every targeted receiver; survivors acked all events.
+    all_over(t, &reports);
     for r in &reports {
         for (f, why) in &r.failed {
             assert_eq!(
@@ -221,30 +271,47 @@ async fn sigkilled_receiver_is_reported_failed_fast_and_others_lose_nothing() {
         }
         assert!(r.acked.len() >= 2);
     }
-    // The stale registry record is cleaned up.
+    // The stale registry record is cleaned up, and the Unix socket the killed
+    // process left.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let left: Vec<_> = std::fs::read_dir(dir.path().join("receivers"))
-            .unwrap()
+        let left: Vec<_> = ["receivers", "sockets"]
+            .iter()
+            .flat_map(|d| std::fs::read_dir(dir.path().join(d)).unwrap())
             .filter_map(|e| e.ok())
             .filter(|e| e.file_name().to_string_lossy().contains(&victim_id_s))
             .collect();
         if left.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "stale record still present");
+        assert!(
+            Instant::now() < deadline,
+            "stale record or socket still present: {left:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_receiver_does_not_hold_up_the_others() {
+async fn a_stalled_receiver_does_not_hold_up_the_others_over_unix() {
+    stalled_receiver(Transport::Unix, 60_000).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_receiver_does_not_hold_up_the_others_over_tcp() {
+    stalled_receiver(Transport::Tcp, 20_000).await
+}
+
+async fn stalled_receiver(t: Transport, n: u64) {
     let dir = TempDir::new("stall");
-    let n = 60_000u64;
-    let (_stalled, stalled_id) =
-        receiver(&dir, "stall", &["--stall-after", "10", "--timeout", "60"]);
+    let (_stalled, stalled_id) = receiver(
+        &dir,
+        t,
+        "stall",
+        &["--stall-after", "10", "--timeout", "60"],
+    );
     let healthy: Vec<(Proc, String)> = (0..2)
-        .map(|_| receiver(&dir, "stall", &["--expect", &n.to_string()]))
+        .map(|_| receiver(&dir, t, "stall", &["--expect", &n.to_string()]))
         .collect();
     let mut tx = sender_in_process(&dir, "stall")
         .send_timeout(Duration::from_secs(1))
@@ -256,6 +323,7 @@ async fn a_stalled_receiver_does_not_hold_up_the_others() {
     let mut pending = std::collections::VecDeque::new();
     let mut per: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let mut tally = |r: ipcbus::SendReport| {
+        all_over(t, std::slice::from_ref(&r));
         for a in &r.acked {
             per.entry(a.id.to_string()).or_default().0 += 1;
         }
@@ -292,7 +360,16 @@ async fn a_stalled_receiver_does_not_hold_up_the_others() {
 }
 
 #[test]
-fn wrong_password_is_named_on_both_sides() {
+fn wrong_password_is_named_on_both_sides_over_unix() {
+    wrong_password(Transport::Unix)
+}
+
+#[test]
+fn wrong_password_is_named_on_both_sides_over_tcp() {
+    wrong_password(Transport::Tcp)
+}
+
+fn wrong_password(t: Transport) {
     let dir = TempDir::new("pw");
     let mut cmd = Command::new(PEER);
     cmd.args([
@@ -307,12 +384,14 @@ fn wrong_password_is_named_on_both_sides() {
         "2",
     ])
     .env("IPCBUS_RUNTIME_DIR", dir.path())
+    .env("IPCBUS_TRANSPORTS", t.as_str())
     .env("RUST_LOG", "warn")
     .stderr(std::process::Stdio::piped());
     let mut recv = Proc::spawn(cmd);
     recv.expect_line("ready ", T);
     let s = peer(
         &dir,
+        t,
         &[
             "send",
             "--handle",
@@ -333,6 +412,8 @@ fn wrong_password_is_named_on_both_sides() {
         .next()
         .expect("one receiver in report");
     assert_eq!(entry["failed"], 1);
+    let endpoint = entry["endpoint"].as_str().unwrap_or_default();
+    assert!(endpoint.starts_with(&format!("{t}://")), "{rep}");
     let auth = entry["reasons"]
         .as_object()
         .unwrap()

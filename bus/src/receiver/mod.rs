@@ -84,6 +84,10 @@ pub enum BindError {
         /// The variable's value.
         value: String,
     },
+    /// [`ReceiverBuilder::transports`] was given none: the receiver would have no
+    /// endpoint, and nobody could reach it.
+    #[error("no transport to listen on: give tcp, unix or both")]
+    NoTransports,
     /// A Unix socket was asked for where there is no registry directory to put it in
     /// (EPM discovery): name its path with [`ReceiverBuilder::bind_at`].
     #[error(
@@ -133,7 +137,8 @@ impl ReceiverBuilder {
     /// secret. If that path would be longer than the platform's limit
     /// ([`MAX_UNIX_PATH`](crate::MAX_UNIX_PATH) bytes), the default falls back to TCP
     /// alone with a warning; asking for [`Transport::Unix`] explicitly (here or in
-    /// `IPCBUS_TRANSPORTS`) makes it a [`BindError::Unix`].
+    /// `IPCBUS_TRANSPORTS`) makes it a [`BindError::Unix`]. An empty list is
+    /// [`BindError::NoTransports`].
     ///
     /// ```
     /// use ipcbus::{Handle, Receiver, Transport};
@@ -356,6 +361,9 @@ impl ReceiverBuilder {
         };
         let explicit = chosen.is_some();
         let transports = chosen.unwrap_or(default);
+        if transports.is_empty() {
+            return Err(BindError::NoTransports);
+        }
         let mut out = Vec::with_capacity(2);
         if transports.contains(&Transport::Tcp) {
             let ip = discovery.bind_ip(self.ip).await?;

@@ -132,12 +132,14 @@ impl LocalRegistry {
         self.sockets_dir().join(format!("{receiver}.sock"))
     }
 
-    /// Removes the Unix socket files a stale record names, when they are in this
-    /// registry's socket directory (a record cannot make us remove anything else).
+    /// Removes the Unix socket file of a stale record: the one of its receiver id in
+    /// this registry's socket directory, when the record names it. A record cannot
+    /// make us remove anything else, in particular not the live socket of another
+    /// receiver it names (a record found answering with the wrong handle or id).
     fn remove_sockets_of(&self, rec: &Record) {
-        let dir = self.sockets_dir();
+        let own = self.socket_path(&rec.receiver);
         for path in rec.endpoints.iter().filter_map(|e| e.unix_path()) {
-            if path.parent() == Some(dir.as_path()) {
+            if path == own {
                 match fs::remove_file(path) {
                     Ok(()) => tracing::debug!(path = %path.display(), "removed stale unix socket"),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -429,12 +431,16 @@ mod tests {
         let outside = dir.join("outside.sock");
         fs::write(&sock, b"").unwrap();
         fs::write(&outside, b"").unwrap();
+        // Nor is another receiver's socket in the registry.
+        let other = reg.socket_path(&ReceiverId::random());
+        fs::write(&other, b"").unwrap();
         let mut rec = record_now(
             h.clone(),
             vec![
                 "127.0.0.1:1".parse().unwrap(),
                 Endpoint::unix(&sock),
                 Endpoint::unix(&outside),
+                Endpoint::unix(&other),
             ],
             id,
         );
@@ -455,6 +461,7 @@ mod tests {
             outside.exists(),
             "a socket outside the registry was removed"
         );
+        assert!(other.exists(), "another receiver's socket was removed");
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -1229,9 +1229,14 @@ impl Tracker {
 
     fn connect(&self, record: &Record) -> Option<Arc<Conn>> {
         // Over the Unix socket when the receiver has one (records of the local
-        // registry are of this host), else TCP.
+        // registry are of this host), else TCP. A socket file removed from under a
+        // live receiver (a cleaner of /tmp) would be refused and make its record look
+        // stale: use its TCP endpoint then.
         let endpoint = record
             .endpoint(Transport::Unix)
+            .filter(|e| {
+                record.tcp_addr().is_none() || e.unix_path().is_some_and(std::path::Path::exists)
+            })
             .or_else(|| record.endpoint(Transport::Tcp))
             .or(record.endpoints.first())?
             .clone();

@@ -1,22 +1,40 @@
 //! Shared by the bus's integration tests: a peer that speaks the wire protocol
-//! through the protocol core, without the library's connection code.
+//! through the protocol core, without the library's connection code, over TCP or a
+//! Unix socket.
 
 #![allow(dead_code)]
 
 use std::time::Duration;
 
 use bytes::BytesMut;
+use ipcbus::Endpoint;
 use ipcbus_proto::codec::CodecV1;
 use ipcbus_proto::crypto::Sealer;
 use ipcbus_proto::frame::{Mode, RawFrame};
 use ipcbus_proto::handshake::{Client, ClientConfig, Status};
 use ipcbus_proto::{Handle, Key, SenderId};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
 
 pub const T: Duration = Duration::from_secs(10);
 
-pub async fn read_frame(s: &mut TcpStream, buf: &mut BytesMut) -> Option<RawFrame> {
+/// A connected byte stream of either transport.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Io for S {}
+pub type Stream = Box<dyn Io>;
+
+/// Connects to `endpoint` over its transport.
+pub async fn connect(endpoint: impl Into<Endpoint>) -> Stream {
+    match endpoint.into() {
+        Endpoint::Tcp(a) => Box::new(TcpStream::connect(a).await.unwrap()),
+        Endpoint::Unix(p) => Box::new(UnixStream::connect(&*p).await.unwrap()),
+    }
+}
+
+pub async fn read_frame<S: AsyncRead + Unpin + ?Sized>(
+    s: &mut S,
+    buf: &mut BytesMut,
+) -> Option<RawFrame> {
     let mut codec = CodecV1::default();
     loop {
         if let Ok(Some(f)) = codec.decode(buf) {
@@ -32,12 +50,12 @@ pub async fn read_frame(s: &mut TcpStream, buf: &mut BytesMut) -> Option<RawFram
 /// protocol core's state machine; returns the stream and, when keyed, the client's
 /// sealer.
 pub async fn handshake(
-    addr: std::net::SocketAddr,
+    endpoint: impl Into<Endpoint>,
     handle: &str,
     sender: SenderId,
     key: Option<&Key>,
-) -> (TcpStream, Option<Sealer>) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
+) -> (Stream, Option<Sealer>) {
+    let mut s = connect(endpoint).await;
     let mode = if key.is_some() {
         Mode::Sealed
     } else {

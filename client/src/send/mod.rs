@@ -459,7 +459,11 @@ impl Show {
         who: &ReceiverInfo,
         reason: Option<&FailReason>,
     ) -> anyhow::Result<()> {
-        let name = self.tally.name(who);
+        let name = if self.json {
+            self.tally.json_name(who)
+        } else {
+            self.tally.name(who)
+        };
         if self.json {
             out::line(serde_json::to_string(&PresenceJson {
                 event: what,
@@ -491,7 +495,7 @@ impl Show {
                 .map(|who| {
                     let p = &t.per[who];
                     ReceiverJson {
-                        receiver: t.name(who),
+                        receiver: t.json_name(who),
                         acked: p.acked,
                         failed: p.failed,
                         first_seq: p.first_seq,

@@ -71,7 +71,16 @@ impl Tally {
     /// How to name `who`: its address, with its id when another receiver had the same
     /// address (one restarted on the same port).
     pub(super) fn name(&self, who: &ReceiverInfo) -> String {
-        let short = short_name(&who.endpoint);
+        self.named(who, short_name(&who.endpoint))
+    }
+
+    /// How JSON names `who`: like [`name`](Self::name), with its endpoint's text form
+    /// (`tcp://...`), as the report lines' `addr` and `delivered` do.
+    pub(super) fn json_name(&self, who: &ReceiverInfo) -> String {
+        self.named(who, who.endpoint.to_string())
+    }
+
+    fn named(&self, who: &ReceiverInfo, short: String) -> String {
         if self
             .order
             .iter()

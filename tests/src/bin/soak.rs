@@ -1,13 +1,17 @@
-//! `soak`: a fault-injection soak test of delivery through the endpoint manager.
+//! `soak`: a fault-injection soak test of delivery through the endpoint manager (over
+//! TCP), or through the local registry (over what `IPCBUS_TRANSPORTS` says).
 //!
 //! ```text
-//! soak run [--secs N] [--out DIR] [--seed S] [--keep]
+//! soak run [--secs N] [--out DIR] [--seed S] [--keep] [--local]
 //! ```
 //! runs, for N seconds (default 30), an `epm-service` (this binary in `epm` mode), 2
 //! sender processes and up to 8 receiver processes on 127.0.0.1, while a chaos
 //! driver starts receivers, SIGKILLs them, stops them gracefully (SIGTERM), pauses
-//! one with SIGSTOP/SIGCONT, and kills and restarts the EPM on the same port. Then
-//! it checks the logs and prints one line:
+//! one with SIGSTOP/SIGCONT, and kills and restarts the EPM on the same port. With
+//! `--local` there is no EPM: everyone uses a registry directory in the log
+//! directory, and the receivers listen on what `IPCBUS_TRANSPORTS` says (by
+//! default TCP and a Unix socket, which the senders use). Then it checks the logs
+//! and prints one line:
 //!
 //! ```text
 //! soak: 600 s, events sent N, acknowledged A, reported failed F, duplicates 0, lost after ack 0, out of order 0, unreported 0 (...)
@@ -41,7 +45,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use ipcbus::{Epm, Handle, Receiver, Sender};
+use ipcbus::{Discovery, Epm, Handle, Receiver, Sender};
 use ipcbus_tests::{say, Args};
 
 const HANDLE: &str = "soak";
@@ -63,6 +67,15 @@ fn now_ms() -> u64 {
 
 // ---------------------------------------------------------------------------------
 // Child modes.
+
+/// Where a child registers or discovers: `--registry DIR` (a local registry), else
+/// `--epm ADDR`.
+fn discovery(a: &Args) -> anyhow::Result<Discovery> {
+    Ok(match a.get("--registry") {
+        Some(dir) => Discovery::local_at(dir)?,
+        None => Discovery::Epm(Epm::builder(a.req("--epm")?).build()),
+    })
+}
 
 async fn terminated() -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -92,7 +105,7 @@ async fn epm_mode(a: &Args) -> anyhow::Result<()> {
 
 async fn recv_mode(a: &Args) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let epm = Epm::builder(a.req("--epm")?).build();
+    let discovery = discovery(a)?;
     let log_path = PathBuf::from(a.req("--log")?);
     // Unbuffered: one write(2) per event, so the line is in the kernel before the
     // next event is taken, and a SIGKILL cannot lose it.
@@ -103,7 +116,7 @@ async fn recv_mode(a: &Args) -> anyhow::Result<()> {
         .open(&log_path)
         .with_context(|| format!("open {}", log_path.display()))?;
     let mut rx = Receiver::builder(Handle::new(HANDLE)?)
-        .epm(epm)
+        .discovery(discovery)
         .bind()
         .await?;
     say(&format!("ready {}", rx.id()));
@@ -137,12 +150,12 @@ async fn recv_mode(a: &Args) -> anyhow::Result<()> {
 }
 
 async fn send_mode(a: &Args) -> anyhow::Result<()> {
-    let epm = Epm::builder(a.req("--epm")?).build();
+    let discovery = discovery(a)?;
     let idx = u8::try_from(a.num("--index", 0)?)?;
     let interval = Duration::from_micros(a.num("--interval-us", 1000)?);
     let log_path = PathBuf::from(a.req("--log")?);
     let mut tx = Sender::builder(Handle::new(HANDLE)?)
-        .epm(epm)
+        .discovery(discovery)
         .send_timeout(SEND_TIMEOUT)
         .compress(true) // the default skips gzip on loopback; the soak wants it on the path
         .build()
@@ -355,6 +368,8 @@ struct Driver {
     out: PathBuf,
     epm_addr: SocketAddr,
     epm: Option<Kid>,
+    /// With `--local`, the registry directory everyone uses instead of the EPM.
+    registry: Option<PathBuf>,
     epm_gen: u32,
     receivers: Vec<Rcv>,
     /// (down, back up) wall-clock ms of each EPM outage.
@@ -364,6 +379,14 @@ struct Driver {
 }
 
 impl Driver {
+    /// The children's arguments that say where to register and discover.
+    fn discovery_args(&self) -> [String; 2] {
+        match &self.registry {
+            Some(dir) => ["--registry".into(), dir.to_string_lossy().into_owned()],
+            None => ["--epm".into(), self.epm_addr.to_string()],
+        }
+    }
+
     fn start_epm(&mut self, bind: SocketAddr) -> anyhow::Result<SocketAddr> {
         self.epm_gen += 1;
         let bind_s = bind.to_string();
@@ -384,10 +407,10 @@ impl Driver {
         let k = self.receivers.len();
         let log = self.out.join(format!("recv-{k}.log"));
         let err = self.out.join(format!("recv-{k}.err"));
-        let epm = self.epm_addr.to_string();
+        let [flag, value] = self.discovery_args();
         let kid = Kid::spawn(
             &self.exe,
-            &["recv", "--epm", &epm, "--log", &log.to_string_lossy()],
+            &["recv", &flag, &value, "--log", &log.to_string_lossy()],
             &err,
         )?;
         self.receivers.push(Rcv {
@@ -560,18 +583,21 @@ fn run_mode(a: &Args) -> anyhow::Result<bool> {
         out: out.clone(),
         epm_addr: "127.0.0.1:0".parse()?,
         epm: None,
+        registry: a.has("--local").then(|| out.join("registry")),
         epm_gen: 0,
         receivers: Vec::new(),
         outages: Vec::new(),
         counts: Counts::default(),
         rng: Rng(seed | 1),
     };
-    let any = d.epm_addr;
-    d.epm_addr = d.start_epm(any)?;
+    if d.registry.is_none() {
+        let any = d.epm_addr;
+        d.epm_addr = d.start_epm(any)?;
+    }
     for _ in 0..3 {
         d.start_receiver()?;
     }
-    let epm = d.epm_addr.to_string();
+    let [flag, value] = d.discovery_args();
     let mut senders = Vec::new();
     for i in 0..2u8 {
         let log = out.join(format!("send-{i}.log"));
@@ -579,8 +605,8 @@ fn run_mode(a: &Args) -> anyhow::Result<bool> {
             &d.exe,
             &[
                 "send",
-                "--epm",
-                &epm,
+                &flag,
+                &value,
                 "--index",
                 &i.to_string(),
                 "--log",
@@ -602,7 +628,7 @@ fn run_mode(a: &Args) -> anyhow::Result<bool> {
     let mut next_epm = start + Duration::from_secs(if secs < 60 { secs / 2 } else { 20 });
     while Instant::now() < end {
         d.poll();
-        if Instant::now() >= next_epm {
+        if d.registry.is_none() && Instant::now() >= next_epm {
             d.restart_epm()?;
             let gap = if secs < 60 {
                 secs * 10
@@ -906,7 +932,7 @@ fn main() -> ExitCode {
             })
             .map(|()| true),
         _ => Err(anyhow::anyhow!(
-            "usage: soak run [--secs N] [--out DIR] [--seed S] [--keep] | epm | recv | send"
+            "usage: soak run [--secs N] [--out DIR] [--seed S] [--keep] [--local] | epm | recv | send"
         )),
     };
     match r {

@@ -108,7 +108,7 @@ pub fn ipcbus_cmd(runtime: &Path) -> Command {
 
 /// Every variable that changes what an ipcbus program does; the tests start their
 /// programs without them (and set what each test needs).
-pub const IPCBUS_VARS: [&str; 10] = [
+pub const IPCBUS_VARS: [&str; 11] = [
     "IPCBUS_EPM",
     "IPCBUS_PASSWORD",
     "IPCBUS_PASSWORD_FILE",
@@ -119,6 +119,7 @@ pub const IPCBUS_VARS: [&str; 10] = [
     "RUST_LOG",
     "NO_COLOR",
     "IPCBUS_RUNTIME_DIR",
+    "IPCBUS_TRANSPORTS",
 ];
 
 /// A runnable example of `ipcbus-examples` (`cargo test --workspace` builds them).
