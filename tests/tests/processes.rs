@@ -380,8 +380,10 @@ fn wrong_password(t: Transport) {
         "right",
         "--salt",
         "s",
+        // Long enough for the sender's key derivation (Argon2id, slow on a loaded
+        // machine) and handshake: a receiver gone by then leaves it no receiver at all.
         "--timeout",
-        "2",
+        "8",
     ])
     .env("IPCBUS_RUNTIME_DIR", dir.path())
     .env("IPCBUS_TRANSPORTS", t.as_str())

@@ -701,6 +701,13 @@ impl Sender {
                         self.retired.push(self.conns.remove(i));
                     }
                 }
+                Update::Replace { old, new } => {
+                    if let Some(i) = self.conns.iter().position(|x| Arc::ptr_eq(x, &old)) {
+                        self.retired.push(self.conns.remove(i));
+                    }
+                    new.window.start_after(self.next_seq - 1);
+                    self.conns.push(new);
+                }
             }
         }
         if changed {
@@ -889,6 +896,12 @@ impl Future for PendingReport {
 enum Update {
     Add(Arc<Conn>),
     Remove(Arc<Conn>),
+    /// A reconnect: the new connection takes the old one's place in one step, so no
+    /// event is published in between to a set without that receiver.
+    Replace {
+        old: Arc<Conn>,
+        new: Arc<Conn>,
+    },
 }
 
 struct Shared {
@@ -1087,7 +1100,7 @@ fn fail_reason(e: &HandshakeError) -> FailReason {
 fn start_conn(
     shared: &Arc<Shared>,
     record: &Record,
-    endpoint: Endpoint,
+    (endpoint, replaces): (Endpoint, Option<Arc<Conn>>),
     expect: Option<ReceiverId>,
     on_stale: impl FnOnce() + Send + 'static,
 ) -> Arc<Conn> {
@@ -1105,7 +1118,13 @@ fn start_conn(
         finished: AtomicBool::new(false),
     });
     shared.connects.fetch_add(1, Ordering::Relaxed);
-    shared.update(Update::Add(conn.clone()));
+    shared.update(match replaces {
+        Some(old) => Update::Replace {
+            old,
+            new: conn.clone(),
+        },
+        None => Update::Add(conn.clone()),
+    });
     let c = conn.clone();
     shared.tasks.spawn(async move {
         let reason = tokio::select! {
@@ -1227,7 +1246,8 @@ impl Tracker {
         }
     }
 
-    fn connect(&self, record: &Record) -> Option<Arc<Conn>> {
+    /// Connects to `record`'s receiver, in place of `replaces` (a reconnect) if given.
+    fn connect(&self, record: &Record, replaces: Option<Arc<Conn>>) -> Option<Arc<Conn>> {
         // Over the Unix socket when the receiver has one (records of the local
         // registry are of this host), else TCP. A socket file removed from under a
         // live receiver (a cleaner of /tmp) would be refused and make its record look
@@ -1238,14 +1258,19 @@ impl Tracker {
                 record.tcp_addr().is_none() || e.unix_path().is_some_and(std::path::Path::exists)
             })
             .or_else(|| record.endpoint(Transport::Tcp))
-            .or(record.endpoints.first())?
-            .clone();
+            .or(record.endpoints.first());
+        let Some(endpoint) = endpoint.cloned() else {
+            if let Some(old) = replaces {
+                self.shared.update(Update::Remove(old));
+            }
+            return None;
+        };
         let on_stale = self.on_stale.clone();
         let rec = record.clone();
         Some(start_conn(
             &self.shared,
             record,
-            endpoint,
+            (endpoint, replaces),
             self.expect_ids.then_some(record.receiver),
             move || on_stale(&rec),
         ))
@@ -1261,11 +1286,10 @@ impl Tracker {
             }
             seen.insert(rec.receiver);
             let conn = match self.known.get(&rec.receiver) {
-                None => self.connect(&rec),
+                None => self.connect(&rec, None),
                 Some(k) if k.conn.finished.load(Ordering::Acquire) && now >= k.retry_at => {
                     self.shared.reconnects.fetch_add(1, Ordering::Relaxed);
-                    self.shared.update(Update::Remove(k.conn.clone()));
-                    self.connect(&rec)
+                    self.connect(&rec, Some(k.conn.clone()))
                 }
                 Some(_) => continue,
             };
