@@ -417,11 +417,13 @@ impl Etcd {
     /// Sorts an etcd client error into the variant that says what to do.
     pub(crate) fn error(&self, op: &'static str, e: etcd_client::Error) -> EtcdError {
         let endpoints = self.endpoint_list();
-        let code = match &e {
-            etcd_client::Error::GRpcStatus(s) => Code::of(i32::from(s.code())),
-            _ => Code::Unavailable,
+        let (code, source): (_, Box<dyn std::error::Error + Send + Sync>) = match &e {
+            etcd_client::Error::GRpcStatus(s) => (
+                Code::of(i32::from(s.code())),
+                status_text(s.message(), std::error::Error::source(s)).into(),
+            ),
+            _ => (Code::Unavailable, Box::new(e)),
         };
-        let source = Box::new(e);
         match code {
             Code::Denied => EtcdError::Denied {
                 endpoints,
@@ -538,6 +540,20 @@ impl Etcd {
 }
 
 pub use session::EtcdRegistration;
+
+/// A gRPC status in one short line: etcd's message, then the innermost cause (the
+/// transport's, e.g. `Connection refused`) when it adds something.
+fn status_text(message: &str, mut source: Option<&(dyn std::error::Error + 'static)>) -> String {
+    let mut root = None;
+    while let Some(e) = source {
+        root = Some(e.to_string());
+        source = e.source();
+    }
+    match root {
+        Some(r) if !message.contains(&r) => format!("{message}: {r}"),
+        _ => message.to_owned(),
+    }
+}
 
 /// gRPC status codes (numbers fixed by the gRPC spec), sorted the way
 /// [`Etcd::error`] needs them without naming tonic's type.
