@@ -373,10 +373,11 @@ impl Etcd {
 
     /// Runs one request with the timeout, trying it again (after 50 ms, doubling up to
     /// 400 ms) while it fails for a reason another member or a moment may cure: a
-    /// member that just went down, an election in progress. One attempt gets a third
-    /// of the timeout (at least 1 s), so a request stuck on a member that waits for
-    /// a new leader is tried again elsewhere. Gives up with the last error once the
-    /// timeout has passed.
+    /// member that just went down, an election in progress. The first attempt gets
+    /// 500 ms and each next one twice as long, so a request stuck on a member that
+    /// waits for a new leader is soon tried again elsewhere while a slow etcd still
+    /// gets the whole timeout. Gives up with the last error once the timeout has
+    /// passed.
     pub(crate) async fn retry<T, F, Fut>(
         &self,
         op: &'static str,
@@ -389,9 +390,10 @@ impl Etcd {
     {
         let deadline = tokio::time::Instant::now() + self.inner.timeout;
         let mut pause = Duration::from_millis(50);
+        let mut attempt = Duration::from_millis(500);
         loop {
-            let attempt = (self.inner.timeout / 3).max(Duration::from_secs(1));
             let until = deadline.min(tokio::time::Instant::now() + attempt);
+            attempt *= 2;
             let err = match tokio::time::timeout_at(until, f(client.clone())).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(e)) => self.error(op, e),
