@@ -53,8 +53,11 @@ pub struct Cluster {
     _dir: TempDir,
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A free loopback port, and the listener holding it until the caller drops it (so
+/// the next call cannot get the same port).
+fn free_port() -> (u16, TcpListener) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    (l.local_addr().expect("local address").port(), l)
 }
 
 impl Cluster {
@@ -67,11 +70,10 @@ impl Cluster {
         let bin = etcd_binary()?;
         let dir = TempDir::new("etcd");
         let mut members = Vec::new();
+        let mut held = Vec::new();
         for i in 0..n {
-            let (c, p) = (
-                free_port().expect("a free port"),
-                free_port().expect("a free port"),
-            );
+            let ((c, lc), (p, lp)) = (free_port(), free_port());
+            held.extend([lc, lp]);
             members.push(Member {
                 name: format!("m{i}"),
                 client_url: format!("http://127.0.0.1:{c}"),
@@ -86,6 +88,8 @@ impl Cluster {
             .map(|m| format!("{}={}", m.name, m.peer_url))
             .collect::<Vec<_>>()
             .join(",");
+        // Released just before etcd binds them.
+        drop(held);
         let mut cluster = Cluster {
             bin,
             members,
