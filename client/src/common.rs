@@ -12,7 +12,8 @@ use ipcbus::{Credentials, Discovery, Epm, Etcd, Key, Security};
 /// The environment variables the commands read, for the end of each `--help`.
 pub const ENV_HELP: &str = "\
 Environment:
-  IPCBUS_EPM             endpoint manager HOST[:PORT] when --epm is not given
+  IPCBUS_EPM             endpoint manager HOST[:PORT] when --epm is not given; several,
+                         comma-separated, are EPMs sharing one view, tried in turn
   IPCBUS_ETCD            etcd endpoints http://HOST:PORT[,http://HOST:PORT] when --etcd
                          is not given (not together with IPCBUS_EPM)
   IPCBUS_PASSWORD_FILE   file whose first line is the password (when no --password-file)
@@ -32,7 +33,8 @@ that cannot bind, an unreachable EPM or etcd), 2 usage or configuration error.";
 #[derive(Args, Debug, Clone, Default)]
 pub struct Common {
     /// Endpoint manager to discover receivers through, HOST[:PORT] (port 4455 when
-    /// left out) [env: IPCBUS_EPM] [default: the local-user registry]
+    /// left out; several comma-separated EPMs sharing one view are tried in turn)
+    /// [env: IPCBUS_EPM] [default: the local-user registry]
     #[arg(
         long,
         global = true,
