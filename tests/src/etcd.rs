@@ -35,9 +35,11 @@ pub fn etcd_binary() -> Option<PathBuf> {
 pub struct Member {
     /// Its name in the cluster (`m0`, `m1`, ...).
     pub name: String,
-    /// `http://127.0.0.1:PORT` for clients.
+    /// `http://127.0.0.1:PORT` (or `https://` with TLS) for clients.
     pub client_url: String,
     peer_url: String,
+    /// Plain HTTP `/health` and `/metrics`, also when clients use TLS.
+    metrics_url: String,
     data: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -50,7 +52,85 @@ pub struct Cluster {
     /// The members, in start order.
     pub members: Vec<Member>,
     initial: String,
+    tls: Option<Tls>,
     _dir: TempDir,
+}
+
+/// A CA and a server certificate for 127.0.0.1 it signed, made with `openssl`, for
+/// an etcd that serves its clients over TLS.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// The CA certificate (PEM): what clients trust.
+    pub ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl Tls {
+    /// Makes them in `dir` with the `openssl` command; `None` when it is missing or
+    /// fails (the caller says it skips).
+    pub fn make(dir: &Path) -> Option<Tls> {
+        let run = |args: &[&str]| {
+            Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature,keyEncipherment\n\
+             extendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .ok()?;
+        let ok = run(&[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem"],
+            &["-days", "2", "-subj", "/CN=ipcbus test CA"],
+        ]
+        .concat())
+            && run(&[
+                &["req"][..],
+                &ec,
+                &["-keyout", "server.key", "-out", "server.csr"],
+                &["-subj", "/CN=127.0.0.1"],
+            ]
+            .concat())
+            && run(&[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+            ]);
+        ok.then(|| Tls {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        })
+    }
 }
 
 /// A free loopback port, and the listener holding it until the caller drops it (so
@@ -67,17 +147,28 @@ impl Cluster {
     /// # Panics
     /// When etcd does not start or become healthy in time (the log is shown).
     pub fn start(n: usize) -> Option<Cluster> {
+        Cluster::start_with(n, None)
+    }
+
+    /// As [`Cluster::start`], serving clients over TLS with `tls` (`https://` URLs).
+    pub fn start_tls(n: usize, tls: &Tls) -> Option<Cluster> {
+        Cluster::start_with(n, Some(tls.clone()))
+    }
+
+    fn start_with(n: usize, tls: Option<Tls>) -> Option<Cluster> {
         let bin = etcd_binary()?;
         let dir = TempDir::new("etcd");
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut members = Vec::new();
         let mut held = Vec::new();
         for i in 0..n {
-            let ((c, lc), (p, lp)) = (free_port(), free_port());
-            held.extend([lc, lp]);
+            let ((c, lc), (p, lp), (m, lm)) = (free_port(), free_port(), free_port());
+            held.extend([lc, lp, lm]);
             members.push(Member {
                 name: format!("m{i}"),
-                client_url: format!("http://127.0.0.1:{c}"),
+                client_url: format!("{scheme}://127.0.0.1:{c}"),
                 peer_url: format!("http://127.0.0.1:{p}"),
+                metrics_url: format!("http://127.0.0.1:{m}"),
                 data: dir.path().join(format!("m{i}.data")),
                 log: dir.path().join(format!("m{i}.log")),
                 child: None,
@@ -94,6 +185,7 @@ impl Cluster {
             bin,
             members,
             initial,
+            tls,
             _dir: dir,
         };
         for i in 0..n {
@@ -112,8 +204,16 @@ impl Cluster {
             .append(true)
             .open(&m.log)
             .expect("etcd log file");
-        let child = Command::new(&self.bin)
+        let mut cmd = Command::new(&self.bin);
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&t.cert)
+                .arg("--key-file")
+                .arg(&t.key);
+        }
+        let child = cmd
             .args(["--name", &m.name])
+            .args(["--listen-metrics-urls", &m.metrics_url])
             .arg("--data-dir")
             .arg(&m.data)
             .args(["--listen-client-urls", &m.client_url])
@@ -168,14 +268,14 @@ impl Cluster {
     pub fn leader(&self) -> Option<usize> {
         (0..self.members.len()).find(|&i| {
             self.members[i].child.is_some()
-                && http_get(&self.members[i].client_url, "/metrics")
+                && http_get(&self.members[i].metrics_url, "/metrics")
                     .is_some_and(|m| m.lines().any(|l| l.trim() == "etcd_server_is_leader 1"))
         })
     }
 
     /// Whether member `i` answers `/health` with `"health":"true"`.
     pub fn healthy(&self, i: usize) -> bool {
-        http_get(&self.members[i].client_url, "/health")
+        http_get(&self.members[i].metrics_url, "/health")
             .is_some_and(|b| b.contains("\"health\":\"true\""))
     }
 

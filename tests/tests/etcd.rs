@@ -546,3 +546,51 @@ async fn a_watch_behind_a_compaction_reads_the_handle_again() {
     );
     tx.close().await;
 }
+
+/// Clients over TLS: `https://` endpoints and the cluster's CA. Without the CA the
+/// connection fails (no default trust store), as `Unavailable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_endpoints_with_the_cluster_ca() {
+    let dir = ipcbus_tests::TempDir::new("etcd-tls");
+    let Some(tls) = ipcbus_tests::etcd::Tls::make(dir.path()) else {
+        eprintln!("skipped: openssl could not make a test certificate");
+        return;
+    };
+    let Some(c) = Cluster::start_tls(1, &tls) else {
+        eprintln!("skipped: no etcd binary");
+        return;
+    };
+    assert!(c.endpoints().starts_with("https://"), "{}", c.endpoints());
+    let ca = std::fs::read(&tls.ca).unwrap();
+    let e = Etcd::parse(&c.endpoints()).unwrap().tls(ca).build();
+    let handle = h("tls");
+    let mut rx = Receiver::builder(handle.clone())
+        .etcd(e.clone())
+        .bind()
+        .await
+        .unwrap();
+    let mut tx = Sender::builder(handle.clone())
+        .etcd(e.clone())
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(tx.wait_for_receivers(1, T).await, 1);
+    let p = tx.publish_bytes("over tls").await.unwrap();
+    rx.recv().await.unwrap();
+    assert_eq!(p.await.acked.len(), 1);
+    let untrusted = Etcd::parse(&c.endpoints())
+        .unwrap()
+        .timeout(Duration::from_secs(2))
+        .build();
+    let err = Receiver::builder(handle)
+        .etcd(untrusted)
+        .bind()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, BindError::Etcd(EtcdError::Unavailable { .. })),
+        "{err:?}"
+    );
+    tx.close().await;
+    rx.close().await;
+}

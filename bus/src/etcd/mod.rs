@@ -101,15 +101,16 @@ pub enum EtcdError {
     Credentials(#[from] CredentialsError),
 }
 
-/// Why an etcd endpoint list is not `http://HOST[:PORT][,http://HOST[:PORT]...]`.
+/// Why an etcd endpoint list is not `http[s]://HOST[:PORT][,http[s]://HOST[:PORT]...]`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum EtcdAddrError {
     /// Nothing was given (or an empty item between commas).
     #[error("the etcd endpoint list is empty or has an empty item: write http://HOST:PORT[,http://HOST:PORT]")]
     Empty,
-    /// An endpoint without `http://`, or with another scheme.
-    #[error("etcd endpoint {0:?} must start with http:// (https needs TLS, which this build does not have)")]
+    /// An endpoint without `http://` or `https://` (the latter needs the `etcd-tls`
+    /// feature, on by default), or with another scheme.
+    #[error("etcd endpoint {0:?} must start with http:// or https://")]
     Scheme(String),
     /// The port is not a number from 1 to 65535.
     #[error("etcd endpoint {url:?}: {port:?} is not a port (1-65535)")]
@@ -138,7 +139,16 @@ struct Inner {
     key: Option<Key>,
     lease: Duration,
     timeout: Duration,
+    tls: Option<Tls>,
     client: OnceCell<Client>,
+}
+
+/// TLS settings: the CA that signed the members' certificates, and an optional
+/// client certificate and key (for etcd's `--client-cert-auth`), all PEM.
+#[derive(Clone)]
+struct Tls {
+    ca: Vec<u8>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl fmt::Debug for Etcd {
@@ -161,6 +171,7 @@ pub struct EtcdBuilder {
     key: Option<Key>,
     lease: Duration,
     timeout: Duration,
+    tls: Option<Tls>,
 }
 
 impl fmt::Debug for EtcdBuilder {
@@ -202,6 +213,45 @@ impl EtcdBuilder {
         self
     }
 
+    /// Talks to etcd over TLS (`https://` endpoints), trusting the CA certificate
+    /// `ca_pem` (PEM) to have signed the members' certificates. Without it, `https://`
+    /// endpoints fail to connect (there is no default trust store).
+    ///
+    /// ```
+    /// # let ca_pem = b"-----BEGIN CERTIFICATE-----...".to_vec();
+    /// let etcd = ipcbus::Etcd::parse("https://etcd.lan:2379")?.tls(ca_pem).build();
+    /// assert_eq!(etcd.endpoints(), ["https://etcd.lan:2379"]);
+    /// # Ok::<(), ipcbus::EtcdAddrError>(())
+    /// ```
+    pub fn tls(mut self, ca_pem: impl Into<Vec<u8>>) -> Self {
+        let identity = self.tls.take().and_then(|t| t.identity);
+        self.tls = Some(Tls {
+            ca: ca_pem.into(),
+            identity,
+        });
+        self
+    }
+
+    /// A client certificate and its key (PEM), for an etcd started with
+    /// `--client-cert-auth`; takes effect with [`tls`](Self::tls).
+    pub fn tls_identity(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        let id = Some((cert_pem.into(), key_pem.into()));
+        match &mut self.tls {
+            Some(t) => t.identity = id,
+            None => {
+                self.tls = Some(Tls {
+                    ca: Vec::new(),
+                    identity: id,
+                })
+            }
+        }
+        self
+    }
+
     /// Time allowed to connect and for each request (default 5 s).
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = d.max(Duration::from_millis(10));
@@ -218,6 +268,7 @@ impl EtcdBuilder {
                 key: self.key,
                 lease: self.lease,
                 timeout: self.timeout,
+                tls: self.tls,
                 client: OnceCell::new(),
             }),
         }
@@ -253,6 +304,7 @@ impl Etcd {
             key: None,
             lease: DEFAULT_ETCD_LEASE,
             timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 
@@ -348,6 +400,7 @@ impl Etcd {
                 if let Some((u, p)) = &self.inner.user {
                     o = o.with_user(u.clone(), p.clone());
                 }
+                o = self.with_tls(o)?;
                 self.call(
                     "connect",
                     Client::connect(self.inner.endpoints.clone(), Some(o)),
@@ -356,6 +409,33 @@ impl Etcd {
             })
             .await?;
         Ok(c.clone())
+    }
+
+    /// The TLS settings on the connect options (https endpoints only).
+    #[cfg(feature = "etcd-tls")]
+    fn with_tls(&self, o: ConnectOptions) -> Result<ConnectOptions, EtcdError> {
+        use etcd_client::{Certificate, Identity, TlsOptions};
+        let Some(tls) = &self.inner.tls else {
+            return Ok(o);
+        };
+        let mut t = TlsOptions::new();
+        if !tls.ca.is_empty() {
+            t = t.ca_certificate(Certificate::from_pem(&tls.ca));
+        }
+        if let Some((cert, key)) = &tls.identity {
+            t = t.identity(Identity::from_pem(cert, key));
+        }
+        Ok(o.with_tls(t))
+    }
+
+    #[cfg(not(feature = "etcd-tls"))]
+    fn with_tls(&self, o: ConnectOptions) -> Result<ConnectOptions, EtcdError> {
+        match self.inner.tls {
+            None => Ok(o),
+            Some(_) => Err(EtcdError::Address(EtcdAddrError::Scheme(
+                self.endpoint_list(),
+            ))),
+        }
     }
 
     /// Runs one request with the timeout, naming `op` in the error.
@@ -582,8 +662,10 @@ fn normalize_endpoint(url: &str) -> Result<String, EtcdAddrError> {
     if u.is_empty() {
         return Err(EtcdAddrError::Empty);
     }
-    let Some(rest) = u.strip_prefix("http://") else {
-        return Err(EtcdAddrError::Scheme(u.to_owned()));
+    let (scheme, rest) = match u.split_once("://") {
+        Some(("http", rest)) => ("http", rest),
+        Some(("https", rest)) if cfg!(feature = "etcd-tls") => ("https", rest),
+        _ => return Err(EtcdAddrError::Scheme(u.to_owned())),
     };
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     if rest.is_empty() || rest.contains(|c: char| c.is_whitespace() || c == '/' || c == '@') {
@@ -591,7 +673,7 @@ fn normalize_endpoint(url: &str) -> Result<String, EtcdAddrError> {
     }
     let with_port = |host: &str, port: &str| -> Result<String, EtcdAddrError> {
         match port.parse::<u16>() {
-            Ok(p) if p != 0 => Ok(format!("http://{host}:{p}")),
+            Ok(p) if p != 0 => Ok(format!("{scheme}://{host}:{p}")),
             _ => Err(EtcdAddrError::BadPort {
                 url: u.to_owned(),
                 port: port.to_owned(),
@@ -607,7 +689,7 @@ fn normalize_endpoint(url: &str) -> Result<String, EtcdAddrError> {
         }
         return match tail.strip_prefix(':') {
             Some(port) => with_port(&format!("[{ip}]"), port),
-            None if tail.is_empty() => Ok(format!("http://[{ip}]:{DEFAULT_ETCD_PORT}")),
+            None if tail.is_empty() => Ok(format!("{scheme}://[{ip}]:{DEFAULT_ETCD_PORT}")),
             None => Err(EtcdAddrError::Malformed(u.to_owned())),
         };
     }
@@ -616,7 +698,7 @@ fn normalize_endpoint(url: &str) -> Result<String, EtcdAddrError> {
             Err(EtcdAddrError::Malformed(u.to_owned()))
         }
         Some((host, port)) => with_port(host, port),
-        None => Ok(format!("http://{rest}:{DEFAULT_ETCD_PORT}")),
+        None => Ok(format!("{scheme}://{rest}:{DEFAULT_ETCD_PORT}")),
     }
 }
 
@@ -642,7 +724,6 @@ mod tests {
             "",
             "http://a,",
             "a:2379",
-            "https://a:2379",
             "unix:///x",
             "http://",
             "http://a:0",
