@@ -16,6 +16,8 @@ Environment:
                          comma-separated, are EPMs sharing one view, tried in turn
   IPCBUS_ETCD            etcd endpoints http://HOST:PORT[,http://HOST:PORT] when --etcd
                          is not given (not together with IPCBUS_EPM)
+  IPCBUS_ETCD_CA         PEM file of the CA that signed etcd's certificates, for
+                         https:// endpoints
   IPCBUS_PASSWORD_FILE   file whose first line is the password (when no --password-file)
   IPCBUS_PASSWORD        the password itself (when neither of the above is set)
   IPCBUS_SALT            the salt (when no --salt)
@@ -44,8 +46,8 @@ pub struct Common {
     pub epm: Option<String>,
 
     /// etcd cluster to discover receivers through, http://HOST:PORT[,http://HOST:PORT]
-    /// (port 2379 when left out; records under /ipcbus/) [env: IPCBUS_ETCD] [default:
-    /// the local-user registry]
+    /// (port 2379 when left out; https:// with the CA of IPCBUS_ETCD_CA; records under
+    /// /ipcbus/) [env: IPCBUS_ETCD] [default: the local-user registry]
     #[arg(
         long,
         global = true,
@@ -267,7 +269,10 @@ impl Common {
         } else {
             "IPCBUS_ETCD"
         };
-        let mut b = Etcd::parse(&urls).config(from)?;
+        let mut b = Etcd::parse(&urls)
+            .config(from)?
+            .ca_from_env()
+            .map_err(|e| config_error(ipcbus::error_chain(&e)))?;
         if let Some(k) = self.key()? {
             b = b.key(k);
         }

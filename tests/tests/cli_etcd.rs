@@ -122,3 +122,37 @@ fn etcd_settings_are_checked_and_errors_have_their_exit_status() {
         );
     }
 }
+
+#[test]
+fn https_endpoints_take_the_ca_of_ipcbus_etcd_ca() {
+    let rt = Tmp::new("etcd-cli-tls");
+    let Some(tls) = ipcbus_tests::etcd::Tls::make(rt.path()) else {
+        eprintln!("skipped: openssl could not make a test certificate");
+        return;
+    };
+    let Some(c) = Cluster::start_tls(1, &tls) else {
+        eprintln!("skipped: no etcd binary (install Debian's etcd-server)");
+        return;
+    };
+    let urls = c.endpoints();
+    let ca = tls.ca.to_str().unwrap();
+    let (_listener, addr) = cli_support::listen(
+        &rt,
+        &["orders"],
+        &[("IPCBUS_ETCD", &urls), ("IPCBUS_ETCD_CA", ca)],
+    );
+    let r = ipcbus(
+        &rt,
+        &["--etcd", &urls, "list", "--json"],
+        &[("IPCBUS_ETCD_CA", ca)],
+    );
+    assert_eq!(r.code(), 0, "{r:?}");
+    assert!(r.stdout.contains(&addr), "{r:?}");
+    let r = ipcbus(
+        &rt,
+        &["--etcd", &urls, "list"],
+        &[("IPCBUS_ETCD_CA", "/nonexistent/ca.pem")],
+    );
+    assert_eq!(r.code(), 2, "{r:?}");
+    assert!(r.stderr.contains("IPCBUS_ETCD_CA"), "{r:?}");
+}

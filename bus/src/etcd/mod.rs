@@ -99,6 +99,14 @@ pub enum EtcdError {
     /// The password or salt in the environment is unusable.
     #[error(transparent)]
     Credentials(#[from] CredentialsError),
+    /// The CA certificate file of `IPCBUS_ETCD_CA` cannot be read.
+    #[error("cannot read the etcd CA certificate {path:?} (IPCBUS_ETCD_CA): {source}")]
+    Ca {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
 }
 
 /// Why an etcd endpoint list is not `http[s]://HOST[:PORT][,http[s]://HOST[:PORT]...]`.
@@ -146,6 +154,7 @@ struct Inner {
 /// TLS settings: the CA that signed the members' certificates, and an optional
 /// client certificate and key (for etcd's `--client-cert-auth`), all PEM.
 #[derive(Clone)]
+#[cfg_attr(not(feature = "etcd-tls"), allow(dead_code))]
 struct Tls {
     ca: Vec<u8>,
     identity: Option<(Vec<u8>, Vec<u8>)>,
@@ -230,6 +239,23 @@ impl EtcdBuilder {
             identity,
         });
         self
+    }
+
+    /// [`tls`](Self::tls) with the CA certificate in the PEM file named by
+    /// `IPCBUS_ETCD_CA`, when that variable is set and not empty (what
+    /// [`Etcd::from_env`] and the command line use).
+    ///
+    /// # Errors
+    /// [`EtcdError::Ca`] when the file cannot be read.
+    pub fn ca_from_env(self) -> Result<Self, EtcdError> {
+        let Some(path) = std::env::var_os("IPCBUS_ETCD_CA").filter(|v| !v.is_empty()) else {
+            return Ok(self);
+        };
+        let path = std::path::PathBuf::from(path);
+        match std::fs::read(&path) {
+            Ok(pem) => Ok(self.tls(pem)),
+            Err(source) => Err(EtcdError::Ca { path, source }),
+        }
     }
 
     /// A client certificate and its key (PEM), for an etcd started with
@@ -333,12 +359,13 @@ impl Etcd {
 
     /// The cluster named by the environment: `IPCBUS_ETCD=http://host:2379[,...]`,
     /// with the data connections' key from the environment's password and salt (as
-    /// [`Credentials::from_env`]) when set. `Ok(None)` when `IPCBUS_ETCD` is unset or
-    /// empty.
+    /// [`Credentials::from_env`]) when set, and for `https://` endpoints the CA
+    /// certificate in the PEM file `IPCBUS_ETCD_CA`. `Ok(None)` when `IPCBUS_ETCD` is
+    /// unset or empty.
     ///
     /// # Errors
-    /// [`EtcdError::Address`] for malformed endpoints, [`EtcdError::Credentials`] as
-    /// [`Credentials::key`].
+    /// [`EtcdError::Address`] for malformed endpoints, [`EtcdError::Ca`] for an
+    /// unreadable CA file, [`EtcdError::Credentials`] as [`Credentials::key`].
     pub fn from_env() -> Result<Option<Etcd>, EtcdError> {
         let Some(urls) = std::env::var("IPCBUS_ETCD")
             .ok()
@@ -346,7 +373,7 @@ impl Etcd {
         else {
             return Ok(None);
         };
-        let mut b = Etcd::parse(&urls)?;
+        let mut b = Etcd::parse(&urls)?.ca_from_env()?;
         if let Some(key) = Credentials::from_env()?.key()? {
             b = b.key(key);
         }
