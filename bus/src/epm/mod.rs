@@ -301,12 +301,22 @@ impl Epm {
         self.inner.lease
     }
 
-    /// Resolves the address tried first (the one that answered last; first result).
+    /// Resolves the address tried first (the one that answered last; first result),
+    /// or with several addresses the first after it that resolves.
     ///
     /// # Errors
-    /// [`EpmError::Resolve`].
+    /// [`EpmError::Resolve`] of the last address tried.
     pub async fn resolve(&self) -> Result<SocketAddr, EpmError> {
-        resolve(self.preferred().1).await
+        let (start, first) = self.preferred();
+        let n = self.inner.addrs.len();
+        let mut last = resolve(first).await;
+        for k in 1..n {
+            if last.is_ok() {
+                break;
+            }
+            last = resolve(&self.inner.addrs[(start + k) % n]).await;
+        }
+        last
     }
 
     /// Opens a new connection to the EPM. With several addresses, the one that

@@ -425,7 +425,11 @@ impl Etcd {
                     // serving a view that may be stale; they resume on another one.
                     .with_require_leader(true);
                 if let Some((u, p)) = &self.inner.user {
-                    o = o.with_user(u.clone(), p.clone());
+                    // etcd's tokens expire (5 min idle by default): fetch a new one
+                    // rather than fail every request after it.
+                    o = o
+                        .with_user(u.clone(), p.clone())
+                        .with_auto_token_refresh(true);
                 }
                 o = self.with_tls(o)?;
                 self.call(
@@ -531,6 +535,11 @@ impl Etcd {
                 Code::of(i32::from(s.code())),
                 status_text(s.message(), std::error::Error::source(s)).into(),
             ),
+            // Settings that cannot work (TLS options with http://, a URI that does
+            // not parse): trying again does not help.
+            etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_) => {
+                (Code::Other, Box::new(e))
+            }
             _ => (Code::Unavailable, Box::new(e)),
         };
         match code {
