@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use crate::epm::session::{self, EpmRegistration};
 use crate::epm::{Epm, EpmError};
+use crate::etcd::session::EtcdRegistration;
+use crate::etcd::{Etcd, EtcdError};
 use crate::registry::{LocalRegistry, Record, Registration, RegistryError};
 use crate::security::{Resolved, Security};
 
@@ -16,6 +18,8 @@ pub enum Discovery {
     Local(LocalRegistry),
     /// The endpoint manager service, for system-wide and LAN discovery.
     Epm(Epm),
+    /// An etcd cluster: records under leases, watched by senders.
+    Etcd(Etcd),
 }
 
 /// Why the discovery back end could not be chosen or used.
@@ -28,6 +32,10 @@ pub enum DiscoveryError {
     /// The EPM could not be used, or the `IPCBUS_EPM*` variables are malformed.
     #[error(transparent)]
     Epm(#[from] EpmError),
+    /// etcd could not be used, `IPCBUS_ETCD` is malformed, or both `IPCBUS_EPM` and
+    /// `IPCBUS_ETCD` are set.
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
 }
 
 impl Discovery {
@@ -48,24 +56,28 @@ impl Discovery {
     }
 
     /// What the builders use when no discovery is set in code: the EPM named by
-    /// `IPCBUS_EPM=host:port` (keyed with the environment's password and salt, see
-    /// [`Credentials`](crate::Credentials)) when that variable is set and not empty,
-    /// else the local-user registry.
+    /// `IPCBUS_EPM=host:port`, or the etcd cluster named by
+    /// `IPCBUS_ETCD=http://host:2379[,...]` (either keyed with the environment's
+    /// password and salt, see [`Credentials`](crate::Credentials)) when that variable
+    /// is set and not empty, else the local-user registry.
     ///
     /// # Errors
-    /// [`DiscoveryError`] for malformed `IPCBUS_EPM*` variables or an unusable local
-    /// registry directory.
+    /// [`DiscoveryError`] for malformed `IPCBUS_EPM*` or `IPCBUS_ETCD` variables,
+    /// both of `IPCBUS_EPM` and `IPCBUS_ETCD` set ([`EtcdError::BothConfigured`]),
+    /// or an unusable local registry directory.
     pub fn from_env() -> Result<Discovery, DiscoveryError> {
-        match Epm::from_env()? {
-            Some(epm) => Ok(Discovery::Epm(epm)),
-            None => Ok(Discovery::local()?),
+        match (Epm::from_env()?, Etcd::from_env()?) {
+            (Some(_), Some(_)) => Err(EtcdError::BothConfigured.into()),
+            (Some(epm), None) => Ok(Discovery::Epm(epm)),
+            (None, Some(etcd)) => Ok(Discovery::Etcd(etcd)),
+            (None, None) => Ok(Discovery::local()?),
         }
     }
 
     pub(crate) fn local_registry(&self) -> Option<&LocalRegistry> {
         match self {
             Discovery::Local(r) => Some(r),
-            Discovery::Epm(_) => None,
+            Discovery::Epm(_) | Discovery::Etcd(_) => None,
         }
     }
 
@@ -75,6 +87,10 @@ impl Discovery {
     pub(crate) fn resolve_security(&self, security: &Security) -> Result<Resolved, RegistryError> {
         match (self, security) {
             (Discovery::Epm(epm), Security::LocalUser) => match epm.key() {
+                Some(k) => Security::Encrypt(k.clone()).resolve(None),
+                None => Security::Open.resolve(None),
+            },
+            (Discovery::Etcd(etcd), Security::LocalUser) => match etcd.key() {
                 Some(k) => Security::Encrypt(k.clone()).resolve(None),
                 None => Security::Open.resolve(None),
             },
@@ -89,6 +105,7 @@ impl Discovery {
             (Some(ip), _) => Ok(ip),
             (None, Discovery::Local(_)) => Ok(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             (None, Discovery::Epm(epm)) => Ok(epm.route_ip().await?),
+            (None, Discovery::Etcd(etcd)) => Ok(etcd.route_ip().await?),
         }
     }
 
@@ -98,6 +115,7 @@ impl Discovery {
         match self {
             Discovery::Local(_) => Ok(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             Discovery::Epm(epm) => Ok(epm.route_ip().await?),
+            Discovery::Etcd(etcd) => Ok(etcd.route_ip().await?),
         }
     }
 
@@ -109,15 +127,21 @@ impl Discovery {
             Discovery::Epm(epm) => Ok(Announcement::Epm(
                 session::register(epm.clone(), record.clone()).await?,
             )),
+            Discovery::Etcd(etcd) => Ok(Announcement::Etcd(etcd.register(record).await?)),
         }
     }
 }
+
+/// Longest a closing receiver waits for etcd to confirm its record is deleted (past
+/// it, the record goes when its lease runs out).
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A receiver's registration in whichever back end; removed when dropped.
 #[derive(Debug)]
 pub(crate) enum Announcement {
     Local(Registration),
     Epm(EpmRegistration),
+    Etcd(EtcdRegistration),
 }
 
 impl Announcement {
@@ -126,6 +150,18 @@ impl Announcement {
         match self {
             Announcement::Local(r) => r.remove(),
             Announcement::Epm(r) => r.remove(),
+            Announcement::Etcd(r) => r.remove(),
+        }
+    }
+
+    /// Removes the registration and waits (bounded) until the back end confirms:
+    /// with etcd, until the lease is revoked and the record deleted.
+    pub(crate) async fn close(mut self) {
+        match self {
+            Announcement::Etcd(r) => {
+                let _ = tokio::time::timeout(CLOSE_WAIT, r.close()).await;
+            }
+            _ => self.remove(),
         }
     }
 }

@@ -20,6 +20,8 @@
 //!   directory.
 //! - [`epm`]: the client of the endpoint manager service (registrations with
 //!   leases, watches, reconnects).
+//! - [`etcd`]: discovery in etcd (records under leases kept alive, watches resumed
+//!   from the last revision seen).
 //! - `sender` / `receiver`: the async layer — connections, writer tasks, discovery.
 //! - `stats`: [`SenderStats`] and [`ReceiverStats`], the counters of
 //!   [`Sender::stats`] and [`Receiver::stats`], with the reason kinds they count by.
@@ -50,6 +52,7 @@ mod chain;
 mod credentials;
 mod discovery;
 pub mod epm;
+pub mod etcd;
 mod framing;
 #[cfg_attr(not(feature = "internals"), allow(unreachable_pub, dead_code))]
 mod gate;
@@ -69,6 +72,7 @@ pub use chain::error_chain;
 pub use credentials::{Credentials, CredentialsBuilder, CredentialsError};
 pub use discovery::{Discovery, DiscoveryError};
 pub use epm::{Epm, EpmAddrError, EpmBuilder, EpmClient, EpmError};
+pub use etcd::{Etcd, EtcdAddrError, EtcdBuilder, EtcdError, EtcdRegistration};
 pub use handshake::HandshakeError;
 pub use ipcbus_proto::{
     parse_salt, DecodeError, Handle, HandleError, Key, KeyError, ReceiverId, RejectReason,

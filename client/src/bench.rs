@@ -35,7 +35,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWrit
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::process::{Child, ChildStdout, Command};
 
-use crate::common::{parse_secs, Common, ConfigContext, Salt};
+use crate::common::{parse_secs, Backend, Common, ConfigContext, Salt};
 use crate::out;
 
 /// Measure throughput (one sender to N receiver processes) and latency
@@ -683,9 +683,9 @@ impl Ctx<'_> {
     }
 
     fn discovery(&self) -> anyhow::Result<ipcbus::Discovery> {
-        Ok(match &self.common.epm_addr()? {
-            Some(_) => self.common.discovery()?,
-            None => {
+        Ok(match self.common.backend()? {
+            Backend::Epm(_) | Backend::Etcd(_) => self.common.discovery()?,
+            Backend::Local => {
                 ipcbus::Discovery::local_at(self.dir).config("cannot open the bench registry")?
             }
         })
@@ -1157,13 +1157,17 @@ async fn spawn_children(
         if let Some(r) = reply {
             cmd.arg("--reply").arg(r.as_str());
         }
-        match &common.epm_addr()? {
-            Some(epm) => {
+        match common.backend()? {
+            Backend::Epm(epm) => {
                 cmd.arg("--epm").arg(epm);
             }
-            None => {
+            Backend::Etcd(urls) => {
+                cmd.arg("--etcd").arg(urls);
+            }
+            Backend::Local => {
                 cmd.env("IPCBUS_RUNTIME_DIR", ctx.dir)
-                    .env_remove("IPCBUS_EPM");
+                    .env_remove("IPCBUS_EPM")
+                    .env_remove("IPCBUS_ETCD");
             }
         }
         if let Some(ip) = common.ip {

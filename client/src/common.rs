@@ -7,12 +7,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use ipcbus::{Credentials, Discovery, Epm, Key, Security};
+use ipcbus::{Credentials, Discovery, Epm, Etcd, Key, Security};
 
 /// The environment variables the commands read, for the end of each `--help`.
 pub const ENV_HELP: &str = "\
 Environment:
-  IPCBUS_EPM             endpoint manager HOST[:PORT] when --epm is not given
+  IPCBUS_EPM             endpoint manager HOST[:PORT] when --epm is not given; several,
+                         comma-separated, are EPMs sharing one view, tried in turn
+  IPCBUS_ETCD            etcd endpoints http://HOST:PORT[,http://HOST:PORT] when --etcd
+                         is not given (not together with IPCBUS_EPM)
+  IPCBUS_ETCD_CA         PEM file of the CA that signed etcd's certificates, for
+                         https:// endpoints
   IPCBUS_PASSWORD_FILE   file whose first line is the password (when no --password-file)
   IPCBUS_PASSWORD        the password itself (when neither of the above is set)
   IPCBUS_SALT            the salt (when no --salt)
@@ -26,13 +31,14 @@ Environment:
   NO_COLOR               set and not empty: no colours in logs (they are only used on a terminal)
 
 Exit status: 0 success, 1 the work failed (an event not acknowledged, a receiver
-that cannot bind, an unreachable EPM), 2 usage or configuration error.";
+that cannot bind, an unreachable EPM or etcd), 2 usage or configuration error.";
 
 /// Options of every command (before or after the command name).
 #[derive(Args, Debug, Clone, Default)]
 pub struct Common {
     /// Endpoint manager to discover receivers through, HOST[:PORT] (port 4455 when
-    /// left out) [env: IPCBUS_EPM] [default: the local-user registry]
+    /// left out; several comma-separated EPMs sharing one view are tried in turn)
+    /// [env: IPCBUS_EPM] [default: the local-user registry]
     #[arg(
         long,
         global = true,
@@ -40,6 +46,17 @@ pub struct Common {
         help_heading = "Global options"
     )]
     pub epm: Option<String>,
+
+    /// etcd cluster to discover receivers through, http://HOST:PORT[,http://HOST:PORT]
+    /// (port 2379 when left out; https:// with the CA of IPCBUS_ETCD_CA; records under
+    /// /ipcbus/) [env: IPCBUS_ETCD] [default: the local-user registry]
+    #[arg(
+        long,
+        global = true,
+        value_name = "URL[,URL]",
+        help_heading = "Global options"
+    )]
+    pub etcd: Option<String>,
 
     /// File holding the password (its first line) [env: IPCBUS_PASSWORD_FILE, else the
     /// password itself in IPCBUS_PASSWORD]
@@ -112,22 +129,81 @@ impl Common {
     }
 
     /// The EPM address: `--epm`, else `IPCBUS_EPM` (an empty or blank variable
-    /// counts as unset; an empty `--epm` is an error).
+    /// counts as unset; an empty `--epm` is an error). `None` when etcd is chosen
+    /// instead (see [`Common::backend`]).
     ///
     /// # Errors
-    /// A [`ConfigError`] for `--epm ""`.
+    /// A [`ConfigError`] for `--epm ""`, or as [`Common::backend`].
     pub fn epm_addr(&self) -> anyhow::Result<Option<String>> {
-        match &self.epm {
-            Some(e) if e.trim().is_empty() => Err(config_error(
-                "--epm is empty: give HOST[:PORT], or leave it out for the local-user registry",
-            )),
+        Ok(match self.backend()? {
+            Backend::Epm(a) => Some(a),
+            _ => None,
+        })
+    }
+
+    /// The etcd endpoints: `--etcd`, else `IPCBUS_ETCD`, as given. `None` when the
+    /// EPM or the local registry is chosen (see [`Common::backend`]).
+    ///
+    /// # Errors
+    /// As [`Common::backend`].
+    pub fn etcd_urls(&self) -> anyhow::Result<Option<String>> {
+        Ok(match self.backend()? {
+            Backend::Etcd(u) => Some(u),
+            _ => None,
+        })
+    }
+
+    /// Which discovery back end the options and environment choose. A flag beats
+    /// the environment; `--epm` with `--etcd`, or `IPCBUS_EPM` with `IPCBUS_ETCD`
+    /// (and no flag), is an error rather than a guess.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] for an empty `--epm` or `--etcd`, or both back ends.
+    pub fn backend(&self) -> anyhow::Result<Backend> {
+        let flag = |v: &Option<String>, name: &str, form: &str| match v {
+            Some(e) if e.trim().is_empty() => Err(config_error(format!(
+                "{name} is empty: give {form}, or leave it out for the local-user registry"
+            ))),
             Some(e) => Ok(Some(e.trim().to_owned())),
-            None => Ok(std::env::var("IPCBUS_EPM")
+            None => Ok(None),
+        };
+        let env = |name: &str| {
+            std::env::var(name)
                 .ok()
                 .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())),
+                .filter(|s| !s.is_empty())
+        };
+        match (
+            flag(&self.epm, "--epm", "HOST[:PORT]")?,
+            flag(&self.etcd, "--etcd", "http://HOST:PORT[,...]")?,
+        ) {
+            (Some(_), Some(_)) => Err(config_error(
+                "--epm and --etcd are both given: discovery uses one of them",
+            )),
+            (Some(a), None) => Ok(Backend::Epm(a)),
+            (None, Some(u)) => Ok(Backend::Etcd(u)),
+            (None, None) => match (env("IPCBUS_EPM"), env("IPCBUS_ETCD")) {
+                (Some(_), Some(_)) => Err(config_error(
+                    "IPCBUS_EPM and IPCBUS_ETCD are both set: unset one of them, or choose \
+                     with --epm or --etcd",
+                )),
+                (Some(a), None) => Ok(Backend::Epm(a)),
+                (None, Some(u)) => Ok(Backend::Etcd(u)),
+                (None, None) => Ok(Backend::Local),
+            },
         }
     }
+}
+
+/// The discovery back end chosen by `--epm` / `--etcd` and the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// The local-user registry.
+    Local,
+    /// The EPM at this address, as given.
+    Epm(String),
+    /// etcd at these endpoints, as given.
+    Etcd(String),
 }
 
 /// A configuration error: bad option values, unreadable password file, unusable
@@ -164,16 +240,45 @@ where
 }
 
 impl Common {
-    /// The discovery back end: the EPM when `--epm` / `IPCBUS_EPM` is set, else the
-    /// local-user registry.
+    /// The discovery back end: the EPM when `--epm` / `IPCBUS_EPM` is set, etcd when
+    /// `--etcd` / `IPCBUS_ETCD` is, else the local-user registry.
     ///
     /// # Errors
-    /// A [`ConfigError`] when the registry cannot be used or the EPM is unavailable.
+    /// A [`ConfigError`] when the registry cannot be used, an address is malformed or
+    /// both back ends are given.
     pub fn discovery(&self) -> anyhow::Result<Discovery> {
-        match self.epm()? {
-            Some(epm) => Ok(Discovery::Epm(epm)),
-            None => Discovery::local().config("cannot use the local-user registry"),
+        if let Some(epm) = self.epm()? {
+            return Ok(Discovery::Epm(epm));
         }
+        if let Some(etcd) = self.etcd()? {
+            return Ok(Discovery::Etcd(etcd));
+        }
+        Discovery::local().config("cannot use the local-user registry")
+    }
+
+    /// The etcd cluster of `--etcd` / `IPCBUS_ETCD`, with the password's key (for
+    /// the data connections) when one is set. Nothing is contacted yet.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] for a malformed endpoint (naming it and the bad part), or as
+    /// [`Common::key`].
+    pub fn etcd(&self) -> anyhow::Result<Option<Etcd>> {
+        let Some(urls) = self.etcd_urls()? else {
+            return Ok(None);
+        };
+        let from = if self.etcd.is_some() {
+            "--etcd"
+        } else {
+            "IPCBUS_ETCD"
+        };
+        let mut b = Etcd::parse(&urls)
+            .config(from)?
+            .ca_from_env()
+            .map_err(|e| config_error(ipcbus::error_chain(&e)))?;
+        if let Some(k) = self.key()? {
+            b = b.key(k);
+        }
+        Ok(Some(b.build()))
     }
 
     /// The EPM of `--epm` / `IPCBUS_EPM`, with the password's key when one is set.

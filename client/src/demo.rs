@@ -16,9 +16,9 @@ use crate::out;
 ///
 /// Uses a private temporary registry (nothing else sees it, no set-up needed), sends
 /// typed and raw events encrypted with a password, prints what each receiver got and
-/// every send report, then cleans up. It takes no options: --epm, --password-file
-/// and --salt are refused (exit 2), and IPCBUS_EPM and the password variables are not
-/// used.
+/// every send report, then cleans up. It takes no options: --epm, --etcd,
+/// --password-file and --salt are refused (exit 2), and IPCBUS_EPM, IPCBUS_ETCD and
+/// the password variables are not used.
 #[derive(clap::Args, Debug)]
 pub struct Args {}
 
@@ -45,6 +45,7 @@ const EVENTS: usize = 4;
 pub async fn run(common: &Common, _args: Args) -> anyhow::Result<ExitCode> {
     let given: Vec<&str> = [
         ("--epm", common.epm.is_some()),
+        ("--etcd", common.etcd.is_some()),
         ("--password-file", common.password_file.is_some()),
         ("--salt", common.salt.is_some()),
     ]

@@ -10,7 +10,7 @@ use crate::common::{Common, ConfigContext};
 use crate::out;
 use crate::time::rfc3339_ms;
 
-/// List handles and their receivers, from the local registry or the EPM
+/// List handles and their receivers, from the local registry, the EPM or etcd
 ///
 /// With --json prints an array of {"handle","addr","receiver_id","pid","since"} (pid
 /// null when unknown, since in RFC 3339).
@@ -85,6 +85,15 @@ async fn records(common: &Common, handle: Option<&Handle>) -> anyhow::Result<Vec
     }
     match common.discovery()? {
         Discovery::Local(reg) => reg.scan(handle).config("cannot read the local registry"),
+        Discovery::Etcd(etcd) => {
+            let mut recs = match handle {
+                Some(h) => etcd.lookup(h).await,
+                None => etcd.list().await,
+            }
+            .context("cannot read the registrations in etcd")?;
+            recs.sort_by(|a, b| a.handle.cmp(&b.handle).then(a.since_ms.cmp(&b.since_ms)));
+            Ok(recs)
+        }
         _ => Err(crate::common::config_error(
             "this discovery back end cannot be listed",
         )),

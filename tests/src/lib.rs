@@ -1,6 +1,8 @@
 //! Helpers for the black-box tests: temporary registry directories and child
 //! processes that are killed by pid when the test ends, however it ends.
 
+pub mod etcd;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};

@@ -3,6 +3,7 @@
 //! ```text
 //! ipcbus-testpeer recv --handle H [--expect N] [--until-seq S] [--stall-after K]
 //!                      [--password P --salt S] [--timeout SECS]
+//!                      [--etcd URLS [--lease-secs N]]
 //!     prints "ready ADDR RECEIVER_ID" once registered (ADDR: the TCP ip:port, or
 //!     the Unix endpoint with IPCBUS_TRANSPORTS=unix), then at the end
 //!     "summary {json}" with per-sender first/last/count/dups/out_of_order.
@@ -11,8 +12,8 @@
 //!     prints "ready SENDER_ID" once K receivers are connected, then
 //!     "summary {json}" with per-receiver endpoint, acked and failed counts.
 //! ```
-//! The registry is the one of `IPCBUS_RUNTIME_DIR`; receivers listen on what
-//! `IPCBUS_TRANSPORTS` says.
+//! The registry is the one of `IPCBUS_RUNTIME_DIR`, or etcd at `--etcd` with a lease of
+//! `--lease-secs` (default 10); receivers listen on what `IPCBUS_TRANSPORTS` says.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::process::ExitCode;
@@ -55,10 +56,12 @@ async fn recv(a: &Args) -> anyhow::Result<()> {
     let until_seq = a.num("--until-seq", u64::MAX)?;
     let stall_after = a.num("--stall-after", u64::MAX)?;
     let timeout = Duration::from_secs(a.num("--timeout", 60)?);
-    let mut rx = Receiver::builder(handle)
-        .security(security(a)?)
-        .bind()
-        .await?;
+    let mut b = Receiver::builder(handle).security(security(a)?);
+    if let Some(urls) = a.get("--etcd") {
+        let lease = Duration::from_secs(a.num("--lease-secs", 10)?);
+        b = b.etcd(ipcbus::Etcd::parse(urls)?.lease(lease).build());
+    }
+    let mut rx = b.bind().await?;
     // The TCP ip:port when it listens on TCP (what older callers parse), else its
     // first endpoint (IPCBUS_TRANSPORTS=unix).
     let addr = match rx.local_addr() {

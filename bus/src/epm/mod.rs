@@ -36,6 +36,7 @@ pub(crate) mod session;
 pub use client::{EpmClient, WatchEvent};
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -138,7 +139,12 @@ pub struct Epm {
 
 #[derive(Debug)]
 struct Inner {
+    /// Every address, comma-separated (for messages).
     addr: String,
+    /// The addresses, in the order given; several EPMs serving the same view.
+    addrs: Vec<String>,
+    /// The address that answered last: tried first.
+    preferred: AtomicUsize,
     key: Option<Key>,
     timeout: Duration,
     lease: Duration,
@@ -148,7 +154,7 @@ struct Inner {
 /// Configures an [`Epm`].
 #[derive(Debug, Clone)]
 pub struct EpmBuilder {
-    addr: String,
+    addrs: Vec<String>,
     key: Option<Key>,
     timeout: Duration,
     lease: Duration,
@@ -180,7 +186,9 @@ impl EpmBuilder {
     pub fn build(self) -> Epm {
         Epm {
             inner: Arc::new(Inner {
-                addr: self.addr,
+                addr: self.addrs.join(","),
+                addrs: self.addrs,
+                preferred: AtomicUsize::new(0),
                 key: self.key,
                 timeout: self.timeout,
                 lease: self.lease,
@@ -202,14 +210,18 @@ impl EpmBuilder {
 }
 
 impl Epm {
-    /// Starts configuring the EPM at `addr` (`host:port`; a bare host gets port 4455).
-    /// An address that does not parse is kept as given and fails when first used; use
-    /// [`Epm::parse`] to catch it at once.
+    /// Starts configuring the EPM at `addr` (`host:port`; a bare host gets port 4455),
+    /// or at several EPMs that serve the same view (`a:4455,b:4455`, see
+    /// [`Epm::client`]). An address that does not parse is kept as given and fails
+    /// when first used; use [`Epm::parse`] to catch it at once.
     pub fn builder(addr: impl Into<String>) -> EpmBuilder {
         let addr = addr.into();
-        let addr = normalize_addr(&addr).unwrap_or(addr);
+        let addrs = addr
+            .split(',')
+            .map(|a| normalize_addr(a).unwrap_or_else(|_| a.trim().to_owned()))
+            .collect();
         EpmBuilder {
-            addr,
+            addrs,
             key: None,
             timeout: Duration::from_secs(5),
             lease: Duration::ZERO,
@@ -217,20 +229,29 @@ impl Epm {
     }
 
     /// Starts configuring the EPM at `addr` after checking its form: `HOST`,
-    /// `HOST:PORT`, `IPv4:PORT`, `IPv6` or `[IPv6]:PORT` (a missing port is 4455).
+    /// `HOST:PORT`, `IPv4:PORT`, `IPv6` or `[IPv6]:PORT` (a missing port is 4455), or
+    /// a comma-separated list of them: several EPMs that serve the same view (sharing
+    /// one store), tried in turn (see [`Epm::client`]).
     ///
     /// ```
     /// use ipcbus::Epm;
     /// assert_eq!(Epm::parse("epm.lan")?.build().addr(), "epm.lan:4455");
+    /// let two = Epm::parse("epm1.lan,epm2.lan:9")?.build();
+    /// assert_eq!(two.addrs(), ["epm1.lan:4455", "epm2.lan:9"]);
     /// assert!(Epm::parse("127.0.0.1:99999").is_err());
     /// assert!(Epm::parse("http://epm.lan:4455").is_err());
+    /// assert!(Epm::parse("epm1.lan,").is_err());
     /// # Ok::<(), ipcbus::EpmAddrError>(())
     /// ```
     ///
     /// # Errors
-    /// [`EpmAddrError`] naming the part that is wrong.
+    /// [`EpmAddrError`] naming the address and the part that is wrong.
     pub fn parse(addr: &str) -> Result<EpmBuilder, EpmAddrError> {
-        Ok(Epm::builder(normalize_addr(addr)?))
+        let addrs = addr
+            .split(',')
+            .map(normalize_addr)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Epm::builder(addrs.join(",")))
     }
 
     /// The EPM at `addr` without a password, checked by one status request.
@@ -263,9 +284,21 @@ impl Epm {
         Ok(Some(b.build()))
     }
 
-    /// The address as given (`host:port`).
+    /// The address as given (`host:port`; several are comma-separated).
     pub fn addr(&self) -> &str {
         &self.inner.addr
+    }
+
+    /// The addresses, in the order given.
+    pub fn addrs(&self) -> &[String] {
+        &self.inner.addrs
+    }
+
+    /// The address tried first: the one that answered last.
+    fn preferred(&self) -> (usize, &str) {
+        let n = self.inner.addrs.len().max(1);
+        let i = self.inner.preferred.load(Ordering::Relaxed) % n;
+        (i, self.inner.addrs.get(i).map_or("", String::as_str))
     }
 
     /// The key, if any.
@@ -277,30 +310,60 @@ impl Epm {
         self.inner.lease
     }
 
-    /// Resolves the address (first result).
+    /// Resolves the address tried first (the one that answered last; first result),
+    /// or with several addresses the first after it that resolves.
     ///
     /// # Errors
-    /// [`EpmError::Resolve`].
+    /// [`EpmError::Resolve`] of the last address tried.
     pub async fn resolve(&self) -> Result<SocketAddr, EpmError> {
-        let addr = &self.inner.addr;
-        let mut it = tokio::net::lookup_host(addr.as_str())
-            .await
-            .map_err(|source| EpmError::Resolve {
-                addr: addr.clone(),
-                source,
-            })?;
-        it.next().ok_or_else(|| EpmError::Resolve {
-            addr: addr.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
-        })
+        let (start, first) = self.preferred();
+        let n = self.inner.addrs.len();
+        let mut last = resolve(first).await;
+        for k in 1..n {
+            if last.is_ok() {
+                break;
+            }
+            last = resolve(&self.inner.addrs[(start + k) % n]).await;
+        }
+        last
     }
 
-    /// Opens a new connection to the EPM.
+    /// Opens a new connection to the EPM. With several addresses, the one that
+    /// answered last is tried first, then the others in order; a wrong password is
+    /// not tried elsewhere (the others have the same key).
     ///
     /// # Errors
-    /// [`EpmError`]: resolve, connect, handshake or timeout.
+    /// [`EpmError`] of the last address tried: resolve, connect, handshake or
+    /// timeout.
     pub async fn client(&self) -> Result<EpmClient, EpmError> {
-        let addr = self.resolve().await?;
+        let (start, _) = self.preferred();
+        let n = self.inner.addrs.len();
+        let mut last = EpmError::Address(EpmAddrError::Empty);
+        for k in 0..n {
+            let i = (start + k) % n;
+            let addr = &self.inner.addrs[i];
+            match self.client_at(addr).await {
+                Ok(c) => {
+                    if i != start {
+                        self.inner.preferred.store(i, Ordering::Relaxed);
+                        tracing::info!(epm = %addr, "using the epm at {addr}");
+                    }
+                    return Ok(c);
+                }
+                Err(e) if e.is_auth_failure() => return Err(e),
+                Err(e) => {
+                    if n > 1 {
+                        tracing::debug!(epm = %addr, error = %e, "epm unavailable; trying the next");
+                    }
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    async fn client_at(&self, addr: &str) -> Result<EpmClient, EpmError> {
+        let addr = resolve(addr).await?;
         let t = self.inner.timeout;
         let (r, w) = tokio::time::timeout(t, async {
             let sock = tokio::net::TcpStream::connect(addr)
@@ -314,7 +377,6 @@ impl Epm {
         .map_err(|_| EpmError::Timeout)??;
         Ok(EpmClient::new(r, w, t))
     }
-
     /// The EPM's figures (one short connection).
     ///
     /// # Errors
@@ -377,6 +439,20 @@ impl Epm {
             .ip();
         Ok(ip)
     }
+}
+
+/// Resolves `addr` (first result).
+async fn resolve(addr: &str) -> Result<SocketAddr, EpmError> {
+    let mut it = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|source| EpmError::Resolve {
+            addr: addr.to_owned(),
+            source,
+        })?;
+    it.next().ok_or_else(|| EpmError::Resolve {
+        addr: addr.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+    })
 }
 
 /// Why an EPM address is not `HOST[:PORT]`.

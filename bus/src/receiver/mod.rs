@@ -75,6 +75,9 @@ pub enum BindError {
     /// The endpoint manager could not be used (unreachable, wrong password, refused).
     #[error(transparent)]
     Epm(#[from] EpmError),
+    /// etcd could not be used (unavailable, access denied, malformed `IPCBUS_ETCD`).
+    #[error(transparent)]
+    Etcd(#[from] crate::EtcdError),
     /// The Unix socket could not be bound (path too long, in use, no permission).
     #[error(transparent)]
     Unix(#[from] UnixBindError),
@@ -105,6 +108,7 @@ impl From<DiscoveryError> for BindError {
         match e {
             DiscoveryError::Registry(e) => e.into(),
             DiscoveryError::Epm(e) => e.into(),
+            DiscoveryError::Etcd(e) => e.into(),
         }
     }
 }
@@ -255,6 +259,13 @@ impl ReceiverBuilder {
     /// and registers the address of the interface that routes to the EPM.
     pub fn epm(self, epm: Epm) -> Self {
         self.discovery(Discovery::Epm(epm))
+    }
+
+    /// Registers in etcd: shorthand for `discovery(Discovery::Etcd(etcd))`. Without
+    /// [`ip`](Self::ip), the receiver binds and registers the address of the
+    /// interface that routes to the first etcd endpoint.
+    pub fn etcd(self, etcd: crate::Etcd) -> Self {
+        self.discovery(Discovery::Etcd(etcd))
     }
 
     /// Binds the port, registers the handle, and starts accepting senders.
@@ -595,8 +606,8 @@ impl Receiver {
     /// connection. Events not yet taken are not acknowledged, so their senders report
     /// them failed.
     pub async fn close(mut self) {
-        if let Some(mut r) = self.registration.take() {
-            r.remove();
+        if let Some(r) = self.registration.take() {
+            r.close().await;
         }
         self.sockets.clear();
         self.shutdown.cancel();

@@ -93,6 +93,10 @@ pub enum BuildError {
     /// The EPM could not be reached or refused the watch.
     #[error(transparent)]
     Epm(#[from] EpmError),
+    /// etcd could not be read or watched (unavailable, access denied, malformed
+    /// `IPCBUS_ETCD`).
+    #[error(transparent)]
+    Etcd(#[from] crate::EtcdError),
     /// No security was set in code and the password or salt in the environment is
     /// unusable (see [`Credentials`](crate::Credentials)).
     #[error(transparent)]
@@ -104,6 +108,7 @@ impl From<DiscoveryError> for BuildError {
         match e {
             DiscoveryError::Registry(e) => e.into(),
             DiscoveryError::Epm(e) => e.into(),
+            DiscoveryError::Etcd(e) => e.into(),
         }
     }
 }
@@ -250,6 +255,11 @@ impl SenderBuilder {
         self.discovery(Discovery::Epm(epm))
     }
 
+    /// Discovers receivers in etcd: shorthand for `discovery(Discovery::Etcd(etcd))`.
+    pub fn etcd(self, etcd: crate::Etcd) -> Self {
+        self.discovery(Discovery::Etcd(etcd))
+    }
+
     /// Starts discovery, connects to the receivers registered now, and returns.
     ///
     /// # Errors
@@ -303,6 +313,14 @@ impl SenderBuilder {
             Discovery::Epm(epm) => {
                 let disc = EpmDiscovery::start(shared.clone(), epm).await?;
                 shared.tasks.spawn(disc.run());
+            }
+            Discovery::Etcd(etcd) => {
+                let cancel = shared.shutdown.child_token();
+                let records =
+                    crate::etcd::session::watch(etcd, shared.handle.clone(), cancel).await?;
+                shared
+                    .tasks
+                    .spawn(EpmDiscovery::follow(shared.clone(), records).run());
             }
         }
         let mut sender = Sender {
@@ -1463,11 +1481,19 @@ impl EpmDiscovery {
     async fn start(shared: Arc<Shared>, epm: Epm) -> Result<Self, EpmError> {
         let cancel = shared.shutdown.child_token();
         let records = crate::epm::session::watch(epm, shared.handle.clone(), cancel).await?;
-        // Stale records are the EPM's to remove (the registering connection or its
-        // lease); the tracker only backs off from them.
+        Ok(EpmDiscovery::follow(shared, records))
+    }
+
+    /// Follows a set of records kept by a watch task (the EPM's, or etcd's).
+    fn follow(
+        shared: Arc<Shared>,
+        records: tokio::sync::watch::Receiver<crate::epm::session::RecordSet>,
+    ) -> Self {
+        // Stale records are the back end's to remove (the registering connection or
+        // its lease); the tracker only backs off from them.
         let mut tracker = Tracker::new(shared, Arc::new(|_: &Record| {}));
         tracker.apply(records.borrow().to_vec());
-        Ok(EpmDiscovery { tracker, records })
+        EpmDiscovery { tracker, records }
     }
 
     async fn run(mut self) {

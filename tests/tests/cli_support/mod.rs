@@ -108,8 +108,10 @@ pub fn ipcbus_cmd(runtime: &Path) -> Command {
 
 /// Every variable that changes what an ipcbus program does; the tests start their
 /// programs without them (and set what each test needs).
-pub const IPCBUS_VARS: [&str; 11] = [
+pub const IPCBUS_VARS: [&str; 13] = [
     "IPCBUS_EPM",
+    "IPCBUS_ETCD",
+    "IPCBUS_ETCD_CA",
     "IPCBUS_PASSWORD",
     "IPCBUS_PASSWORD_FILE",
     "IPCBUS_SALT",
