@@ -81,9 +81,13 @@ pub async fn run(common: &Common, args: Args) -> anyhow::Result<ExitCode> {
     }
     let mut rx = match b.bind().await {
         Ok(rx) => rx,
-        Err(e @ ipcbus::BindError::BadTransports { .. }) => {
-            return Err(crate::common::config_error(e.to_string()))
-        }
+        // What only another setting fixes is a configuration error (exit 2).
+        Err(
+            e @ (ipcbus::BindError::BadTransports { .. }
+            | ipcbus::BindError::UnixNeedsPath
+            | ipcbus::BindError::NoTransports
+            | ipcbus::BindError::Unix(ipcbus::UnixBindError::PathTooLong { .. })),
+        ) => return Err(crate::common::config_error(e.to_string())),
         Err(e) => {
             return Err(anyhow::Error::new(e))
                 .with_context(|| format!("cannot listen on handle {}", args.handle))

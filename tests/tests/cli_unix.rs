@@ -216,7 +216,7 @@ fn a_registry_too_deep_for_a_socket_path_means_tcp_only_unless_unix_is_asked_for
     let mut c = ipcbus_cmd(&deep);
     c.args(["listen", "deep"]).env("IPCBUS_TRANSPORTS", "unix");
     let r = run(c, b"");
-    assert_ne!(r.code(), 0, "{r:?}");
+    assert_eq!(r.code(), 2, "a configuration error: {r:?}");
     assert!(r.stderr.contains("limit is 107"), "{r:?}");
     assert!(r.stderr.contains("IPCBUS_RUNTIME_DIR"), "{r:?}");
 }
@@ -230,7 +230,7 @@ fn unix_with_an_epm_needs_a_path() {
         .env("IPCBUS_EPM", "127.0.0.1:1")
         .env("IPCBUS_TRANSPORTS", "unix");
     let r = run(c, b"");
-    assert_ne!(r.code(), 0, "{r:?}");
+    assert_eq!(r.code(), 2, "a configuration error: {r:?}");
     assert!(r.stderr.contains("--at unix:///PATH"), "{r:?}");
 }
 
