@@ -503,25 +503,31 @@ fn normalize_addr(addr: &str) -> Result<String, EpmAddrError> {
     if let Ok(IpAddr::V6(v6)) = a.parse::<IpAddr>() {
         return Ok(format!("[{v6}]:{default}"));
     }
-    if let Some(rest) = a.strip_prefix('[') {
-        let Some((ip, tail)) = rest.split_once(']') else {
-            return Err(EpmAddrError::Malformed(a.to_owned()));
-        };
-        if ip.parse::<std::net::Ipv6Addr>().is_err() {
-            return Err(EpmAddrError::Malformed(a.to_owned()));
-        }
+    match split_host_port(a) {
+        None => Err(EpmAddrError::Malformed(a.to_owned())),
+        Some((host, Some(port))) => port_ok(&host, port),
+        Some((host, None)) => Ok(format!("{host}:{default}")),
+    }
+}
+
+/// `HOST[:PORT]` split into the host (an IPv6 address kept in its brackets) and the
+/// port's text, if any; `None` when malformed: an unclosed `[`, not an IPv6 address
+/// inside the brackets, something after them other than `:PORT`, an empty host, or
+/// colons in a host without brackets. The EPM's and etcd's address checks share it.
+pub(crate) fn split_host_port(s: &str) -> Option<(String, Option<&str>)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (ip, tail) = rest.split_once(']')?;
+        ip.parse::<std::net::Ipv6Addr>().ok()?;
         return match tail.strip_prefix(':') {
-            Some(port) => port_ok(&format!("[{ip}]"), port),
-            None if tail.is_empty() => Ok(format!("[{ip}]:{default}")),
-            None => Err(EpmAddrError::Malformed(a.to_owned())),
+            Some(port) => Some((format!("[{ip}]"), Some(port))),
+            None if tail.is_empty() => Some((format!("[{ip}]"), None)),
+            None => None,
         };
     }
-    match a.rsplit_once(':') {
-        Some((host, _)) if host.is_empty() || host.contains(':') => {
-            Err(EpmAddrError::Malformed(a.to_owned()))
-        }
-        Some((host, port)) => port_ok(host, port),
-        None => Ok(format!("{a}:{default}")),
+    match s.rsplit_once(':') {
+        Some((host, _)) if host.is_empty() || host.contains(':') => None,
+        Some((host, port)) => Some((host.to_owned(), Some(port))),
+        None => Some((s.to_owned(), None)),
     }
 }
 

@@ -716,25 +716,10 @@ fn normalize_endpoint(url: &str) -> Result<String, EtcdAddrError> {
             }),
         }
     };
-    if let Some(inner) = rest.strip_prefix('[') {
-        let Some((ip, tail)) = inner.split_once(']') else {
-            return Err(EtcdAddrError::Malformed(u.to_owned()));
-        };
-        if ip.parse::<std::net::Ipv6Addr>().is_err() {
-            return Err(EtcdAddrError::Malformed(u.to_owned()));
-        }
-        return match tail.strip_prefix(':') {
-            Some(port) => with_port(&format!("[{ip}]"), port),
-            None if tail.is_empty() => Ok(format!("{scheme}://[{ip}]:{DEFAULT_ETCD_PORT}")),
-            None => Err(EtcdAddrError::Malformed(u.to_owned())),
-        };
-    }
-    match rest.rsplit_once(':') {
-        Some((host, _)) if host.is_empty() || host.contains(':') => {
-            Err(EtcdAddrError::Malformed(u.to_owned()))
-        }
-        Some((host, port)) => with_port(host, port),
-        None => Ok(format!("{scheme}://{rest}:{DEFAULT_ETCD_PORT}")),
+    match crate::epm::split_host_port(rest) {
+        None => Err(EtcdAddrError::Malformed(u.to_owned())),
+        Some((host, Some(port))) => with_port(&host, port),
+        Some((host, None)) => Ok(format!("{scheme}://{host}:{DEFAULT_ETCD_PORT}")),
     }
 }
 
