@@ -139,6 +139,7 @@ impl Entry {
             pid: self.pid,
             version: self.version,
             since_ms: self.since_ms,
+            role: crate::record::Role::Receiver,
         }
     }
 }

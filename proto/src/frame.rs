@@ -47,6 +47,14 @@ pub enum Kind {
     /// in the body (u64), so acknowledge them as soon as they are taken rather than
     /// at the receiver's usual, batched pace. Numbered by its own counter.
     AckRequest = 0x13,
+    /// A call: correlation id, deadline, contract, method, arguments
+    /// ([`call::Request`](crate::call::Request)).
+    Request = 0x20,
+    /// The answer to a call: its id, then the value or a remote error
+    /// ([`call::Reply`](crate::call::Reply)).
+    Reply = 0x21,
+    /// The caller gave up on the call whose id is the body (u64).
+    Cancel = 0x22,
 }
 
 impl Kind {
@@ -62,6 +70,9 @@ impl Kind {
             0x11 => Kind::Ack,
             0x12 => Kind::Bye,
             0x13 => Kind::AckRequest,
+            0x20 => Kind::Request,
+            0x21 => Kind::Reply,
+            0x22 => Kind::Cancel,
             _ => return None,
         })
     }

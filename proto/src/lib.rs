@@ -19,6 +19,8 @@
 //! - [`session`]: one connection after the handshake: [`Outbound`](session::Outbound)
 //!   numbers and seals what is sent, [`Inbound`](session::Inbound) checks kind, order
 //!   and seal of what arrives, opens it and inflates it within the maximum.
+//! - [`call`]: the bodies of the call frames (`Request`, `Reply`, `Cancel`) and the
+//!   codes of remote errors.
 //! - [`epm`]: the endpoint manager's messages and their framing.
 //! - [`endpoint`]: typed endpoints (`tcp://`, `unix://`) and their one text form.
 //! - [`record`]: one receiver's registration, and its JSON form.
@@ -28,6 +30,7 @@
 //! `docs/PROTOCOL.md` describes the wire byte by byte.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+pub mod call;
 pub mod codec;
 pub mod compress;
 pub mod crypto;
@@ -46,5 +49,5 @@ pub use endpoint::{Endpoint, EndpointError, Transport};
 pub use frame::{DecodeError, RejectReason};
 pub use handle::{Handle, HandleError};
 pub use ids::{ReceiverId, SenderId};
-pub use record::Record;
+pub use record::{Record, Role};
 pub use salt::{parse_salt, SaltError};

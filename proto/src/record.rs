@@ -25,6 +25,29 @@ pub struct Record {
     pub version: u16,
     /// When it registered, in milliseconds since the Unix epoch.
     pub since_ms: u64,
+    /// What answers at the endpoints: a receiver of events or a server of calls.
+    pub role: Role,
+}
+
+/// What a registration stands for. Receivers and servers share the handle names but
+/// not the registrations: a sender reaches only receivers, a client only servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Role {
+    /// A receiver of events (`Data` frames), as every registration was before calls.
+    #[default]
+    Receiver,
+    /// A server of calls (`Request` frames).
+    Server,
+}
+
+impl Role {
+    /// `receiver` or `server`, as the JSON form writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Receiver => "receiver",
+            Role::Server => "server",
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -41,6 +64,10 @@ struct RecordFile {
     receiver: String,
     pid: Option<u32>,
     since_ms: u64,
+    /// `server` for a server of calls; absent (a receiver) otherwise, so readers older
+    /// than calls read receivers' records unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    role: Option<String>,
 }
 
 impl Record {
@@ -60,7 +87,13 @@ impl Record {
             pid,
             version: crate::frame::VERSION,
             since_ms,
+            role: Role::Receiver,
         }
+    }
+
+    /// The same record for a server of calls (or a receiver).
+    pub fn with_role(self, role: Role) -> Record {
+        Record { role, ..self }
     }
 
     /// Its endpoint over `transport`, if it has one.
@@ -83,6 +116,10 @@ impl Record {
             receiver: self.receiver.to_string(),
             pid: self.pid,
             since_ms: self.since_ms,
+            role: match self.role {
+                Role::Receiver => None,
+                Role::Server => Some("server".into()),
+            },
         };
         // Serializing plain strings and integers cannot fail.
         serde_json::to_vec_pretty(&f).unwrap_or_default()
@@ -102,6 +139,12 @@ impl Record {
         if endpoints.is_empty() {
             return None;
         }
+        // A role this version does not know is not a registration it may use.
+        let role = match f.role.as_deref() {
+            None | Some("receiver") => Role::Receiver,
+            Some("server") => Role::Server,
+            Some(_) => return None,
+        };
         Some(Record {
             handle: Handle::new(f.handle).ok()?,
             endpoints,
@@ -109,6 +152,7 @@ impl Record {
             pid: f.pid,
             version: f.version,
             since_ms: f.since_ms,
+            role,
         })
     }
 }
@@ -158,5 +202,28 @@ mod tests {
         let none = br#"{"version":1,"handle":"a.b","endpoints":["quic://x"],
             "receiver":"03030303030303030303030303030303","pid":7,"since_ms":5}"#;
         assert_eq!(Record::from_json(none), None);
+    }
+
+    #[test]
+    fn servers_say_their_role_and_unknown_roles_are_not_trusted() {
+        let r = Record::new(
+            Handle::new("calc").unwrap(),
+            vec!["127.0.0.1:4000".parse().unwrap()],
+            ReceiverId([3; 16]),
+            None,
+            5,
+        );
+        let json: serde_json::Value = serde_json::from_slice(&r.to_json()).unwrap();
+        assert!(
+            json.get("role").is_none(),
+            "receivers write no role: {json}"
+        );
+        let s = r.with_role(Role::Server);
+        let json: serde_json::Value = serde_json::from_slice(&s.to_json()).unwrap();
+        assert_eq!(json["role"], "server");
+        assert_eq!(Record::from_json(&s.to_json()), Some(s));
+        let odd = br#"{"version":1,"handle":"a.b","endpoints":["unix:///s"],"role":"agent",
+            "receiver":"03030303030303030303030303030303","pid":7,"since_ms":5}"#;
+        assert_eq!(Record::from_json(odd), None);
     }
 }

@@ -94,6 +94,17 @@ impl Inbound {
         Inbound::new(opener, &[Kind::Ack, Kind::Bye], "Ack or Bye", 8)
     }
 
+    /// What either end of a call connection accepts from the other: `Request`,
+    /// `Reply`, `Cancel` (a server may call back into its client), and `Bye`.
+    pub fn calls(opener: Option<Sealer>, max_inflate: usize) -> Inbound {
+        Inbound::new(
+            opener,
+            &[Kind::Request, Kind::Reply, Kind::Cancel, Kind::Bye],
+            "Request, Reply, Cancel or Bye",
+            max_inflate,
+        )
+    }
+
     /// What the two ends of an EPM connection accept from each other: `Data`.
     pub fn messages(opener: Option<Sealer>, max_inflate: usize) -> Inbound {
         Inbound::new(opener, &[Kind::Data], "Data", max_inflate)
