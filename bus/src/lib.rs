@@ -13,6 +13,9 @@
 //!   EPM messages, registry records, endpoints. No sockets, no clocks. The types
 //!   applications use ([`Handle`], [`Key`], [`Endpoint`], [`Record`], ...) are
 //!   re-exported here.
+//! - [`call`]: calls (request/reply): [`Client`], [`Server`], [`Request`], the
+//!   [`Caller`] and [`Service`] traits typed services are built on, [`Peer`] for calls
+//!   back into a caller.
 //! - `transport`: the byte streams the protocol runs over (TCP, Unix domain sockets).
 //! - `framing`: the `tokio_util` decoder adapter over the core's v1 codec.
 //! - `handshake`: the async driver of the core's handshake state machines.
@@ -48,6 +51,7 @@
 //! ```
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
+pub mod call;
 mod chain;
 mod credentials;
 mod discovery;
@@ -68,6 +72,11 @@ mod stats;
 #[cfg_attr(not(feature = "internals"), allow(unreachable_pub))]
 mod transport;
 
+pub use call::{
+    Call, CallAll, CallError, Caller, Client, ClientBuilder, Contract, Gathered, Incoming, Peer,
+    RemoteCode, RemoteError, Reply, Request, Server, ServerBuilder, ServerInfo, Service,
+    ServiceError,
+};
 pub use chain::error_chain;
 pub use credentials::{Credentials, CredentialsBuilder, CredentialsError};
 pub use discovery::{Discovery, DiscoveryError};
@@ -75,7 +84,7 @@ pub use epm::{Epm, EpmAddrError, EpmBuilder, EpmClient, EpmError};
 pub use etcd::{Etcd, EtcdAddrError, EtcdBuilder, EtcdError, EtcdRegistration};
 pub use handshake::HandshakeError;
 pub use ipcbus_proto::{
-    parse_salt, DecodeError, Handle, HandleError, Key, KeyError, ReceiverId, RejectReason,
+    parse_salt, DecodeError, Handle, HandleError, Key, KeyError, ReceiverId, RejectReason, Role,
     SaltError, SenderId,
 };
 pub use message::{Message, PayloadError};
