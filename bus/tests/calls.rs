@@ -687,3 +687,48 @@ async fn hostile_peer_closes_only_its_connection() {
     // The library's client was not disturbed.
     assert_eq!(&c.call_bytes("b").await.unwrap().body()[..], b"b");
 }
+
+/// The worked example of docs/PROTOCOL.md §8.7, byte for byte.
+#[test]
+fn protocol_md_example_bytes() {
+    use ipcbus_proto::call::{encode_cancel, Reply, Request};
+    use ipcbus_proto::codec::put_frame;
+    let mut body = BytesMut::new();
+    Request {
+        id: 1,
+        deadline_ms: 1000,
+        flags: 0,
+        contract: "Calc".into(),
+        version: 2,
+        method: "add".into(),
+        body: Bytes::from(postcard::to_allocvec(&(1i32, 2i32)).unwrap()),
+    }
+    .encode(&mut body);
+    let mut frame = BytesMut::new();
+    put_frame(&mut frame, Kind::Request, Flags(0), 1, &body);
+    assert_eq!(
+        hex::encode(&frame),
+        "00000024200000000000000000010000000000000001000003e8000443616c63000203616464 0204"
+            .replace(' ', "")
+    );
+    let mut body = BytesMut::new();
+    Reply {
+        id: 1,
+        outcome: Ok(Bytes::from(postcard::to_allocvec(&3i32).unwrap())),
+    }
+    .encode(&mut body);
+    let mut frame = BytesMut::new();
+    put_frame(&mut frame, Kind::Reply, Flags(0), 1, &body);
+    assert_eq!(
+        hex::encode(&frame),
+        "0000001421000000000000000001000000000000000100 06".replace(' ', "")
+    );
+    let mut body = BytesMut::new();
+    encode_cancel(&mut body, 0x0102);
+    let mut frame = BytesMut::new();
+    put_frame(&mut frame, Kind::Cancel, Flags(0), 2, &body);
+    assert_eq!(
+        hex::encode(&frame),
+        "00000012220000000000000000020000000000000102"
+    );
+}
