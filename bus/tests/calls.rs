@@ -732,3 +732,60 @@ fn protocol_md_example_bytes() {
         "00000012220000000000000000020000000000000102"
     );
 }
+
+/// A service instance per connection, holding state of its own; `Peer::current`
+/// in a `serve` handler.
+#[tokio::test]
+async fn per_connection_instances_and_current_peer() {
+    struct Counter {
+        n: AtomicUsize,
+    }
+    impl Service for Counter {
+        fn contract(&self) -> Contract {
+            Contract::new("Counter", 1)
+        }
+        fn call(
+            &self,
+            _: &str,
+            _: Bytes,
+            _: Peer,
+        ) -> BoxFuture<'static, Result<Bytes, RemoteError>> {
+            let n = self.n.fetch_add(1, Ordering::SeqCst) + 1;
+            Box::pin(async move { Ok(Bytes::from(n.to_string())) })
+        }
+    }
+    let tmp = Tmp::new("fact");
+    let made = Arc::new(AtomicUsize::new(0));
+    let m2 = made.clone();
+    let _server = Server::builder(h("fact"))
+        .discovery(tmp.disc())
+        .service_factory(move |_peer: &Peer| {
+            m2.fetch_add(1, Ordering::SeqCst);
+            Counter {
+                n: AtomicUsize::new(0),
+            }
+        })
+        .bind()
+        .await
+        .unwrap();
+    let a = client(&tmp, "fact", Security::LocalUser).await;
+    let b = client(&tmp, "fact", Security::LocalUser).await;
+    for want in ["1", "2", "3"] {
+        assert_eq!(&a.call_bytes("").await.unwrap().body()[..], want.as_bytes());
+    }
+    assert_eq!(&b.call_bytes("").await.unwrap().body()[..], b"1");
+    assert_eq!(made.load(Ordering::SeqCst), 2);
+
+    let tmp = Tmp::new("cur");
+    let server = echo_server(&tmp, "cur", Transport::Tcp, Security::LocalUser).await;
+    tokio::spawn(server.serve(
+        |req| async move {
+            let same = Peer::current().is_some_and(|p| p.id() == req.peer().id());
+            let _ = req.reply(&same);
+        },
+        4,
+    ));
+    assert!(Peer::current().is_none());
+    let c = client(&tmp, "cur", Security::LocalUser).await;
+    assert!(c.call_bytes("").await.unwrap().decode::<bool>().unwrap());
+}

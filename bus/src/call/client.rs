@@ -195,10 +195,6 @@ impl ClientBuilder {
     pub async fn build(self) -> Result<Client, BuildError> {
         let discovery = match self.discovery.clone() {
             Some(d) => d,
-            None if !self.endpoints.is_empty() => match Discovery::local() {
-                Ok(d) => d,
-                Err(_) => Discovery::from_env()?,
-            },
             None => Discovery::from_env()?,
         };
         let security = match self.security.clone() {

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -37,8 +37,11 @@ const OVERHEAD: usize = LEN_PREFIX + HEADER_LEN + ipcbus_proto::crypto::TAG_LEN;
 const COMPRESS_THRESHOLD: usize = 512;
 /// Most calls one side has waiting on one connection.
 pub(crate) const MAX_PENDING: usize = 1 << 16;
+/// Past this many frames waiting for the writer, a notification is refused (`Busy`).
+const MAX_QUEUED_NOTIFY: usize = 8192;
 
 /// What this end does with the requests the other end sends.
+#[derive(Clone)]
 pub(crate) enum Target {
     /// Runs each on this service, in its own task.
     Service(Arc<dyn Service>),
@@ -48,6 +51,7 @@ pub(crate) enum Target {
 
 /// How this end serves requests on a connection: where they go and how many may
 /// run at once on it and in all.
+#[derive(Clone)]
 pub(crate) struct Handler {
     pub(crate) target: Target,
     pub(crate) per_conn: Arc<Semaphore>,
@@ -70,7 +74,11 @@ pub(crate) struct Conn {
     running: Mutex<HashMap<u64, AbortHandle>>,
     closed: CancellationToken,
     reason: Mutex<Option<String>>,
-    handler: OnceLock<Handler>,
+    /// Taken when the connection closes, so a per-connection service (which may hold
+    /// this connection's `Peer`) is dropped with it.
+    handler: Mutex<Option<Handler>>,
+    /// Frames queued for the writer and not written yet.
+    queued: Arc<AtomicUsize>,
     max_frame: usize,
     /// Calls of ours waiting for a reply (for least-outstanding choice).
     outstanding: AtomicUsize,
@@ -120,13 +128,21 @@ pub(crate) fn start(
         running: Mutex::new(HashMap::new()),
         closed,
         reason: Mutex::new(None),
-        handler: OnceLock::new(),
+        handler: Mutex::new(None),
+        queued: Arc::new(AtomicUsize::new(0)),
         max_frame,
         outstanding: AtomicUsize::new(0),
     });
     let (rd, wr) = est.io.into_split();
     let (h_tx, h_rx) = oneshot::channel::<Handler>();
-    tokio::spawn(writer(wr, est.tx, out_rx, conn.closed.clone(), remote));
+    tokio::spawn(writer(
+        wr,
+        est.tx,
+        out_rx,
+        conn.closed.clone(),
+        conn.queued.clone(),
+        remote,
+    ));
     let c2 = conn.clone();
     tokio::spawn(async move {
         // Requests wait until this end knows how to serve them.
@@ -135,7 +151,7 @@ pub(crate) fn start(
             _ = c2.closed.cancelled() => None,
         };
         if let Some(h) = handler {
-            let _ = c2.handler.set(h);
+            *lock(&c2.handler) = Some(h);
         }
         let r = reader(rd, est.rx, est.read_buf, &c2).await;
         let reason = match r {
@@ -166,6 +182,18 @@ impl Conn {
         for (_, h) in lock(&self.running).drain() {
             h.abort();
         }
+        let handler = lock(&self.handler).take();
+        drop(handler);
+    }
+
+    /// Queues a frame for the writer.
+    fn send(&self, kind: Kind, body: Bytes) -> bool {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        if self.out.send((kind, body)).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
     }
 
     /// Whether it is still open.
@@ -243,10 +271,17 @@ impl Conn {
             ))));
         }
         b.extend_from_slice(&body);
-        if self.out.send((Kind::Request, b.freeze())).is_err() || !self.is_open() {
+        if !self.send(Kind::Request, b.freeze()) {
             guard.done = true;
             lock(&self.pending).forget(id);
             return Err(CallFail::NotSent(CallError::Disconnected(self.reason())));
+        }
+        if !self.is_open() {
+            // Closed while queueing: the writer may or may not have written it, so it
+            // must not go anywhere else.
+            guard.done = true;
+            lock(&self.pending).forget(id);
+            return Err(CallFail::Sent(CallError::Disconnected(self.reason())));
         }
         self.outstanding.fetch_add(1, Ordering::Relaxed);
         let r = tokio::time::timeout(timeout, rx).await;
@@ -254,7 +289,14 @@ impl Conn {
         match r {
             Ok(Ok(outcome)) => {
                 guard.done = true;
-                outcome.map_err(|f| CallFail::Sent(fault_to_error(contract, f)))
+                outcome.map_err(|f| {
+                    CallFail::Sent(match f.code {
+                        // The callee stopped at the deadline it was given: for the
+                        // caller, that is its own timeout.
+                        Code::DeadlineExceeded => CallError::Timeout(timeout),
+                        _ => fault_to_error(contract, f),
+                    })
+                })
             }
             Ok(Err(_)) => {
                 guard.done = true;
@@ -292,10 +334,16 @@ impl Conn {
                 self.max_frame
             )));
         }
+        if self.queued.load(Ordering::Relaxed) >= MAX_QUEUED_NOTIFY {
+            // The other end does not read: do not let notifications pile up.
+            return Err(CallError::Busy);
+        }
         b.extend_from_slice(body);
-        self.out
-            .send((Kind::Request, b.freeze()))
-            .map_err(|_| CallError::Disconnected(self.reason()))
+        if self.send(Kind::Request, b.freeze()) {
+            Ok(())
+        } else {
+            Err(CallError::Disconnected(self.reason()))
+        }
     }
 
     /// Sends the reply to request `id`. A value too large for a frame is answered
@@ -330,7 +378,7 @@ impl Conn {
         }
         let mut b = BytesMut::new();
         r.encode(&mut b);
-        if !self.is_open() || self.out.send((Kind::Reply, b.freeze())).is_err() {
+        if !self.is_open() || !self.send(Kind::Reply, b.freeze()) {
             return Err(CallError::Disconnected(self.reason()));
         }
         match too_large {
@@ -345,12 +393,12 @@ impl Conn {
     fn cancel_sent(&self, id: u64) {
         let mut b = BytesMut::with_capacity(8);
         wire::encode_cancel(&mut b, id);
-        let _ = self.out.send((Kind::Cancel, b.freeze()));
+        let _ = self.send(Kind::Cancel, b.freeze());
     }
 
     /// Routes one request from the other end.
     fn request(self: &Arc<Self>, req: wire::Request) {
-        let Some(h) = self.handler.get() else {
+        let Some(h) = lock(&self.handler).clone() else {
             return;
         };
         let one_way = req.one_way();
@@ -544,6 +592,7 @@ async fn writer(
     sealer: Option<ipcbus_proto::crypto::Sealer>,
     mut rx: mpsc::UnboundedReceiver<(Kind, Bytes)>,
     closed: CancellationToken,
+    queued: Arc<AtomicUsize>,
     remote: bool,
 ) {
     let mut out = Outbound::new(sealer);
@@ -553,18 +602,22 @@ async fn writer(
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
         let first = tokio::select! {
-            m = rx.recv() => m,
+            biased;
             _ = closed.cancelled() => None,
+            m = rx.recv() => m,
         };
         let Some(first) = first else { break };
         buf.clear();
         let mut next = Some(first);
+        let mut n = 0;
         while let Some((kind, body)) = next.take() {
             put(&mut out, &mut buf, &mut policy, &mut gz, kind, &body);
+            n += 1;
             if buf.len() < 256 * 1024 {
                 next = rx.try_recv().ok();
             }
         }
+        queued.fetch_sub(n, Ordering::Relaxed);
         if wr.write_all(&buf).await.is_err() {
             closed.cancel();
             return;

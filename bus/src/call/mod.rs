@@ -334,7 +334,7 @@ pub trait Caller: Clone + Send + Sync + 'static {
     ///
     /// # Errors
     /// [`CallError::Closed`], [`CallError::NoServers`], [`CallError::Disconnected`],
-    /// [`CallError::Encode`].
+    /// [`CallError::Encode`], [`CallError::Busy`] (the connection's queue is full).
     fn notify_raw(&self, contract: &Contract, method: &str, body: Bytes) -> Result<(), CallError>;
 }
 

@@ -55,7 +55,9 @@ impl Peer {
     /// client's callback service.
     ///
     /// # Errors
-    /// [`CallError::Disconnected`] once the connection is gone, [`CallError::Encode`].
+    /// [`CallError::Disconnected`] once the connection is gone, [`CallError::Encode`],
+    /// [`CallError::Busy`] while thousands of frames wait to be written (the other end
+    /// does not read).
     pub fn notify<T: Serialize + ?Sized>(&self, method: &str, event: &T) -> Result<(), CallError> {
         let body = encode(event)?;
         self.conn.notify(&Contract::untyped(), method, &body)
