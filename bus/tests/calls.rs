@@ -789,3 +789,70 @@ async fn per_connection_instances_and_current_peer() {
     let c = client(&tmp, "cur", Security::LocalUser).await;
     assert!(c.call_bytes("").await.unwrap().decode::<bool>().unwrap());
 }
+
+/// Many clients, two servers, every reply matched; then a server that closes lets
+/// its running calls finish, and a closed client fails its calls `Closed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_two_servers_then_close() {
+    let tmp = Tmp::new("many");
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        let mut s = echo_server(&tmp, "many", Transport::Unix, Security::LocalUser).await;
+        let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = s.next_request() => match r {
+                        Some(r) => {
+                            tokio::spawn(async move {
+                                if &r.body()[..] == b"slow" {
+                                    tokio::time::sleep(Duration::from_millis(300)).await;
+                                }
+                                let b = r.body().clone();
+                                let _ = r.reply_bytes(b);
+                            });
+                        }
+                        None => break,
+                    },
+                    _ = &mut stop_rx => break,
+                }
+            }
+            s.close().await;
+        });
+        servers.push((stop_tx, task));
+    }
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let c = client(&tmp, "many", Security::LocalUser).await;
+        assert_eq!(c.wait_for_servers(2, T).await, 2);
+        clients.push(c);
+    }
+    let calls = clients.iter().enumerate().flat_map(|(ci, c)| {
+        (0..100u32).map(move |i| {
+            let c = c.clone();
+            async move {
+                let v = (ci as u32, i);
+                let r = c.call(&v).await.unwrap();
+                assert_eq!(r.decode::<(u32, u32)>().unwrap(), v);
+            }
+        })
+    });
+    futures::future::join_all(calls).await;
+
+    // A call running when its server closes still gets its reply.
+    let c = clients.pop().unwrap();
+    let slow = tokio::spawn(IntoFuture::into_future(c.call_bytes("slow")));
+    wait_until(|| c.in_flight() == 1).await;
+    let (stop, task) = servers.pop().unwrap();
+    let (stop2, task2) = servers.pop().unwrap();
+    let _ = stop.send(());
+    let _ = stop2.send(());
+    let r = tokio::time::timeout(T, slow).await.unwrap().unwrap();
+    assert_eq!(&r.unwrap().body()[..], b"slow");
+    task.await.unwrap();
+    task2.await.unwrap();
+
+    let c = clients.pop().unwrap();
+    c.clone().close().await;
+    assert!(matches!(c.call_bytes("x").await, Err(CallError::Closed)));
+}

@@ -421,15 +421,15 @@ impl Conn {
             Target::Queue(tx) => {
                 let r = Request::new(req, peer, permits);
                 if let Err(e) = tx.try_send(r) {
-                    let mut r = match e {
-                        mpsc::error::TrySendError::Full(r) => r,
-                        mpsc::error::TrySendError::Closed(r) => r,
+                    let (mut r, why) = match e {
+                        mpsc::error::TrySendError::Full(r) => (r, busy()),
+                        mpsc::error::TrySendError::Closed(r) => (r, super::server::closing()),
                     };
                     if r.is_one_way() {
-                        tracing::warn!(peer = %self.label, method = %r.method(), "incoming queue full: notification dropped");
+                        tracing::warn!(peer = %self.label, method = %r.method(), "{}: notification dropped", why.message);
                         r.mark_answered();
                     } else {
-                        let _ = r.answer(Err(busy()));
+                        let _ = r.answer(Err(why));
                     }
                 }
             }

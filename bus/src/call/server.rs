@@ -150,7 +150,9 @@ impl ServerBuilder {
         let (max_frame, handshake_timeout, max_connections) = self.listen.limits();
         let (tx, rx) = mpsc::channel(self.max_in_flight);
         let shutdown = CancellationToken::new();
+        let accepting = shutdown.child_token();
         let tasks = TaskTracker::new();
+        let global = Arc::new(Semaphore::new(self.max_in_flight));
         let target = match self.factory {
             Some(f) => Kind::Service(f),
             None => Kind::Queue(tx),
@@ -162,12 +164,13 @@ impl ServerBuilder {
             max_frame,
             handshake_timeout,
             shutdown: shutdown.clone(),
+            accepting: accepting.clone(),
             tasks: tasks.clone(),
             conn_limit: Arc::new(Semaphore::new(max_connections)),
             half_open: HandshakeGate::new((max_connections / 4).clamp(1, 64)),
             target,
             concurrency: self.concurrency,
-            global: Arc::new(Semaphore::new(self.max_in_flight)),
+            global: global.clone(),
         });
         let mut sockets = Vec::new();
         for mut listener in l.listeners {
@@ -193,7 +196,10 @@ impl ServerBuilder {
             rx,
             registration: Some(registration),
             shutdown,
+            accepting,
             tasks,
+            global,
+            max_in_flight: self.max_in_flight,
         })
     }
 }
@@ -212,6 +218,18 @@ fn server_discovery_supported(discovery: &Discovery) -> Result<(), BindError> {
     }
 }
 
+/// How long [`Server::close`] lets the calls running finish.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// The answer to a request a closing server will not run.
+pub(crate) fn closing() -> RemoteError {
+    RemoteError {
+        code: Code::Busy,
+        message: "the server is closing".into(),
+        detail: bytes::Bytes::new(),
+    }
+}
+
 /// Where a server's requests go.
 enum Kind {
     Service(Factory),
@@ -225,6 +243,8 @@ struct Shared {
     max_frame: usize,
     handshake_timeout: Duration,
     shutdown: CancellationToken,
+    /// Cancelled to stop accepting (on close, before the connections end).
+    accepting: CancellationToken,
     tasks: TaskTracker,
     conn_limit: Arc<Semaphore>,
     half_open: HandshakeGate,
@@ -239,7 +259,7 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         shared.half_open.clone(),
         shared.conn_limit.clone(),
     );
-    while let Some(incoming) = acceptor.next(&shared.shutdown).await {
+    while let Some(incoming) = acceptor.next(&shared.accepting).await {
         match incoming {
             Incoming::WrongUser(peer) => {
                 tracing::warn!(%peer, handle = %shared.handle, "unix socket peer runs as another user; refused before the handshake");
@@ -373,7 +393,11 @@ pub struct Server {
     rx: mpsc::Receiver<Request>,
     registration: Option<Announcement>,
     shutdown: CancellationToken,
+    accepting: CancellationToken,
     tasks: TaskTracker,
+    /// Permits of the requests running; all back when none runs.
+    global: Arc<Semaphore>,
+    max_in_flight: usize,
 }
 
 impl Server {
@@ -470,8 +494,20 @@ impl Server {
         if let Some(r) = self.registration.take() {
             r.close().await;
         }
+        self.accepting.cancel();
         self.sockets.clear();
+        // Requests not taken yet did not run: say so (busy), rather than no reply.
         self.rx.close();
+        while let Ok(mut r) = self.rx.try_recv() {
+            let _ = r.answer(Err(closing()));
+        }
+        // Let the calls running finish, for a while.
+        let end = tokio::time::Instant::now() + CLOSE_GRACE;
+        while self.global.available_permits() < self.max_in_flight
+            && tokio::time::Instant::now() < end
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.shutdown.cancel();
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;
