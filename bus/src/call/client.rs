@@ -118,6 +118,11 @@ impl ClientBuilder {
         }
     }
 
+    /// Shorthand for `security(Security::Encrypt(key))`.
+    pub fn key(self, key: crate::Key) -> Self {
+        self.security(Security::Encrypt(key))
+    }
+
     /// The default timeout of each call (default 30 s).
     pub fn timeout(self, d: Duration) -> Self {
         ClientBuilder { timeout: d, ..self }
@@ -670,6 +675,7 @@ impl Drop for Inner {
 /// assert_eq!(&reply.body()[..], b"hi");
 /// let err = client.call_bytes("").await.unwrap_err();
 /// assert!(matches!(err, CallError::Remote(e) if e.message == "empty"));
+/// # let _ = std::fs::remove_dir_all(&dir);
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]

@@ -39,6 +39,9 @@ const COMPRESS_THRESHOLD: usize = 512;
 pub(crate) const MAX_PENDING: usize = 1 << 16;
 /// Past this many frames waiting for the writer, a notification is refused (`Busy`).
 const MAX_QUEUED_NOTIFY: usize = 8192;
+/// Past this many, the connection is closed (twice what calls in flight and their
+/// cancels can queue).
+const MAX_QUEUED: usize = 4 * MAX_PENDING;
 
 /// What this end does with the requests the other end sends.
 #[derive(Clone)]
@@ -186,9 +189,16 @@ impl Conn {
         drop(handler);
     }
 
-    /// Queues a frame for the writer.
+    /// Queues a frame for the writer. A peer that leaves far more frames unread than
+    /// calls can be in flight (it sends requests and does not read the replies) is
+    /// cut off.
     fn send(&self, kind: Kind, body: Bytes) -> bool {
-        self.queued.fetch_add(1, Ordering::Relaxed);
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(peer = %self.label, "the peer does not read what it is sent; closing the connection");
+            self.close("the peer does not read what it is sent");
+            return false;
+        }
         if self.out.send((kind, body)).is_err() {
             self.queued.fetch_sub(1, Ordering::Relaxed);
             return false;

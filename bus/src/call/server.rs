@@ -89,6 +89,43 @@ impl ServerBuilder {
         }
     }
 
+    /// Shorthand for `security(Security::Encrypt(key))`.
+    pub fn key(self, key: crate::Key) -> Self {
+        self.security(Security::Encrypt(key))
+    }
+
+    /// The address to bind and register (as [`ReceiverBuilder::ip`](crate::ReceiverBuilder::ip)).
+    pub fn ip(self, ip: std::net::IpAddr) -> Self {
+        ServerBuilder {
+            listen: self.listen.ip(ip),
+            ..self
+        }
+    }
+
+    /// Ports to try in order (as [`ReceiverBuilder::allowed_ports`](crate::ReceiverBuilder::allowed_ports)).
+    pub fn allowed_ports(self, ports: impl IntoIterator<Item = u16>) -> Self {
+        ServerBuilder {
+            listen: self.listen.allowed_ports(ports),
+            ..self
+        }
+    }
+
+    /// Most client connections served at once (default 256).
+    pub fn max_connections(self, n: usize) -> Self {
+        ServerBuilder {
+            listen: self.listen.max_connections(n),
+            ..self
+        }
+    }
+
+    /// Time a connecting client has to finish the handshake (default 5 s).
+    pub fn handshake_timeout(self, d: Duration) -> Self {
+        ServerBuilder {
+            listen: self.listen.handshake_timeout(d),
+            ..self
+        }
+    }
+
     /// Largest frame accepted and sent (default 16 MiB).
     pub fn max_frame_len(self, n: usize) -> Self {
         ServerBuilder {
@@ -383,6 +420,7 @@ async fn serve(
 ///     .await?;
 /// let sum: i32 = client.call(&(2, 3)).await?.decode()?;
 /// assert_eq!(sum, 5);
+/// # let _ = std::fs::remove_dir_all(&dir);
 /// # Ok(()) }
 /// ```
 pub struct Server {
