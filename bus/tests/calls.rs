@@ -117,6 +117,16 @@ async fn round_trip_and_pipelining(t: Transport, sec: Security) {
     let big = vec![b'z'; 200_000];
     let r = c.call_bytes(big.clone()).await.unwrap();
     assert_eq!(&r.body()[..], &big[..]);
+    // Large bodies at once: more than a socket takes without waiting.
+    let bigs = (0..4u8).map(|i| {
+        let c = c.clone();
+        async move {
+            let body = vec![i; 512 << 10];
+            let r = c.call_bytes(body.clone()).await.unwrap();
+            assert_eq!(&r.body()[..], &body[..]);
+        }
+    });
+    futures::future::join_all(bigs).await;
     // 1000 pipelined calls, every reply matched.
     let calls = (0..1000u32).map(|i| {
         let c = c.clone();
