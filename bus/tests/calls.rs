@@ -866,3 +866,31 @@ async fn many_clients_two_servers_then_close() {
     c.clone().close().await;
     assert!(matches!(c.call_bytes("x").await, Err(CallError::Closed)));
 }
+
+/// In `serve`, a call the client gives up on stops its handler.
+#[tokio::test]
+async fn cancel_stops_a_serve_handler() {
+    let tmp = Tmp::new("cserve");
+    let server = echo_server(&tmp, "cserve", Transport::Unix, Security::LocalUser).await;
+    let stopped = Arc::new(AtomicUsize::new(0));
+    let s2 = stopped.clone();
+    tokio::spawn(server.serve(
+        move |req| {
+            let guard = OnDrop(s2.clone());
+            async move {
+                let _guard = guard;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                drop(req);
+            }
+        },
+        8,
+    ));
+    let c = client(&tmp, "cserve", Security::LocalUser).await;
+    let e = c
+        .call_bytes("x")
+        .timeout(Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CallError::Timeout(_)), "{e:?}");
+    wait_until(|| stopped.load(Ordering::SeqCst) == 1).await;
+}

@@ -236,6 +236,21 @@ impl Conn {
         true
     }
 
+    /// Runs the handler task of request `id` from the other end, so a `Cancel` for
+    /// it aborts it (`track`: it answers, so its entry goes with its reply).
+    pub(crate) fn spawn_handler<F>(&self, id: u64, track: bool, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        // Hold the map's lock across the spawn, so a fast task cannot answer (and
+        // remove its entry) before it is inserted.
+        let mut running = lock(&self.running);
+        let task = tokio::spawn(fut);
+        if track && self.is_open() {
+            running.insert(id, task.abort_handle());
+        }
+    }
+
     /// Whether it is still open.
     pub(crate) fn is_open(&self) -> bool {
         !self.closed.is_cancelled()

@@ -452,7 +452,8 @@ impl Server {
 
     /// Runs `handler` on every request, at most `concurrency` at once, until the
     /// server is closed. A handler that panics answers [`RemoteCode::Panicked`](super::RemoteCode::Panicked) and
-    /// the server goes on.
+    /// the server goes on. A call its caller gives up on (timeout, dropped future)
+    /// stops its handler task.
     pub async fn serve<F, Fut>(mut self, handler: F, concurrency: usize)
     where
         F: Fn(Request) -> Fut + Send + Sync + 'static,
@@ -467,19 +468,28 @@ impl Server {
             let flag = Arc::new(AtomicBool::new(false));
             req.panicked = Some(flag.clone());
             let peer = req.peer().clone();
+            let (id, answers) = (req.wire.id, !req.is_one_way());
             let h = handler.clone();
-            self.tasks.spawn(async move {
-                let _permit = permit;
-                let run = CatchPanic {
-                    inner: Some(Box::pin(async move { h(req).await })),
-                    flag,
-                };
-                CURRENT_PEER.scope(peer, run).await;
-            });
+            let conn = peer.conn.clone();
+            // A Cancel from the caller aborts the task (dropping the request).
+            conn.spawn_handler(
+                id,
+                answers,
+                self.tasks.track_future(async move {
+                    let _permit = permit;
+                    let run = CatchPanic {
+                        inner: Some(Box::pin(async move { h(req).await })),
+                        flag,
+                    };
+                    CURRENT_PEER.scope(peer, run).await;
+                }),
+            );
         }
     }
 
-    /// The next request (`None` once closed).
+    /// The next request (`None` once closed). Requests taken this way are not
+    /// stopped when their caller gives up: use [`Request::time_left`], or
+    /// [`Server::serve`] (whose handler tasks are stopped).
     ///
     /// # Cancel safety
     /// Cancel safe: a request is only taken when this resolves.
