@@ -96,6 +96,10 @@ pub use transport::{Endpoint, EndpointError, Transport, UnixBindError, MAX_UNIX_
 #[doc(hidden)]
 pub mod internals {
     pub use crate::epm::link;
+    /// etcd as the EPM's store (`epm-service --store etcd://...`).
+    pub mod etcd_store {
+        pub use crate::etcd::store::{watch_store, StoreEvent, StoreWriter};
+    }
     pub use crate::gate::{Acceptor, HandshakeGate, HandshakeSlot, Incoming};
     pub use crate::transport::{ByteStream, Listener, Peer};
 }

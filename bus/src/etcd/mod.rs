@@ -28,6 +28,8 @@
 
 mod keys;
 pub(crate) mod session;
+#[cfg(feature = "internals")]
+pub(crate) mod store;
 
 use std::fmt;
 use std::future::Future;
