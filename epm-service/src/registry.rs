@@ -140,6 +140,11 @@ struct Reg {
     lease: Duration,
     expires: Instant,
     serial: u64,
+    /// For a connection's entry: what the store holds for the same receiver under
+    /// another EPM's lease, if it says so (the receiver moved between EPMs, and the
+    /// old connection is not closed yet). When the entry here ends, this one stays
+    /// as a store entry: the store still holds it.
+    shadow: Option<Entry>,
 }
 
 #[derive(Debug, Default)]
@@ -243,6 +248,10 @@ impl Registry {
             None => true,
         };
         let store = changed || existing == Some(Owner::Store);
+        let shadow = h.regs.get(&entry.receiver).and_then(|r| match r.owner {
+            Owner::Store => Some(r.entry.clone()),
+            Owner::Conn(_) => r.shadow.clone(),
+        });
         if let Some(old) = h.regs.insert(
             entry.receiver,
             Reg {
@@ -251,6 +260,7 @@ impl Registry {
                 lease,
                 expires,
                 serial,
+                shadow,
             },
         ) {
             self.expiries.remove(&(old.expires, old.serial));
@@ -518,7 +528,17 @@ impl Registry {
             .and_then(|h| h.regs.get(&entry.receiver))
             .map(|r| (r.owner, r.entry == entry));
         match existing {
-            Some((Owner::Conn(_), _)) | Some((Owner::Store, true)) => return Ok(Vec::new()),
+            Some((Owner::Conn(_), _)) => {
+                if let Some(r) = self
+                    .handles
+                    .get_mut(&handle)
+                    .and_then(|h| h.regs.get_mut(&entry.receiver))
+                {
+                    r.shadow = Some(entry);
+                }
+                return Ok(Vec::new());
+            }
+            Some((Owner::Store, true)) => return Ok(Vec::new()),
             Some((Owner::Store, false)) => {}
             None => {
                 self.room_for(&handle)?;
@@ -538,6 +558,7 @@ impl Registry {
                 // Not in the lease index: etcd's lease removes it.
                 expires: Instant::now(),
                 serial,
+                shadow: None,
             },
         );
         Ok(h.watchers
@@ -556,9 +577,12 @@ impl Registry {
     pub fn store_delete(&mut self, handle: &Handle, receiver: ReceiverId) -> StoreDeleted {
         let owner = self
             .handles
-            .get(handle)
-            .and_then(|h| h.regs.get(&receiver))
-            .map(|r| (r.owner, r.entry.clone()));
+            .get_mut(handle)
+            .and_then(|h| h.regs.get_mut(&receiver))
+            .map(|r| {
+                r.shadow = None;
+                (r.owner, r.entry.clone())
+            });
         match owner {
             None => StoreDeleted::Unknown,
             Some((Owner::Conn(_), entry)) => StoreDeleted::Reassert(entry),
@@ -580,12 +604,13 @@ impl Registry {
             all.iter().map(|(h, e)| (h.clone(), e.receiver)).collect();
         let mut gone = Vec::new();
         let mut missing = Vec::new();
-        for (handle, h) in &self.handles {
-            for (id, r) in &h.regs {
+        for (handle, h) in &mut self.handles {
+            for (id, r) in &mut h.regs {
                 let k = (handle.clone(), *id);
                 match r.owner {
                     Owner::Store if !keep.contains(&k) => gone.push(k),
                     Owner::Conn(_) if !keep.contains(&k) => {
+                        r.shadow = None;
                         missing.push((handle.clone(), r.entry.clone()))
                     }
                     _ => {}
@@ -657,10 +682,11 @@ impl Registry {
     }
 
     /// Removes one registration (not from its connection's set) and returns it with
-    /// the notices for its watchers.
+    /// the notices for its watchers. A connection's entry that the store also holds
+    /// under another EPM's lease stays, as that store entry.
     fn remove(&mut self, handle: &Handle, receiver: ReceiverId) -> Option<(Entry, Vec<Notice>)> {
         let h = self.handles.get_mut(handle)?;
-        let reg = h.regs.remove(&receiver)?;
+        let mut reg = h.regs.remove(&receiver)?;
         self.registrations -= 1;
         self.expiries.remove(&(reg.expires, reg.serial));
         match reg.owner {
@@ -670,6 +696,37 @@ impl Registry {
                 }
             }
             Owner::Store => self.store_registrations -= 1,
+        }
+        if let Some(other) = reg.shadow.take() {
+            let added = other != reg.entry;
+            h.regs.insert(
+                receiver,
+                Reg {
+                    entry: other.clone(),
+                    owner: Owner::Store,
+                    lease: Duration::ZERO,
+                    expires: reg.expires,
+                    serial: reg.serial,
+                    shadow: None,
+                },
+            );
+            self.registrations += 1;
+            self.store_registrations += 1;
+            let notices = if added {
+                h.watchers
+                    .iter()
+                    .map(|&to| Notice {
+                        to,
+                        msg: Response::Added {
+                            handle: handle.clone(),
+                            entry: other.clone(),
+                        },
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            return Some((reg.entry, notices));
         }
         let notices = h
             .watchers
@@ -954,15 +1011,51 @@ mod tests {
             r.store_delete(&h("a"), entry(3).receiver),
             StoreDeleted::Unknown
         );
-        // Closing the connection removes only its own.
+        // Closing the connection ends its own two; entry 2, which the store also
+        // said it holds (for the registry, a put under another EPM's lease), stays
+        // as the store's.
         r.store_put(h("b"), entry(4)).unwrap();
         let (_, gone) = r.disconnect(1);
         assert_eq!(gone.len(), 2);
+        assert_eq!(r.lookup(&h("a")), vec![entry(2)]);
         assert_eq!(r.lookup(&h("b")), vec![entry(4)]);
-        assert_eq!((r.registrations(), r.store_registrations()), (1, 1));
+        assert_eq!((r.registrations(), r.store_registrations()), (2, 2));
         let mut bad = entry(5);
         bad.endpoint = "0.0.0.0:1".parse().unwrap();
         assert!(r.store_put(h("b"), bad).is_err());
+    }
+
+    #[test]
+    fn a_receiver_that_moved_to_another_epm_stays_when_its_old_connection_ends() {
+        let now = Instant::now();
+        let mut r = reg(Limits::default());
+        r.connect(1);
+        r.connect(9);
+        r.watch(9, &h("a")).unwrap();
+        r.register(1, h("a"), entry(1), 0, now).unwrap();
+        // The receiver registered at another EPM too, which put it in the store.
+        assert!(r.store_put(h("a"), entry(1)).unwrap().is_empty());
+        // The old connection here closes: the entry stays, as the store's; the
+        // watcher hears nothing.
+        let (n, gone) = r.disconnect(1);
+        assert_eq!(gone.len(), 1);
+        assert!(n.is_empty(), "{n:?}");
+        assert_eq!(r.lookup(&h("a")), vec![entry(1)]);
+        assert_eq!((r.registrations(), r.store_registrations()), (1, 1));
+        // ... until the store says it is gone.
+        assert!(matches!(
+            r.store_delete(&h("a"), entry(1).receiver),
+            StoreDeleted::Removed(n) if n.len() == 1
+        ));
+        assert_eq!(r.registrations(), 0);
+        // A delete from the store forgets what it said before.
+        r.connect(2);
+        r.register(2, h("a"), entry(2), 0, now).unwrap();
+        r.store_put(h("a"), entry(2)).unwrap();
+        r.store_delete(&h("a"), entry(2).receiver);
+        let (n, _) = r.disconnect(2);
+        assert_eq!(n.len(), 1);
+        assert_eq!(r.registrations(), 0);
     }
 
     #[test]

@@ -207,26 +207,54 @@ async fn the_registrations_of_a_killed_epm_expire_from_the_others_view() {
         .bind()
         .await
         .unwrap();
-    assert!(eventually!(T, ids_at(&at_b, &handle).await == vec![rx.id()]));
+    // A receiver that knows both EPMs registers at A, the first.
+    let moving = Receiver::builder(handle.clone())
+        .epm(epm(&format!("{},{}", a.addr, b.addr)))
+        .bind()
+        .await
+        .unwrap();
+    let mut both = vec![rx.id(), moving.id()];
+    both.sort();
+    assert!(eventually!(T, ids_at(&at_b, &handle).await == both));
     let mut watcher = at_b.client().await.unwrap();
-    assert_eq!(watcher.watch(&handle).await.unwrap().len(), 1);
+    assert_eq!(watcher.watch(&handle).await.unwrap().len(), 2);
 
     // SIGKILL: nothing is revoked; the lease runs out in etcd and B is told.
     a.proc.signal(libc::SIGKILL);
     assert!(a.proc.wait(T).is_some());
     let t0 = Instant::now();
-    assert_eq!(
-        next_event(&mut watcher).await,
-        WatchEvent::Removed {
-            handle: handle.clone(),
-            receiver: rx.id()
+    // (The moving receiver's re-registration at B may come first, as an Added.)
+    let mut removed = false;
+    for _ in 0..10 {
+        match next_event(&mut watcher).await {
+            WatchEvent::Removed { receiver, .. } if receiver == rx.id() => {
+                removed = true;
+                break;
+            }
+            WatchEvent::Added(r) if r.receiver == moving.id() => {}
+            other => panic!("{other:?}"),
         }
-    );
+    }
+    assert!(removed);
     let took = t0.elapsed();
     assert!(took < Duration::from_secs(10), "{took:?}");
-    assert!(ids_at(&at_b, &handle).await.is_empty());
     eprintln!("a killed EPM's registration left the other's view after {took:?} (2 s lease)");
+    // The receiver that knows both moved to B and stays, in B's view and in etcd,
+    // after A's lease ran out.
+    assert_eq!(ids_at(&at_b, &handle).await, vec![moving.id()]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(ids_at(&at_b, &handle).await, vec![moving.id()]);
+    let etcd = Etcd::parse(&c.endpoints()).unwrap().build();
+    let in_etcd: Vec<ReceiverId> = etcd
+        .lookup(&handle)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.receiver)
+        .collect();
+    assert_eq!(in_etcd, vec![moving.id()]);
     drop(rx);
+    moving.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
