@@ -25,6 +25,8 @@
 //! - `sender` / `receiver`: the async layer — connections, writer tasks, discovery.
 //! - `stats`: [`SenderStats`] and [`ReceiverStats`], the counters of
 //!   [`Sender::stats`] and [`Receiver::stats`], with the reason kinds they count by.
+//! - `etcd::store` (with `internals`): what `epm-service --store etcd://...` uses to
+//!   keep its registrations in etcd and follow everyone else's.
 //! - `gate`: admission of half-open connections (oldest evicted when full), shared by
 //!   receivers and the endpoint manager (which reaches it, and the EPM link, through
 //!   the `internals` feature).

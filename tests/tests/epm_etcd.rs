@@ -161,18 +161,28 @@ async fn a_receiver_registered_at_one_epm_is_found_at_the_other() {
     both.sort();
     assert!(eventually!(T, ids_at(&at_a, &handle).await == both));
     assert!(eventually!(T, ids_at(&at_b, &handle).await == both));
-    assert!(matches!(next_event(&mut watcher).await, WatchEvent::Added(r) if r.receiver == direct.id()));
+    assert!(
+        matches!(next_event(&mut watcher).await, WatchEvent::Added(r) if r.receiver == direct.id())
+    );
     assert_eq!(tx.wait_for_receivers(2, T).await, 2);
 
     // B's monitoring counts the entries it learned from the store.
     let status: serde_json::Value = serde_json::from_str(&http_get(http, "/status")).unwrap();
     assert_eq!(status["registrations"], 2, "{status}");
     assert_eq!(status["store_registrations"], 2, "{status}");
-    assert!(status["store"].as_str().unwrap().starts_with("etcd http://127.0.0.1:"));
-    assert!(status["counters"]["store_events"].as_u64().unwrap() >= 3, "{status}");
+    assert!(status["store"]
+        .as_str()
+        .unwrap()
+        .starts_with("etcd http://127.0.0.1:"));
+    assert!(
+        status["counters"]["store_events"].as_u64().unwrap() >= 3,
+        "{status}"
+    );
     let metrics = http_get(http, "/metrics");
     assert!(
-        metrics.lines().any(|l| l == "ipcbus_epm_store_registrations 2"),
+        metrics
+            .lines()
+            .any(|l| l == "ipcbus_epm_store_registrations 2"),
         "{metrics}"
     );
 
@@ -187,7 +197,10 @@ async fn a_receiver_registered_at_one_epm_is_found_at_the_other() {
         }
     );
     assert_eq!(ids_at(&at_b, &handle).await, vec![direct.id()]);
-    assert!(eventually!(T, etcd.lookup(&handle).await.unwrap().len() == 1));
+    assert!(eventually!(
+        T,
+        etcd.lookup(&handle).await.unwrap().len() == 1
+    ));
     assert!(eventually!(T, tx.receivers().len() == 1));
     tx.close().await;
     direct.close().await;
@@ -325,7 +338,10 @@ async fn an_etcd_restart_keeps_the_view_and_the_watch_resumes() {
         .bind()
         .await
         .unwrap();
-    assert!(eventually!(T, ids_at(&at_b, &handle).await == vec![rx1.id()]));
+    assert!(eventually!(
+        T,
+        ids_at(&at_b, &handle).await == vec![rx1.id()]
+    ));
 
     c.kill(0);
     // etcd away: both EPMs keep serving what they know, and take registrations.
