@@ -113,6 +113,7 @@ async fn a_receiver_registered_at_one_epm_is_found_at_the_other() {
 
     let mut watcher = at_b.client().await.unwrap();
     assert!(watcher.watch(&handle).await.unwrap().is_empty());
+    let t0 = Instant::now();
     let mut rx = Receiver::builder(handle.clone())
         .epm(at_a.clone())
         .bind()
@@ -126,6 +127,10 @@ async fn a_receiver_registered_at_one_epm_is_found_at_the_other() {
         }
         other => panic!("{other:?}"),
     }
+    eprintln!(
+        "bind at EPM A -> Added at a watcher of EPM B: {:?}",
+        t0.elapsed()
+    );
     assert_eq!(ids_at(&at_b, &handle).await, vec![rx.id()]);
     let (handles, total) = at_b.list().await.unwrap();
     assert_eq!((handles.len(), total), (1, 1));
@@ -268,6 +273,39 @@ async fn the_registrations_of_a_killed_epm_expire_from_the_others_view() {
     assert_eq!(in_etcd, vec![moving.id()]);
     drop(rx);
     moving.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_epm_takes_its_registrations_with_it_at_once() {
+    let Some(c) = cluster() else { return };
+    // A 10 s lease: what is seen within 3 s is the revoke, not the expiry.
+    let mut a = start(&etcd_form(&c), &["--lease-ms", "10000"]);
+    let b = start(&etcd_form(&c), &[]);
+    let (at_a, at_b) = (epm(&a.addr), epm(&b.addr));
+    let handle = h("stopped.epm");
+    let rx = Receiver::builder(handle.clone())
+        .epm(at_a.clone())
+        .bind()
+        .await
+        .unwrap();
+    assert!(eventually!(
+        T,
+        ids_at(&at_b, &handle).await == vec![rx.id()]
+    ));
+    let t0 = Instant::now();
+    a.proc.signal(libc::SIGTERM);
+    assert!(a.proc.wait(T).is_some_and(|s| s.success()));
+    assert!(eventually!(
+        Duration::from_secs(3),
+        ids_at(&at_b, &handle).await.is_empty()
+    ));
+    let etcd = Etcd::parse(&c.endpoints()).unwrap().build();
+    assert!(etcd.lookup(&handle).await.unwrap().is_empty());
+    eprintln!(
+        "a stopped EPM's registration left the other's view after {:?}",
+        t0.elapsed()
+    );
+    drop(rx);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
