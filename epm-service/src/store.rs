@@ -15,7 +15,7 @@
 //! in, notices and records to put again out.
 
 use ipcbus::internals::etcd_store::{watch_store, StoreEvent, StoreWriter};
-use ipcbus::{Etcd, EtcdError, Record};
+use ipcbus::{Etcd, EtcdError, Record, Role};
 use ipcbus_proto::epm::Entry;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -79,6 +79,13 @@ pub struct Applied {
 pub fn apply(reg: &mut Registry, event: StoreEvent, ours: impl Fn(i64) -> bool) -> Applied {
     let mut out = Applied::default();
     let entry_of = |r: &Record, out: &mut Applied| match Entry::from_record(r) {
+        _ if r.role != Role::Receiver => {
+            out.skipped.push((
+                r.clone(),
+                "it is a server of calls, not a receiver: clients find it in etcd".to_owned(),
+            ));
+            None
+        }
         Some(e) => Some(e),
         None => {
             out.skipped
@@ -175,6 +182,15 @@ mod tests {
         // A unix-only record: skipped, said why.
         let a = apply(&mut reg, StoreEvent::Put(rec(3, false), 8), ours);
         assert_eq!(a.skipped.len(), 1);
+        assert_eq!(reg.registrations(), 2);
+        // A server of calls: not a receiver, skipped and said why.
+        let a = apply(
+            &mut reg,
+            StoreEvent::Put(rec(4, true).with_role(Role::Server), 8),
+            ours,
+        );
+        assert!(a.notices.is_empty());
+        assert!(a.skipped[0].1.contains("server"), "{:?}", a.skipped);
         assert_eq!(reg.registrations(), 2);
         // The store lost this EPM's record: put it again.
         let a = apply(
