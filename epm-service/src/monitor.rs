@@ -202,6 +202,8 @@ pub struct Report {
     pub handles: usize,
     /// Registrations (receivers) in all.
     pub registrations: usize,
+    /// Servers of calls registered in all.
+    pub servers: usize,
     /// Client connections open now (handshaking ones included).
     pub connections: usize,
     /// Watches in all.
@@ -291,6 +293,11 @@ impl Report {
                 "ipcbus_epm_registrations",
                 "Receivers registered now.",
                 self.registrations,
+            ),
+            (
+                "ipcbus_epm_servers",
+                "Servers of calls registered now.",
+                self.servers,
             ),
             (
                 "ipcbus_epm_handles",
@@ -558,6 +565,7 @@ mod tests {
             uptime_s: 90_061,
             handles: 1,
             registrations: 1,
+            servers: 0,
             connections: 2,
             watches: 0,
             lease_ms: 10_000,
@@ -604,6 +612,7 @@ mod tests {
             "ipcbus_epm_watch_notifications_total 5",
             "# TYPE ipcbus_epm_registrations gauge",
             "ipcbus_epm_registrations 1",
+            "ipcbus_epm_servers 0",
             "ipcbus_epm_build_info{version=\"1.2.3\"} 1",
             "ipcbus_epm_lease_seconds 10",
         ] {
