@@ -721,7 +721,7 @@ mod tests {
                     version: (r >> 16) as u16,
                     since_ms: r >> 3,
                 };
-                let op = match r % 8 {
+                let op = match r % 13 {
                     0 => Op::Register {
                         handle: handle(r),
                         entry: e.clone(),
@@ -736,7 +736,16 @@ mod tests {
                     4 => Op::Watch { handle: handle(r) },
                     5 => Op::Unwatch { handle: handle(r) },
                     6 => Op::List,
-                    _ => Op::Status,
+                    7 => Op::Status,
+                    8 => Op::RegisterServer {
+                        handle: handle(r),
+                        entry: e.clone(),
+                        lease_ms: (r >> 24) as u32,
+                    },
+                    9 => Op::LookupServers { handle: handle(r) },
+                    10 => Op::WatchServers { handle: handle(r) },
+                    11 => Op::UnwatchServers { handle: handle(r) },
+                    _ => Op::ListServers,
                 };
                 let req = Request {
                     id: (r >> 5) as u32,
