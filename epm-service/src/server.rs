@@ -1066,6 +1066,86 @@ mod tests {
         assert_eq!((r.registrations, r.servers), (0, 0));
     }
 
+    /// A server's lease runs out like a receiver's: the sweeper, woken by the
+    /// earliest lease of either registry, removes it and tells its watchers with
+    /// `ServerRemoved`; a receiver renewed meanwhile stays.
+    #[tokio::test(start_paused = true)]
+    async fn sweeper_expires_unrenewed_servers() {
+        let lease = Duration::from_secs(10);
+        let mut cfg = Config::new(vec![]);
+        cfg.lease = lease;
+        let shared = Arc::new(Shared::new(cfg, TaskTracker::new()));
+        let token = CancellationToken::new();
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let h = Handle::new("leased").unwrap();
+        let mut outs = Vec::new();
+        {
+            let mut hub = shared.hub();
+            for c in 1..=3 {
+                let (tx, rx) = mpsc::channel(64);
+                hub.reg.connect(c);
+                hub.servers.connect(c);
+                hub.outboxes.insert(
+                    c,
+                    Outbox {
+                        tx,
+                        kill: CancellationToken::new(),
+                        peer,
+                    },
+                );
+                outs.push(rx);
+            }
+        }
+        let server = Entry {
+            receiver: ReceiverId([8; 16]),
+            ..entry()
+        };
+        handle(
+            &shared,
+            3,
+            peer,
+            req(1, Op::WatchServers { handle: h.clone() }),
+        );
+        let op = Op::RegisterServer {
+            handle: h.clone(),
+            entry: server.clone(),
+            lease_ms: 0,
+        };
+        handle(&shared, 1, peer, req(1, op));
+        let op = Op::Register {
+            handle: h.clone(),
+            entry: entry(),
+            lease_ms: 0,
+        };
+        handle(&shared, 2, peer, req(1, op));
+        assert!(matches!(
+            outs[2].try_recv().unwrap(),
+            Response::Reply { .. }
+        ));
+        assert!(matches!(
+            outs[2].try_recv().unwrap(),
+            Response::ServerAdded { .. }
+        ));
+        let sweeper = tokio::spawn(sweep_leases(shared.clone(), token.clone()));
+        // Only the receiver's connection renews.
+        for i in 0..5 {
+            tokio::time::sleep(lease / 4).await;
+            handle(&shared, 2, peer, req(10 + i, Op::KeepAlive));
+        }
+        assert_eq!(
+            outs[2].try_recv().unwrap(),
+            Response::ServerRemoved {
+                handle: h.clone(),
+                receiver: server.receiver
+            }
+        );
+        let r = crate::http::Source::report(&*shared);
+        assert_eq!((r.registrations, r.servers), (1, 0));
+        assert_eq!(shared.stats.counters().lease_expiries, 1);
+        token.cancel();
+        sweeper.await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_client_that_does_not_read_is_cut_off() {
         let shared = Arc::new(Shared::new(Config::new(vec![]), TaskTracker::new()));
