@@ -4,7 +4,7 @@
 //!
 //! The same tasks serve calls: [`register`] registers a record of either role (a
 //! server of calls is a record with [`Role::Server`]), and [`watch_servers`] is the
-//! client's counterpart of the sender's [`watch`].
+//! client's counterpart of the sender's [`watch()`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -177,7 +177,7 @@ pub(crate) async fn watch(
     watch_role(epm, handle, Role::Receiver, cancel).await
 }
 
-/// Watches the servers of calls of `handle`, as [`watch`] does its receivers: the
+/// Watches the servers of calls of `handle`, as [`watch()`] does its receivers: the
 /// set published holds records with the role [`Role::Server`] only, and never a
 /// receiver. The watch ends when `cancel` fires or every receiver of the set is
 /// dropped.
