@@ -22,7 +22,7 @@ use ipcbus::internals::link::{self, LinkWriter};
 use ipcbus::internals::{
     Acceptor, ByteStream, HandshakeGate, HandshakeSlot, Incoming, Listener, Peer,
 };
-use ipcbus::{Handle, ReceiverId, RejectReason};
+use ipcbus::{Handle, ReceiverId, RejectReason, Role};
 use ipcbus_proto::epm::{Answer, Entry, ErrorCode, Op, Request, Response, Status};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
@@ -291,9 +291,9 @@ impl Hub {
     }
 
     /// Hands a registration made here to the store.
-    fn stored(&self, handle: &Handle, entry: &Entry) {
+    fn stored(&self, handle: &Handle, entry: &Entry, role: Role) {
         if let Some(w) = &self.store {
-            w.put(&entry.to_record(handle));
+            w.put(&entry.to_record(handle).with_role(role));
         }
     }
 
@@ -322,16 +322,21 @@ fn server_notice(n: Notice) -> Notice {
 fn apply_store(shared: &Shared, writer: &StoreWriter, event: StoreEvent) {
     shared.stats.store_event();
     let hub = &mut *shared.hub();
-    let applied = crate::store::apply(&mut hub.reg, event, |l| writer.is_ours(l));
-    hub.stats.store_skipped(applied.skipped.len());
-    for (r, why) in &applied.skipped {
-        tracing::warn!(handle = %r.handle, receiver = %r.receiver, reason = %why, "registration in etcd not taken");
+    let ours = |l| writer.is_ours(l);
+    // Each registry takes the records of its role (see `store`).
+    let applied = crate::store::apply(&mut hub.reg, Role::Receiver, event.clone(), ours);
+    let servers = crate::store::apply(&mut hub.servers, Role::Server, event, ours);
+    hub.stats
+        .store_skipped(applied.skipped.len() + servers.skipped.len());
+    for (r, why) in applied.skipped.iter().chain(&servers.skipped) {
+        tracing::warn!(handle = %r.handle, receiver = %r.receiver, role = r.role.as_str(), reason = %why, "registration in etcd not taken");
     }
-    for r in &applied.reput {
-        tracing::info!(handle = %r.handle, receiver = %r.receiver, "registration missing from etcd; putting it again");
+    for r in applied.reput.iter().chain(&servers.reput) {
+        tracing::info!(handle = %r.handle, receiver = %r.receiver, role = r.role.as_str(), "registration missing from etcd; putting it again");
         writer.put(r);
     }
     hub.deliver(applied.notices);
+    hub.deliver_servers(servers.notices);
 }
 
 /// Applies the store's watch until shutdown.
@@ -422,6 +427,7 @@ async fn sweep_leases(shared: Arc<Shared>, token: CancellationToken) {
         let (server_notices, servers_expired) = hub.servers.expire(now);
         hub.stats.expired(expired.len() + servers_expired.len());
         hub.unstored(gone(&expired));
+        hub.unstored(gone(&servers_expired));
         for e in &expired {
             tracing::info!(handle = %e.handle, endpoint = %e.entry.endpoint, receiver = %e.entry.receiver, "registration expired: lease not renewed");
         }
@@ -507,6 +513,7 @@ async fn serve(
         hub.unstored(gone(&removed));
         hub.deliver(notices);
         let (notices, servers_removed) = hub.servers.disconnect(conn);
+        hub.unstored(gone(&servers_removed));
         hub.deliver_servers(notices);
         (removed, servers_removed)
     };
@@ -567,7 +574,7 @@ fn handle(shared: &Shared, conn: ConnId, peer: SocketAddr, req: Request) {
                         tracing::info!(%peer, %handle, %endpoint, %receiver, "registered");
                     }
                     if let Some(e) = for_store.filter(|_| store) {
-                        hub.stored(&handle, &e);
+                        hub.stored(&handle, &e, Role::Receiver);
                     }
                     hub.deliver(notices);
                     shared.expiry_changed.notify_one();
@@ -591,6 +598,7 @@ fn handle(shared: &Shared, conn: ConnId, peer: SocketAddr, req: Request) {
         } => {
             let endpoint = entry.endpoint;
             let server = entry.receiver;
+            let for_store = hub.store.is_some().then(|| entry.clone());
             match hub
                 .servers
                 .register(conn, handle.clone(), entry, lease_ms, now)
@@ -598,11 +606,14 @@ fn handle(shared: &Shared, conn: ConnId, peer: SocketAddr, req: Request) {
                 Ok(Registered {
                     lease,
                     changed,
+                    store,
                     notices,
-                    ..
                 }) => {
                     if changed {
                         tracing::info!(%peer, %handle, %endpoint, %server, "server registered");
+                    }
+                    if let Some(e) = for_store.filter(|_| store) {
+                        hub.stored(&handle, &e, Role::Server);
                     }
                     hub.deliver_servers(notices);
                     shared.expiry_changed.notify_one();
@@ -631,6 +642,7 @@ fn handle(shared: &Shared, conn: ConnId, peer: SocketAddr, req: Request) {
             Err(r) => match hub.servers.unregister(conn, &handle, receiver) {
                 Ok(notices) => {
                     tracing::info!(%peer, %handle, server = %receiver, "server unregistered");
+                    hub.unstored([(&handle, receiver)]);
                     hub.deliver_servers(notices);
                     Answer::Done
                 }
