@@ -1036,3 +1036,61 @@ fn lan_across_network_namespaces() {
     drop(svc);
     drop(lab);
 }
+
+/// A server of calls and a receiver of events under one handle, both through the EPM:
+/// the client reaches only the server, the sender only the receiver.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_and_events_through_the_epm_reach_only_their_own_kind() {
+    let (_svc, addr) = Service::start(&["--bind", "127.0.0.1:0"]);
+    let epm = Epm::connect(addr.to_string()).await.unwrap();
+    let mut rx = Receiver::builder(h("both"))
+        .epm(epm.clone())
+        .bind()
+        .await
+        .unwrap();
+    let server = ipcbus::Server::builder(h("both"))
+        .discovery(ipcbus::Discovery::Epm(epm.clone()))
+        .bind()
+        .await
+        .unwrap();
+    let server_id = server.id();
+    tokio::spawn(server.serve(
+        |req| async move {
+            let mut body = b"echo ".to_vec();
+            body.extend_from_slice(req.body());
+            let _ = req.reply_bytes(body);
+        },
+        4,
+    ));
+    let servers = epm.lookup_servers(&h("both")).await.unwrap();
+    assert_eq!(servers.len(), 1);
+    assert_eq!(servers[0].receiver, server_id);
+    assert_eq!(epm.lookup(&h("both")).await.unwrap().len(), 1, "receivers");
+
+    let client = ipcbus::Client::builder(h("both"))
+        .discovery(ipcbus::Discovery::Epm(epm.clone()))
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(client.wait_for_servers(1, T).await, 1);
+    let reply = client.call_bytes("hi").timeout(T).await.unwrap();
+    assert_eq!(&reply.body()[..], b"echo hi");
+    assert_eq!(client.servers()[0].id, server_id);
+
+    let mut tx = Sender::builder(h("both"))
+        .epm(epm.clone())
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(tx.wait_for_receivers(1, T).await, 1);
+    let receivers = tx.receivers();
+    assert_eq!(receivers.len(), 1);
+    assert_eq!(receivers[0].id, rx.id(), "the sender sees the receiver only");
+    let pending = tx.publish_bytes("event").await.unwrap();
+    let m = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+    assert_eq!(&m.payload()[..], b"event");
+    assert_eq!(pending.await.acked.len(), 1);
+    tx.close().await;
+    client.close().await;
+    rx.close().await;
+}

@@ -27,7 +27,6 @@ use super::{
     ServerInfo, Service, DEFAULT_TIMEOUT,
 };
 use crate::discovery::Discovery;
-use crate::epm::EpmError;
 use crate::handshake::{self, HandshakeError};
 use crate::registry::{LocalRegistry, Record};
 use crate::security::{Resolved, Security};
@@ -190,8 +189,9 @@ impl ClientBuilder {
     /// for a server: a call with none registered fails with [`CallError::NoServers`].
     ///
     /// # Errors
-    /// [`BuildError`] when discovery or security cannot be set up; with the EPM as
-    /// discovery, a [`BuildError::Epm`] until the EPM registers servers.
+    /// [`BuildError`] when discovery or security cannot be set up (with the EPM as
+    /// discovery, [`EpmError::ServersUnsupported`](crate::EpmError::ServersUnsupported) from an
+    /// endpoint manager older than call servers).
     pub async fn build(self) -> Result<Client, BuildError> {
         let discovery = match self.discovery.clone() {
             Some(d) => d,
@@ -259,7 +259,16 @@ impl ClientBuilder {
                     shared.apply(records.borrow().to_vec());
                     tokio::spawn(follow(Arc::downgrade(&shared), shutdown.clone(), records));
                 }
-                Discovery::Epm(_) => return Err(epm_servers_unsupported()),
+                Discovery::Epm(epm) => {
+                    let records = crate::epm::session::watch_servers(
+                        epm,
+                        self.handle.clone(),
+                        shutdown.child_token(),
+                    )
+                    .await?;
+                    shared.apply(records.borrow().to_vec());
+                    tokio::spawn(follow(Arc::downgrade(&shared), shutdown.clone(), records));
+                }
             }
         }
         Ok(Client {
@@ -269,17 +278,6 @@ impl ClientBuilder {
             }),
         })
     }
-}
-
-/// Discovery of servers at the EPM: not there yet (the EPM does not carry the role
-/// of registrations); the hook to fill when it does.
-fn epm_servers_unsupported() -> BuildError {
-    BuildError::Epm(EpmError::Refused {
-        code: ipcbus_proto::epm::ErrorCode::Invalid,
-        text: "clients cannot discover call servers at the epm yet: use the local registry, \
-               etcd or known endpoints"
-            .into(),
-    })
 }
 
 /// A record for a server given by endpoint, with an id derived from the endpoint.

@@ -185,8 +185,6 @@ pub(crate) async fn watch(
 /// # Errors
 /// [`EpmError`] of the first watch: unreachable EPM, wrong password, and
 /// [`EpmError::ServersUnsupported`] when the EPM predates servers.
-// Used by `call::Client` (wired in when calls are merged) and the tests below.
-#[allow(dead_code)]
 pub(crate) async fn watch_servers(
     epm: Epm,
     handle: Handle,
