@@ -159,7 +159,12 @@ impl RemoteError {
         message: impl Into<String>,
         value: &E,
     ) -> Result<RemoteError, PayloadError> {
-        todo!()
+        let detail = postcard::to_stdvec(value)?;
+        Ok(RemoteError {
+            code: Code::Application,
+            message: message.into(),
+            detail: Bytes::from(detail),
+        })
     }
 
     /// Decodes the detail of an application error as an `E` (postcard).
@@ -167,18 +172,30 @@ impl RemoteError {
     /// # Errors
     /// [`PayloadError`] when the detail is not an `E`.
     pub fn decode_detail<E: DeserializeOwned>(&self) -> Result<E, PayloadError> {
-        todo!()
+        Ok(postcard::from_bytes(&self.detail)?)
     }
 
     /// The answer to a call of a method the contract does not have: a contract
     /// mismatch naming `contract` as the server's.
     pub fn unknown_method(contract: &Contract, method: &str) -> RemoteError {
-        todo!()
+        RemoteError {
+            code: Code::UnknownMethod,
+            message: format!("{contract} has no method {method:?}"),
+            detail: ipcbus_proto::call::ContractDetail {
+                contract: contract.name().to_owned(),
+                version: contract.version(),
+            }
+            .to_bytes(),
+        }
     }
 
     /// The answer to a request whose arguments do not decode.
     pub fn bad_request(err: impl fmt::Display) -> RemoteError {
-        todo!()
+        RemoteError {
+            code: Code::BadRequest,
+            message: format!("arguments do not decode: {err}"),
+            detail: Bytes::new(),
+        }
     }
 }
 
