@@ -10,7 +10,6 @@
 //! read from its first bytes.
 
 use std::fmt::Debug;
-use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,39 +36,37 @@ pub fn call<C: Caller, A: Serialize + ?Sized>(
 
 /// The outcome of a call of a method returning `Result<T, E>`: the reply decoded as
 /// `T`, an application error decoded as `E`, or the failure of the call.
-pub fn fallible<T, E>(
+pub async fn fallible<T, E>(
     call: BoxFuture<'static, Result<Bytes, CallError>>,
-) -> impl Future<Output = Result<T, ServiceError<E>>> + Send + 'static
+) -> Result<T, ServiceError<E>>
 where
     T: DeserializeOwned + Send + 'static,
     E: DeserializeOwned + Send + 'static,
 {
-    async move {
-        match call.await {
-            Ok(body) => decode_reply(&body).map_err(ServiceError::Call),
-            Err(CallError::Remote(err)) if err.code == RemoteCode::Application => {
-                match decode_exact::<E>(&err.detail) {
-                    Ok(e) => Err(ServiceError::App(e)),
-                    Err(why) => Err(ServiceError::Call(CallError::Decode(format!(
-                        "application error {:?} whose detail is not a {}: {why}",
-                        err.message,
-                        std::any::type_name::<E>()
-                    )))),
-                }
+    match call.await {
+        Ok(body) => decode_reply(&body).map_err(ServiceError::Call),
+        Err(CallError::Remote(err)) if err.code == RemoteCode::Application => {
+            match decode_exact::<E>(&err.detail) {
+                Ok(e) => Err(ServiceError::App(e)),
+                Err(why) => Err(ServiceError::Call(CallError::Decode(format!(
+                    "application error {:?} whose detail is not a {}: {why}",
+                    err.message,
+                    std::any::type_name::<E>()
+                )))),
             }
-            Err(e) => Err(ServiceError::Call(e)),
         }
+        Err(e) => Err(ServiceError::Call(e)),
     }
 }
 
 /// The outcome of a call of a method returning a plain `T`.
-pub fn infallible<T>(
+pub async fn infallible<T>(
     call: BoxFuture<'static, Result<Bytes, CallError>>,
-) -> impl Future<Output = Result<T, CallError>> + Send + 'static
+) -> Result<T, CallError>
 where
     T: DeserializeOwned + Send + 'static,
 {
-    async move { decode_reply(&call.await?) }
+    decode_reply(&call.await?)
 }
 
 /// Decodes a request's arguments; [`RemoteError::bad_request`] when they are not an

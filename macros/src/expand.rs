@@ -7,7 +7,7 @@ use syn::ext::IdentExt;
 use syn::{Ident, Path};
 
 use crate::args::{lit, Args};
-use crate::model::{Output, Service};
+use crate::model::Service;
 
 /// Everything `#[service(args)]` on `service` expands to.
 pub(crate) fn expand(args: &Args, service: &Service) -> TokenStream {
@@ -27,12 +27,13 @@ pub(crate) fn expand(args: &Args, service: &Service) -> TokenStream {
         let wire = lit(&m.wire);
         let names: Vec<&Ident> = m.args.iter().map(|(n, _)| n).collect();
         let types = m.args.iter().map(|(_, t)| t);
-        let (output, finish) = match &m.output {
-            Output::Plain(t) => (
+        let t = &m.output.ok;
+        let (output, finish) = match &m.output.err {
+            None => (
                 quote!(::core::result::Result<#t, ::ipcbus::CallError>),
                 quote!(::ipcbus::__private::infallible::<#t>),
             ),
-            Output::Fallible(t, e) => (
+            Some(e) => (
                 quote!(::core::result::Result<#t, ::ipcbus::ServiceError<#e>>),
                 quote!(::ipcbus::__private::fallible::<#t, #e>),
             ),
@@ -62,9 +63,9 @@ pub(crate) fn expand(args: &Args, service: &Service) -> TokenStream {
         let vars: Vec<Ident> = (0..m.args.len())
             .map(|i| Ident::new(&format!("__ipcbus_arg{i}"), Span::mixed_site()))
             .collect();
-        let reply = match &m.output {
-            Output::Plain(_) => quote!(::ipcbus::__private::reply(&__ipcbus_out)),
-            Output::Fallible(..) => quote!(::ipcbus::__private::reply_fallible(__ipcbus_out)),
+        let reply = match &m.output.err {
+            None => quote!(::ipcbus::__private::reply(&__ipcbus_out)),
+            Some(_) => quote!(::ipcbus::__private::reply_fallible(__ipcbus_out)),
         };
         quote! {
             #wire => {

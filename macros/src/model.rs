@@ -46,12 +46,13 @@ pub(crate) struct Method {
     pub(crate) output: Output,
 }
 
-/// What a method returns.
-pub(crate) enum Output {
-    /// A plain value (`()` when nothing is written).
-    Plain(Type),
-    /// `Result<T, E>`: the ok and error types.
-    Fallible(Type, Type),
+/// What a method returns: a value (`()` when nothing is written), or for
+/// `Result<T, E>`, `T` and the error type `E`.
+pub(crate) struct Output {
+    /// The value, or `T`.
+    pub(crate) ok: Type,
+    /// `E` of a `Result<T, E>`.
+    pub(crate) err: Option<Type>,
 }
 
 impl Service {
@@ -203,14 +204,20 @@ impl Method {
             }
         }
         let output = match &sig.output {
-            ReturnType::Default => Output::Plain(parse_quote!(())),
+            ReturnType::Default => Output {
+                ok: parse_quote!(()),
+                err: None,
+            },
             ReturnType::Type(_, ty) => {
                 if let Err(e) = check_type(ty, "the result") {
                     errors.push(e);
                 }
                 match result_types(ty) {
-                    Some((ok, err)) => Output::Fallible(ok, err),
-                    None => Output::Plain((**ty).clone()),
+                    Some((ok, err)) => Output { ok, err: Some(err) },
+                    None => Output {
+                        ok: (**ty).clone(),
+                        err: None,
+                    },
                 }
             }
         };
