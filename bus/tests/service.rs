@@ -311,7 +311,7 @@ async fn an_unknown_method_is_answered_unknown_method() {
         .unwrap_err();
     match err {
         CallError::Remote(e) => {
-            assert_eq!(e.code, RemoteCode::UnknownMethod);
+            assert_eq!(e.code, RemoteCode::ContractMismatch);
             assert!(e.message.contains("\"mul\""), "{e}");
             assert!(e.message.contains("Calc v2"), "{e}");
         }

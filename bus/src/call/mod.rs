@@ -159,7 +159,7 @@ impl RemoteError {
         message: impl Into<String>,
         value: &E,
     ) -> Result<RemoteError, PayloadError> {
-        let detail = postcard::to_stdvec(value)?;
+        let detail = postcard::to_allocvec(value).map_err(PayloadError::from)?;
         Ok(RemoteError {
             code: Code::Application,
             message: message.into(),
@@ -179,7 +179,7 @@ impl RemoteError {
     /// mismatch naming `contract` as the server's.
     pub fn unknown_method(contract: &Contract, method: &str) -> RemoteError {
         RemoteError {
-            code: Code::UnknownMethod,
+            code: Code::ContractMismatch,
             message: format!("{contract} has no method {method:?}"),
             detail: ipcbus_proto::call::ContractDetail {
                 contract: contract.name().to_owned(),
@@ -193,7 +193,7 @@ impl RemoteError {
     pub fn bad_request(err: impl fmt::Display) -> RemoteError {
         RemoteError {
             code: Code::BadRequest,
-            message: format!("arguments do not decode: {err}"),
+            message: format!("the arguments do not decode: {err}"),
             detail: Bytes::new(),
         }
     }
