@@ -106,6 +106,24 @@ pub trait Chat {
     async fn say(&self, text: String) -> usize;
 }
 
+/// A service without methods (every call is an unknown method).
+#[ipcbus::service(name = "empty")]
+pub trait Empty {}
+
+mod events {
+    /// A callback trait in another module.
+    #[ipcbus::service]
+    pub trait Ticks {
+        async fn tick(&self, n: u64);
+    }
+}
+
+/// Its callback named by path.
+#[ipcbus::service(callback = events::Ticks)]
+pub trait Clock {
+    async fn start(&self) -> Result<(), String>;
+}
+
 type Dispatch = dyn Fn(&str, Bytes) -> BoxFuture<'static, Result<Bytes, RemoteError>> + Send + Sync;
 
 /// A `Caller` that runs each call on a server in this process: checks the contract
@@ -437,4 +455,15 @@ fn generated_types_are_debug_and_clone() {
     let s2 = server.clone();
     assert!(Arc::ptr_eq(server.implementation(), s2.implementation()));
     assert_eq!(format!("{server:?}"), "CalcServer { .. }");
+}
+
+#[tokio::test]
+async fn a_service_without_methods_answers_every_call_unknown_method() {
+    struct Nothing;
+    impl Empty for Nothing {}
+    let server = EmptyServer::new(Nothing);
+    let err = server.dispatch("x", Bytes::new()).await.unwrap_err();
+    assert_eq!(err.code, RemoteCode::ContractMismatch);
+    let f: fn(&Peer) -> events::TicksClient<Peer> = clock_callback;
+    let _ = f;
 }

@@ -249,6 +249,7 @@ pub(crate) fn expand(args: &Args, service: &Service) -> TokenStream {
             /// [`Service::call`](ipcbus::Service::call) does, usable without a
             /// connection (in-process calls, tests). Inside a method,
             /// `ipcbus::Peer::current()` is the caller only when the runtime runs it.
+            #[allow(unused_variables)] // `body`, in a service without methods
             pub fn dispatch(
                 &self,
                 method: &str,
