@@ -105,7 +105,7 @@ pub use transport::{Endpoint, EndpointError, Transport, UnixBindError, MAX_UNIX_
 /// under a contract (name, version, aliases). A method's `Err(e)` arrives on the
 /// client as `ServiceError::App(e)`.
 ///
-/// ```no_run
+/// ```
 /// use std::sync::atomic::{AtomicU64, Ordering};
 /// use std::time::Duration;
 ///
@@ -165,7 +165,7 @@ pub use transport::{Endpoint, EndpointError, Transport, UnixBindError, MAX_UNIX_
 /// One implementation per connection (`service_factory`), and a callback trait the
 /// server calls back into the client with:
 ///
-/// ```no_run
+/// ```
 /// use std::sync::atomic::{AtomicU32, Ordering};
 /// use std::time::Duration;
 ///
