@@ -96,9 +96,12 @@ mod model;
 /// `CalcServer::from_arc(arc)`): give it to `ServerBuilder::service`, or make one per
 /// connection with `ServerBuilder::service_factory(|peer| CalcServer::new(MyCalc::new(peer.clone())))`
 /// (the instance lives as long as the connection). It dispatches on the method name;
-/// arguments that do not decode are answered `RemoteError::bad_request`, an unknown
-/// method `RemoteError::unknown_method`. A panicking method is answered by the runtime
-/// as `RemoteCode::Panicked` and the server goes on.
+/// arguments that do not decode are answered `RemoteError::bad_request` (the client
+/// sees `CallError::Remote` with code `BadRequest`), an unknown method
+/// `RemoteError::unknown_method` (the client sees `CallError::ContractMismatch`). A
+/// panicking method is answered by the runtime as `RemoteCode::Panicked` and the
+/// server goes on. `CalcServer::dispatch(method, body)` runs a call without a
+/// connection (in-process, tests); `implementation()` is the `Arc` it holds.
 ///
 /// # Callbacks
 /// With `callback = CalcEvents`, `CalcEvents` is another `#[ipcbus::service]` trait
@@ -106,9 +109,13 @@ mod model;
 /// (`CalcClient::connect_with_callback(handle, my_events)`); inside a `Calc` method the
 /// server reaches the client that called with `calc_callback(&peer)` (a function named
 /// after the service trait, `<trait in snake case>_callback`), a
-/// `CalcEventsClient<Peer>`, where `peer` is `Peer::current()`. Every callback method
-/// is a call with a reply (none is sent as a one-way notification), valid while the
-/// connection lives.
+/// `CalcEventsClient<Peer>`, where `peer` is `Peer::current()` (the caller of the
+/// call being served) or the peer a `service_factory` instance was made for. Every
+/// callback method is a call with a reply, also those returning `()` (none is sent as
+/// a one-way notification: the server learns that the client took it), valid while
+/// the connection lives; once it is gone, callback calls fail with a `CallError`.
+/// Without a callback service the client gets the server's calls on
+/// `Client::incoming` (untyped).
 ///
 /// # On the wire
 /// The request's contract is the name and version above, its method the method's
