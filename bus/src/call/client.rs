@@ -27,7 +27,6 @@ use super::{
     ServerInfo, Service, DEFAULT_TIMEOUT,
 };
 use crate::discovery::Discovery;
-use crate::epm::EpmError;
 use crate::handshake::{self, HandshakeError};
 use crate::registry::{LocalRegistry, Record};
 use crate::security::{Resolved, Security};
@@ -195,8 +194,9 @@ impl ClientBuilder {
     /// for a server: a call with none registered fails with [`CallError::NoServers`].
     ///
     /// # Errors
-    /// [`BuildError`] when discovery or security cannot be set up; with the EPM as
-    /// discovery, a [`BuildError::Epm`] until the EPM registers servers.
+    /// [`BuildError`] when discovery or security cannot be set up (with the EPM as
+    /// discovery, [`EpmError::ServersUnsupported`](crate::EpmError::ServersUnsupported) from an
+    /// endpoint manager older than call servers).
     pub async fn build(self) -> Result<Client, BuildError> {
         let discovery = match self.discovery.clone() {
             Some(d) => d,
@@ -265,9 +265,12 @@ impl ClientBuilder {
                     tokio::spawn(follow(Arc::downgrade(&shared), shutdown.clone(), records));
                 }
                 Discovery::Epm(epm) => {
-                    let records =
-                        epm_server_records(epm, self.handle.clone(), shutdown.child_token())
-                            .await?;
+                    let records = crate::epm::session::watch_servers(
+                        epm,
+                        self.handle.clone(),
+                        shutdown.child_token(),
+                    )
+                    .await?;
                     shared.apply(records.borrow().to_vec());
                     tokio::spawn(follow(Arc::downgrade(&shared), shutdown.clone(), records));
                 }
@@ -280,24 +283,6 @@ impl ClientBuilder {
             }),
         })
     }
-}
-
-/// The hook for discovering servers at the EPM: a watch on the handle's
-/// registrations (the client keeps those with the role "server"). Not there yet: the
-/// EPM does not carry the role of registrations. When it does, this is
-/// `crate::epm::session::watch(epm, handle, cancel).await` (or its server-role
-/// variant).
-async fn epm_server_records(
-    _epm: crate::epm::Epm,
-    _handle: Handle,
-    _cancel: CancellationToken,
-) -> Result<watch::Receiver<crate::epm::session::RecordSet>, BuildError> {
-    Err(BuildError::Epm(EpmError::Refused {
-        code: ipcbus_proto::epm::ErrorCode::Invalid,
-        text: "clients cannot discover call servers at the epm yet: use the local registry, \
-               etcd or known endpoints"
-            .into(),
-    }))
 }
 
 /// A record for a server given by endpoint, with an id derived from the endpoint.

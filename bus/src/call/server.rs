@@ -19,7 +19,6 @@ use tokio_util::task::TaskTracker;
 use super::conn::{self, Handler, Target};
 use super::{Peer, RemoteError, Request, Service, CURRENT_PEER};
 use crate::discovery::{Announcement, Discovery};
-use crate::epm::EpmError;
 use crate::gate::{Acceptor, HandshakeGate, HandshakeSlot, Incoming};
 use crate::handshake;
 use crate::receiver::{BindError, Receiver, ReceiverBuilder};
@@ -179,11 +178,11 @@ impl ServerBuilder {
     /// Binds, registers, and starts accepting calls.
     ///
     /// # Errors
-    /// [`BindError`], as for a receiver; with the EPM as discovery, a
-    /// [`BindError::Epm`] until the EPM registers servers.
+    /// [`BindError`], as for a receiver (with the EPM as discovery,
+    /// [`EpmError::ServersUnsupported`](crate::EpmError::ServersUnsupported) from an endpoint manager
+    /// older than call servers).
     pub async fn bind(self) -> Result<Server, BindError> {
         let l = self.listen.listen().await?;
-        server_discovery_supported(&l.discovery)?;
         let (max_frame, handshake_timeout, max_connections) = self.listen.limits();
         let (tx, rx) = mpsc::channel(self.max_in_flight);
         let shutdown = CancellationToken::new();
@@ -238,20 +237,6 @@ impl ServerBuilder {
             global,
             max_in_flight: self.max_in_flight,
         })
-    }
-}
-
-/// Whether servers can register in `discovery`. The EPM does not carry the role of a
-/// registration yet: a server registered there would be taken for a receiver by
-/// senders. The hook to fill when the EPM learns server registrations.
-fn server_discovery_supported(discovery: &Discovery) -> Result<(), BindError> {
-    match discovery {
-        Discovery::Epm(_) => Err(BindError::Epm(EpmError::Refused {
-            code: ipcbus_proto::epm::ErrorCode::Invalid,
-            text: "call servers cannot register at the epm yet: use the local registry or etcd"
-                .into(),
-        })),
-        _ => Ok(()),
     }
 }
 
