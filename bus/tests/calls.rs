@@ -806,7 +806,9 @@ async fn per_connection_instances_and_current_peer() {
 async fn many_clients_two_servers_then_close() {
     let tmp = Tmp::new("many");
     let mut servers = Vec::new();
+    let slow_started = Arc::new(AtomicUsize::new(0));
     for _ in 0..2 {
+        let started = slow_started.clone();
         let mut s = echo_server(&tmp, "many", Transport::Unix, Security::LocalUser).await;
         let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -814,8 +816,10 @@ async fn many_clients_two_servers_then_close() {
                 tokio::select! {
                     r = s.next_request() => match r {
                         Some(r) => {
+                            let started = started.clone();
                             tokio::spawn(async move {
                                 if &r.body()[..] == b"slow" {
+                                    started.fetch_add(1, Ordering::SeqCst);
                                     tokio::time::sleep(Duration::from_millis(300)).await;
                                 }
                                 let b = r.body().clone();
@@ -852,7 +856,8 @@ async fn many_clients_two_servers_then_close() {
     // A call running when its server closes still gets its reply.
     let c = clients.pop().unwrap();
     let slow = tokio::spawn(IntoFuture::into_future(c.call_bytes("slow")));
-    wait_until(|| c.in_flight() == 1).await;
+    // Running: taken by the server's handler.
+    wait_until(|| slow_started.load(Ordering::SeqCst) == 1).await;
     let (stop, task) = servers.pop().unwrap();
     let (stop2, task2) = servers.pop().unwrap();
     let _ = stop.send(());
