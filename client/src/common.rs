@@ -30,8 +30,9 @@ Environment:
   RUST_LOG               log level on stderr (error, warn, info, debug)
   NO_COLOR               set and not empty: no colours in logs (they are only used on a terminal)
 
-Exit status: 0 success, 1 the work failed (an event not acknowledged, a receiver
-that cannot bind, an unreachable EPM or etcd), 2 usage or configuration error.";
+Exit status: 0 success, 1 the work failed (an event not acknowledged, a failed call,
+a receiver that cannot bind, an unreachable EPM or etcd), 2 usage or configuration
+error.";
 
 /// Options of every command (before or after the command name).
 #[derive(Args, Debug, Clone, Default)]
