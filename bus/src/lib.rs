@@ -28,6 +28,8 @@
 //! - `sender` / `receiver`: the async layer — connections, writer tasks, discovery.
 //! - `stats`: [`SenderStats`] and [`ReceiverStats`], the counters of
 //!   [`Sender::stats`] and [`Receiver::stats`], with the reason kinds they count by.
+//! - `etcd::store` (with `internals`): what `epm-service --store etcd://...` uses to
+//!   keep its registrations in etcd and follow everyone else's.
 //! - `gate`: admission of half-open connections (oldest evicted when full), shared by
 //!   receivers and the endpoint manager (which reaches it, and the EPM link, through
 //!   the `internals` feature).
@@ -105,6 +107,10 @@ pub use transport::{Endpoint, EndpointError, Transport, UnixBindError, MAX_UNIX_
 #[doc(hidden)]
 pub mod internals {
     pub use crate::epm::link;
+    /// etcd as the EPM's store (`epm-service --store etcd://...`).
+    pub mod etcd_store {
+        pub use crate::etcd::store::{watch_store, StoreEvent, StoreWriter};
+    }
     pub use crate::gate::{Acceptor, HandshakeGate, HandshakeSlot, Incoming};
     pub use crate::transport::{ByteStream, Listener, Peer};
 }

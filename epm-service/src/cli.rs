@@ -24,10 +24,21 @@ Environment:
                   a file holding the password (its first line)
   IPCBUS_EPM_SALT, IPCBUS_SALT
                   the salt, like {0x01,0x02,0x03} or 010203
+  IPCBUS_EPM_STORE
+                  as --store: memory, or etcd://HOST[:PORT][,HOST[:PORT]...]
+  IPCBUS_ETCD_CA  with an https:// store, the PEM file of the CA etcd's
+                  certificates are signed by
   RUST_LOG        log filter, like info (the default), debug or ipcbus_epm=debug
   NO_COLOR        when set and not empty, the log has no colours (it has them only
                   when stderr is a terminal)
 The command line wins over the environment, which wins over --config.
+
+Several EPMs, one view (--store etcd://HOST:2379[,HOST2:2379]):
+  Every registration made here is also put in etcd (the same key and record as a
+  receiver registering in etcd directly, under a lease this EPM keeps alive), and
+  every EPM on that etcd watches it: a receiver registered at one is found at all.
+  etcd down at start: exit 1. etcd lost later: the current view is kept, and the
+  writes and the watch resume by themselves.
 
 Monitoring (--http ADDR, off by default):
   GET /status     JSON: counts, limits, counters, handles and their receivers
@@ -38,7 +49,8 @@ Monitoring (--http ADDR, off by default):
 
 Exit status:
   0  stopped by SIGTERM or SIGINT
-  1  failure while running, such as no address to listen on (port in use)
+  1  failure while running, such as no address to listen on (port in use) or an
+     etcd store that does not answer at start
   2  configuration error: command line, config file, password file or salt";
 
 /// Runs the service as the `epm-service` binary does; returns its exit code.
@@ -103,6 +115,16 @@ fn start(args: Args) -> Result<(), Failure> {
     rt.block_on(async {
         // Catch the signals before anyone can see `listening on`.
         let shutdown = shutdown_signal().context("cannot watch SIGTERM and SIGINT")?;
+        // An etcd store is connected and read before anything listens: an EPM that
+        // cannot reach it would serve a view that is silently partial.
+        let store = match &config.store {
+            crate::config::Store::Memory => None,
+            crate::config::Store::Etcd(etcd) => Some(
+                crate::store::EtcdStore::connect(etcd.clone())
+                    .await
+                    .context("cannot use the etcd store")?,
+            ),
+        };
         // The error names each address and why it failed.
         let listeners = crate::server::bind_all(&config.binds)?;
         let http = match &config.http {
@@ -115,7 +137,7 @@ fn start(args: Args) -> Result<(), Failure> {
                 Some(l)
             }
         };
-        crate::server::run_with_http(listeners, http, config, shutdown).await;
+        crate::server::serve_with_store(listeners, http, store, config, shutdown).await;
         Ok(())
     })
     .map_err(Failure::Runtime)

@@ -88,6 +88,79 @@ pub struct Args {
     /// `Authorization: Bearer TOKEN`.
     #[arg(long, value_name = "FILE")]
     pub http_token_file: Option<PathBuf>,
+    /// Where registrations are kept: `memory` (this EPM alone), or
+    /// `etcd://HOST[:PORT][,HOST[:PORT]...]` (or `http://` / `https://` URLs) to share
+    /// them with every EPM using that etcd [default: memory].
+    #[arg(long, value_name = "STORE")]
+    pub store: Option<String>,
+    /// Key prefix in etcd, as receivers and senders using etcd directly have it
+    /// [default: /ipcbus/].
+    #[arg(long, value_name = "PREFIX")]
+    pub etcd_prefix: Option<String>,
+}
+
+/// Where the registrations are kept (`--store`).
+#[derive(Debug, Clone, Default)]
+pub enum Store {
+    /// In this process only (the default).
+    #[default]
+    Memory,
+    /// In etcd, shared with every EPM using the same cluster and prefix; each EPM
+    /// also keeps the whole view in memory and follows etcd's changes.
+    Etcd(ipcbus::Etcd),
+}
+
+impl Store {
+    /// Parses `memory`, or `etcd://HOST[:PORT][,HOST[:PORT]...]` (a later item may
+    /// repeat `etcd://`; `http://` and `https://` URLs are taken as they are), with
+    /// the key `prefix`.
+    ///
+    /// # Errors
+    /// [`ConfigError::BadStore`] naming what is wrong.
+    pub fn parse(spec: &str, prefix: Option<&str>) -> Result<Store, ConfigError> {
+        let t = spec.trim();
+        if t == "memory" {
+            return Ok(Store::Memory);
+        }
+        let bad = |why: String| ConfigError::BadStore {
+            spec: spec.to_owned(),
+            why,
+        };
+        let first = t.split(',').next().unwrap_or_default().trim();
+        if !["etcd://", "http://", "https://"]
+            .iter()
+            .any(|s| first.starts_with(s))
+        {
+            return Err(bad(
+                "write memory or etcd://HOST[:PORT][,HOST[:PORT]...]".to_owned()
+            ));
+        }
+        let urls: Vec<String> = t
+            .split(',')
+            .map(|item| {
+                let item = item.trim();
+                match item.strip_prefix("etcd://") {
+                    Some(rest) => format!("http://{rest}"),
+                    None if item.contains("://") || item.is_empty() => item.to_owned(),
+                    None => format!("http://{item}"),
+                }
+            })
+            .collect();
+        let mut b = ipcbus::Etcd::parse(&urls.join(",")).map_err(|e| bad(e.to_string()))?;
+        if let Some(p) = prefix {
+            b = b.prefix(p);
+        }
+        Ok(Store::Etcd(b.build()))
+    }
+}
+
+impl std::fmt::Display for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Store::Memory => f.write_str("memory"),
+            Store::Etcd(e) => write!(f, "etcd {} prefix {}", e.endpoints().join(","), e.prefix()),
+        }
+    }
 }
 
 /// The limits that keep the service's memory bounded. Serialized (in `/status`) with
@@ -140,6 +213,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// The HTTP monitoring endpoint, when `--http` is given.
     pub http: Option<HttpConfig>,
+    /// Where registrations are kept.
+    pub store: Store,
     /// Things the operator should hear about (password on the command line, open
     /// network bind without password); logged at start.
     pub warnings: Vec<String>,
@@ -165,6 +240,7 @@ impl Config {
             limits: Limits::default(),
             handshake_timeout: Duration::from_secs(5),
             http: None,
+            store: Store::Memory,
             warnings: Vec::new(),
         }
     }
@@ -221,6 +297,10 @@ pub struct FileConfig {
     pub http: Option<String>,
     /// As `--http-token-file`.
     pub http_token_file: Option<PathBuf>,
+    /// As `--store`.
+    pub store: Option<String>,
+    /// As `--etcd-prefix`.
+    pub etcd_prefix: Option<String>,
 }
 
 /// Why the start parameters are not usable.
@@ -274,6 +354,14 @@ pub enum ConfigError {
         path: PathBuf,
         /// What is wrong.
         why: &'static str,
+    },
+    /// `--store` (`IPCBUS_EPM_STORE`, `store`) is not `memory` or etcd endpoints.
+    #[error("store {spec:?}: {why}")]
+    BadStore {
+        /// The value given.
+        spec: String,
+        /// What is wrong.
+        why: String,
     },
     /// A value is out of range.
     #[error("{name}: {why}")]
@@ -486,13 +574,16 @@ impl Config {
                 why: "must be at least 1",
             });
         }
+        let lease = Duration::from_millis(lease_ms);
+        let store = store_config(args, &file, env, lease)?;
         Ok(Config {
             binds,
             key,
-            lease: Duration::from_millis(lease_ms),
+            lease,
             limits,
             handshake_timeout: Duration::from_millis(hs),
             http,
+            store,
             warnings,
         })
     }
@@ -547,6 +638,38 @@ fn http_config(
             token,
         },
     }))
+}
+
+/// The `--store` settings: command line, then `IPCBUS_EPM_STORE`, then the file. The
+/// etcd lease is the registration lease (whole seconds, at least 1 s); an `https://`
+/// store trusts the CA certificate in the file named by `IPCBUS_ETCD_CA`.
+fn store_config(
+    args: &Args,
+    file: &FileConfig,
+    env: EnvFn<'_>,
+    lease: Duration,
+) -> Result<Store, ConfigError> {
+    let from_env = env("IPCBUS_EPM_STORE").map(|v| v.to_string_lossy().into_owned());
+    let prefix = args.etcd_prefix.as_ref().or(file.etcd_prefix.as_ref());
+    let Some(spec) = args.store.clone().or(from_env).or(file.store.clone()) else {
+        return match prefix {
+            Some(_) => Err(ConfigError::BadStore {
+                spec: "memory".to_owned(),
+                why: "--etcd-prefix needs --store etcd://...".to_owned(),
+            }),
+            None => Ok(Store::Memory),
+        };
+    };
+    let Store::Etcd(etcd) = Store::parse(&spec, prefix.map(String::as_str))? else {
+        return Ok(Store::Memory);
+    };
+    let mut b = ipcbus::Etcd::builder(etcd.endpoints().to_vec())
+        .prefix(etcd.prefix())
+        .lease(lease.max(Duration::from_secs(1)));
+    if let Some(ca) = env("IPCBUS_ETCD_CA") {
+        b = b.tls(read_small(Path::new(&ca))?);
+    }
+    Ok(Store::Etcd(b.build()))
 }
 
 fn read_small(path: &Path) -> Result<Vec<u8>, ConfigError> {
@@ -956,6 +1079,81 @@ mod tests {
         for p in [tok, cfg, empty] {
             let _ = std::fs::remove_file(p);
         }
+    }
+
+    #[test]
+    fn store_settings() {
+        assert!(matches!(load(&[]).unwrap().store, Store::Memory));
+        assert!(matches!(
+            load(&["--store", "memory"]).unwrap().store,
+            Store::Memory
+        ));
+        let c = load(&[
+            "--store",
+            "etcd://a:1,b,etcd://[::1]:3",
+            "--lease-ms",
+            "500",
+        ])
+        .unwrap();
+        let Store::Etcd(e) = &c.store else {
+            panic!("{:?}", c.store)
+        };
+        assert_eq!(
+            e.endpoints(),
+            ["http://a:1", "http://b:2379", "http://[::1]:3"]
+        );
+        assert_eq!(e.prefix(), "/ipcbus/");
+        // The etcd lease is whole seconds, at least one.
+        assert_eq!(e.lease(), Duration::from_secs(1));
+        assert_eq!(
+            c.store.to_string(),
+            "etcd http://a:1,http://b:2379,http://[::1]:3 prefix /ipcbus/"
+        );
+        let c = load(&["--store", "http://h:7", "--etcd-prefix", "team"]).unwrap();
+        let Store::Etcd(e) = &c.store else { panic!() };
+        assert_eq!(
+            (e.endpoints()[0].as_str(), e.prefix()),
+            ("http://h:7", "/team/")
+        );
+        // The environment beats the file; the command line beats both.
+        let cfg = tmp(
+            "toml-store",
+            "store = \"etcd://file:1\"\netcd_prefix = \"/f/\"\n",
+        );
+        let env = |n: &str| (n == "IPCBUS_EPM_STORE").then(|| OsString::from("etcd://env:2"));
+        let a = args(&["--config", cfg.to_str().unwrap()]);
+        let Store::Etcd(e) = Config::load(&a, &env).unwrap().store else {
+            panic!()
+        };
+        assert_eq!(
+            (e.endpoints()[0].as_str(), e.prefix()),
+            ("http://env:2", "/f/")
+        );
+        let Store::Etcd(e) = Config::load(&a, &no_env).unwrap().store else {
+            panic!()
+        };
+        assert_eq!(e.endpoints()[0], "http://file:1");
+        let a = args(&["--config", cfg.to_str().unwrap(), "--store", "memory"]);
+        assert!(matches!(
+            Config::load(&a, &env).unwrap().store,
+            Store::Memory
+        ));
+        for bad in [
+            "etcd",
+            "redis://x",
+            "etcd://",
+            "etcd://h:99999",
+            "etcd://a,,b",
+            "h:2379",
+        ] {
+            let e = load(&["--store", bad]).unwrap_err();
+            assert!(matches!(e, ConfigError::BadStore { .. }), "{bad}: {e}");
+        }
+        assert!(matches!(
+            load(&["--etcd-prefix", "x"]),
+            Err(ConfigError::BadStore { .. })
+        ));
+        let _ = std::fs::remove_file(cfg);
     }
 
     #[test]

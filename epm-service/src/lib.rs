@@ -9,6 +9,8 @@
 //!   takes the time as an argument and returns the notices to deliver.
 //! - [`server`]: the async driver: listeners, one task per connection, the lease
 //!   sweeper, graceful shutdown. Entry point [`run`].
+//! - [`store`]: `--store etcd://...`: this EPM's registrations put in etcd, and
+//!   everyone's learned from etcd's watch, so several EPMs serve one view.
 //! - [`monitor`]: the counters and the I/O-free renderings of the service's state
 //!   for the HTTP endpoint: `/status` JSON, `/metrics` text, the `/` page.
 //! - [`http`]: the minimal HTTP/1.1 server of `--http` (GET only, bounded).
@@ -21,7 +23,9 @@ pub mod http;
 pub mod monitor;
 pub mod registry;
 pub mod server;
+pub mod store;
 
-pub use config::{Args, Config, ConfigError, HttpConfig, Limits};
+pub use config::{Args, Config, ConfigError, HttpConfig, Limits, Store};
 pub use registry::Registry;
-pub use server::{bind_all, run, run_with_http};
+pub use server::{bind_all, run, run_with_http, serve_with_store};
+pub use store::EtcdStore;

@@ -137,6 +137,8 @@ pub struct Stats {
     rejected: [AtomicU64; RejectKind::ALL.len()],
     lease_expiries: AtomicU64,
     notifications: AtomicU64,
+    store_events: AtomicU64,
+    store_skipped: AtomicU64,
 }
 
 impl Stats {
@@ -160,6 +162,16 @@ impl Stats {
         self.notifications.fetch_add(n as u64, Ordering::Relaxed);
     }
 
+    /// Counts one event of the store's watch applied (a snapshot counts once).
+    pub fn store_event(&self) {
+        self.store_events.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts registrations in the store not taken (no TCP endpoint, a limit).
+    pub fn store_skipped(&self, n: usize) {
+        self.store_skipped.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
     /// The counters' values now.
     pub fn counters(&self) -> Counters {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -174,6 +186,8 @@ impl Stats {
                 .collect(),
             lease_expiries: get(&self.lease_expiries),
             watch_notifications: get(&self.notifications),
+            store_events: get(&self.store_events),
+            store_skipped: get(&self.store_skipped),
         }
     }
 }
@@ -189,6 +203,10 @@ pub struct Counters {
     pub lease_expiries: u64,
     /// `Added` and `Removed` notices queued for watchers.
     pub watch_notifications: u64,
+    /// Events of the store's watch applied (puts, deletes, snapshots).
+    pub store_events: u64,
+    /// Registrations in the store not taken: no TCP endpoint, or a limit reached.
+    pub store_skipped: u64,
 }
 
 /// The state of the service at one moment: the `/status` JSON.
@@ -206,6 +224,13 @@ pub struct Report {
     pub connections: usize,
     /// Watches in all.
     pub watches: usize,
+    /// Where registrations are kept: `memory`, or `etcd URLS prefix PREFIX`.
+    pub store: String,
+    /// Registrations learned from the store (made at other EPMs or directly in
+    /// etcd); included in `registrations`.
+    pub store_registrations: usize,
+    /// Registrations made here not yet confirmed in the store (0 with `memory`).
+    pub store_pending: usize,
     /// The longest lease granted, in milliseconds.
     pub lease_ms: u64,
     /// The configured limits (the JSON names them as the config file does).
@@ -304,6 +329,16 @@ impl Report {
             ),
             ("ipcbus_epm_watches", "Watches held now.", self.watches),
             (
+                "ipcbus_epm_store_registrations",
+                "Receivers registered now that were learned from the store (other EPMs, etcd).",
+                self.store_registrations,
+            ),
+            (
+                "ipcbus_epm_store_pending",
+                "Registrations made here not yet confirmed in the store.",
+                self.store_pending,
+            ),
+            (
                 "ipcbus_epm_connections_max",
                 "The connection limit (--max-connections).",
                 self.limits.max_connections,
@@ -356,6 +391,20 @@ impl Report {
             &[],
             self.counters.watch_notifications,
         );
+        m.one(
+            "ipcbus_epm_store_events_total",
+            "counter",
+            "Events of the store's watch applied (puts, deletes, snapshots).",
+            &[],
+            self.counters.store_events,
+        );
+        m.one(
+            "ipcbus_epm_store_skipped_total",
+            "counter",
+            "Registrations in the store not taken: no TCP endpoint, or a limit reached.",
+            &[],
+            self.counters.store_skipped,
+        );
         m.0
     }
 
@@ -370,7 +419,7 @@ impl Report {
              <h1>ipcbus endpoint manager</h1>\n<p class=\"sum\">version {} &middot; up {} \
              &middot; <b id=\"handles\">{}</b> handles &middot; <b id=\"registrations\">{}</b> \
              receivers &middot; <b id=\"connections\">{}</b> connections &middot; {} watches \
-             &middot; lease {} ms</p>\n",
+             &middot; lease {} ms &middot; store {}</p>\n",
             escape(self.version),
             uptime(self.uptime_s),
             self.handles,
@@ -378,6 +427,7 @@ impl Report {
             self.connections,
             self.watches,
             self.lease_ms,
+            escape(&self.store),
         );
         if self.by_handle.is_empty() {
             h.push_str("<p class=\"none\">No receivers are registered.</p>\n");
@@ -560,6 +610,9 @@ mod tests {
             registrations: 1,
             connections: 2,
             watches: 0,
+            store: "memory".to_owned(),
+            store_registrations: 0,
+            store_pending: 0,
             lease_ms: 10_000,
             limits: Limits::default(),
             counters: stats.counters(),
@@ -602,6 +655,8 @@ mod tests {
             "ipcbus_epm_handshakes_rejected_total{reason=\"authentication_failed\"} 1",
             "ipcbus_epm_lease_expiries_total 3",
             "ipcbus_epm_watch_notifications_total 5",
+            "ipcbus_epm_store_events_total 0",
+            "ipcbus_epm_store_registrations 0",
             "# TYPE ipcbus_epm_registrations gauge",
             "ipcbus_epm_registrations 1",
             "ipcbus_epm_build_info{version=\"1.2.3\"} 1",

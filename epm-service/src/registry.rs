@@ -2,6 +2,14 @@
 //! watches which handle. No sockets and no clock: every call that depends on time
 //! takes `now`, and every change returns the [`Notice`]s to deliver to watchers.
 //!
+//! A registration is owned either by the client connection that made it (leased,
+//! removed when the connection closes) or, with `--store etcd://...`, by the store:
+//! registrations made at other EPMs or by receivers directly in etcd, learned from
+//! the store's watch ([`Registry::store_put`], [`Registry::store_delete`],
+//! [`Registry::store_reset`]). Store entries have no lease here (etcd's lease removes
+//! them, and the watch tells), never replace a connection's own entry, and count
+//! against the same limits.
+//!
 //! The server keeps one `Registry` behind one mutex rather than in a concurrent map:
 //! every operation is a few map operations (microseconds), and one lock makes "send
 //! the snapshot, then every later change" atomic for a watcher, so a watcher never
@@ -55,6 +63,9 @@ pub struct Registered {
     pub lease: Duration,
     /// Whether the registration is new or its entry changed (not a plain renewal).
     pub changed: bool,
+    /// Whether the store must be told (new, changed, or taken over from a store
+    /// entry: the receiver moved here from another EPM).
+    pub store: bool,
     /// What to tell the handle's watchers.
     pub notices: Vec<Notice>,
 }
@@ -68,6 +79,17 @@ pub struct Expired {
     pub entry: Entry,
 }
 
+/// The outcome of [`Registry::store_reset`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreReset {
+    /// What to tell watchers.
+    pub notices: Vec<Notice>,
+    /// Store entries not taken, and why (a limit, an unreachable endpoint).
+    pub refused: Vec<(Handle, Entry, Refusal)>,
+    /// Entries connections here own that the store lacks: put them again.
+    pub reassert: Vec<(Handle, Entry)>,
+}
+
 /// The EPM's registrations and watches.
 #[derive(Debug)]
 pub struct Registry {
@@ -78,6 +100,8 @@ pub struct Registry {
     /// Lease index: (expiry, registration serial) -> key.
     expiries: BTreeMap<(Instant, u64), (Handle, ReceiverId)>,
     registrations: usize,
+    /// How many of `registrations` the store owns.
+    store_registrations: usize,
     watches: usize,
     serial: u64,
 }
@@ -88,13 +112,39 @@ struct HandleEntry {
     watchers: HashSet<ConnId>,
 }
 
+/// Who a registration belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    /// The client connection that made it.
+    Conn(ConnId),
+    /// The store (etcd): made elsewhere, learned from the watch.
+    Store,
+}
+
+/// What [`Registry::store_delete`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreDeleted {
+    /// A store entry: removed; tell these watchers.
+    Removed(Vec<Notice>),
+    /// A connection here owns it: the store lost this EPM's record (another EPM
+    /// deleted it, or it expired), so the driver puts it again.
+    Reassert(Entry),
+    /// Not known here.
+    Unknown,
+}
+
 #[derive(Debug)]
 struct Reg {
     entry: Entry,
-    conn: ConnId,
+    owner: Owner,
     lease: Duration,
     expires: Instant,
     serial: u64,
+    /// For a connection's entry: what the store holds for the same receiver under
+    /// another EPM's lease, if it says so (the receiver moved between EPMs, and the
+    /// old connection is not closed yet). When the entry here ends, this one stays
+    /// as a store entry: the store still holds it.
+    shadow: Option<Entry>,
 }
 
 #[derive(Debug, Default)]
@@ -114,6 +164,7 @@ impl Registry {
             conns: HashMap::new(),
             expiries: BTreeMap::new(),
             registrations: 0,
+            store_registrations: 0,
             watches: 0,
             serial: 0,
         }
@@ -162,8 +213,8 @@ impl Registry {
             .handles
             .get(&handle)
             .and_then(|h| h.regs.get(&entry.receiver))
-            .map(|r| r.conn);
-        if existing != Some(conn) {
+            .map(|r| r.owner);
+        if existing != Some(Owner::Conn(conn)) {
             let c = &self.conns[&conn];
             if c.regs.len() >= self.limits.max_registrations_per_connection {
                 return Err(refuse(
@@ -176,35 +227,17 @@ impl Registry {
             }
         }
         if existing.is_none() {
-            if self.registrations >= self.limits.max_registrations {
-                return Err(refuse(
-                    ErrorCode::LimitReached,
-                    format!("at most {} registrations", self.limits.max_registrations),
-                ));
-            }
-            match self.handles.get(&handle) {
-                None if self.handles.len() >= self.limits.max_handles => {
-                    return Err(refuse(
-                        ErrorCode::LimitReached,
-                        format!("at most {} handles", self.limits.max_handles),
-                    ))
-                }
-                Some(h) if h.regs.len() >= self.limits.max_receivers_per_handle => {
-                    return Err(refuse(
-                        ErrorCode::LimitReached,
-                        format!(
-                            "at most {} receivers per handle",
-                            self.limits.max_receivers_per_handle
-                        ),
-                    ))
-                }
-                _ => {}
-            }
+            self.room_for(&handle)?;
         }
-        if let Some(old) = existing.filter(|&c| c != conn) {
-            if let Some(c) = self.conns.get_mut(&old) {
-                c.regs.remove(&key);
+        match existing {
+            Some(Owner::Conn(old)) if old != conn => {
+                if let Some(c) = self.conns.get_mut(&old) {
+                    c.regs.remove(&key);
+                }
             }
+            // Registered elsewhere before, now here: this connection owns it.
+            Some(Owner::Store) => self.store_registrations -= 1,
+            _ => {}
         }
         self.serial += 1;
         let serial = self.serial;
@@ -214,14 +247,20 @@ impl Registry {
             Some(r) => r.entry != entry,
             None => true,
         };
+        let store = changed || existing == Some(Owner::Store);
+        let shadow = h.regs.get(&entry.receiver).and_then(|r| match r.owner {
+            Owner::Store => Some(r.entry.clone()),
+            Owner::Conn(_) => r.shadow.clone(),
+        });
         if let Some(old) = h.regs.insert(
             entry.receiver,
             Reg {
                 entry: entry.clone(),
-                conn,
+                owner: Owner::Conn(conn),
                 lease,
                 expires,
                 serial,
+                shadow,
             },
         ) {
             self.expiries.remove(&(old.expires, old.serial));
@@ -250,6 +289,7 @@ impl Registry {
         Ok(Registered {
             lease,
             changed,
+            store,
             notices,
         })
     }
@@ -450,9 +490,11 @@ impl Registry {
                 .handles
                 .get(&handle)
                 .and_then(|h| h.regs.get(&receiver))
-                .map(|r| r.conn);
-            if let Some(c) = owner.and_then(|o| self.conns.get_mut(&o)) {
-                c.regs.remove(&(handle.clone(), receiver));
+                .map(|r| r.owner);
+            if let Some(Owner::Conn(o)) = owner {
+                if let Some(c) = self.conns.get_mut(&o) {
+                    c.regs.remove(&(handle.clone(), receiver));
+                }
             }
             if let Some((entry, n)) = self.remove(&handle, receiver) {
                 notices.extend(n);
@@ -460,6 +502,163 @@ impl Registry {
             }
         }
         (notices, expired)
+    }
+
+    /// A registration learned from the store (made at another EPM, or by a receiver
+    /// directly in etcd). Ignored when a connection here owns that receiver (an
+    /// echo of this EPM's own record, or a receiver that moved here); otherwise added
+    /// or updated as a store entry, and the handle's watchers are told.
+    ///
+    /// # Errors
+    /// [`Refusal`] when a limit is reached or the endpoint is not one others can
+    /// connect to: the entry is not added (the driver logs it).
+    pub fn store_put(&mut self, handle: Handle, entry: Entry) -> Result<Vec<Notice>, Refusal> {
+        if entry.endpoint.ip().is_unspecified() || entry.endpoint.port() == 0 {
+            return Err(refuse(
+                ErrorCode::Invalid,
+                format!(
+                    "endpoint {} is not an address senders can reach",
+                    entry.endpoint
+                ),
+            ));
+        }
+        let existing = self
+            .handles
+            .get(&handle)
+            .and_then(|h| h.regs.get(&entry.receiver))
+            .map(|r| (r.owner, r.entry == entry));
+        match existing {
+            Some((Owner::Conn(_), _)) => {
+                if let Some(r) = self
+                    .handles
+                    .get_mut(&handle)
+                    .and_then(|h| h.regs.get_mut(&entry.receiver))
+                {
+                    r.shadow = Some(entry);
+                }
+                return Ok(Vec::new());
+            }
+            Some((Owner::Store, true)) => return Ok(Vec::new()),
+            Some((Owner::Store, false)) => {}
+            None => {
+                self.room_for(&handle)?;
+                self.registrations += 1;
+                self.store_registrations += 1;
+            }
+        }
+        self.serial += 1;
+        let serial = self.serial;
+        let h = self.handles.entry(handle.clone()).or_default();
+        h.regs.insert(
+            entry.receiver,
+            Reg {
+                entry: entry.clone(),
+                owner: Owner::Store,
+                lease: Duration::ZERO,
+                // Not in the lease index: etcd's lease removes it.
+                expires: Instant::now(),
+                serial,
+                shadow: None,
+            },
+        );
+        Ok(h.watchers
+            .iter()
+            .map(|&to| Notice {
+                to,
+                msg: Response::Added {
+                    handle: handle.clone(),
+                    entry: entry.clone(),
+                },
+            })
+            .collect())
+    }
+
+    /// The store says a registration is gone.
+    pub fn store_delete(&mut self, handle: &Handle, receiver: ReceiverId) -> StoreDeleted {
+        let owner = self
+            .handles
+            .get_mut(handle)
+            .and_then(|h| h.regs.get_mut(&receiver))
+            .map(|r| {
+                r.shadow = None;
+                (r.owner, r.entry.clone())
+            });
+        match owner {
+            None => StoreDeleted::Unknown,
+            Some((Owner::Conn(_), entry)) => StoreDeleted::Reassert(entry),
+            Some((Owner::Store, _)) => StoreDeleted::Removed(
+                self.remove(handle, receiver)
+                    .map(|(_, n)| n)
+                    .unwrap_or_default(),
+            ),
+        }
+    }
+
+    /// The store's whole content (after the first read, or a read after the watch
+    /// fell behind a compaction): store entries not in `all` are removed, the others
+    /// added or updated. Returns the notices, the entries refused (with why), and the
+    /// connections' entries the store lacks (to put again).
+    pub fn store_reset(&mut self, all: Vec<(Handle, Entry)>) -> StoreReset {
+        let mut out = StoreReset::default();
+        let keep: HashSet<(Handle, ReceiverId)> =
+            all.iter().map(|(h, e)| (h.clone(), e.receiver)).collect();
+        let mut gone = Vec::new();
+        let mut missing = Vec::new();
+        for (handle, h) in &mut self.handles {
+            for (id, r) in &mut h.regs {
+                let k = (handle.clone(), *id);
+                match r.owner {
+                    Owner::Store if !keep.contains(&k) => gone.push(k),
+                    Owner::Conn(_) if !keep.contains(&k) => {
+                        r.shadow = None;
+                        missing.push((handle.clone(), r.entry.clone()))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for (handle, receiver) in gone {
+            if let Some((_, n)) = self.remove(&handle, receiver) {
+                out.notices.extend(n);
+            }
+        }
+        for (handle, entry) in all {
+            match self.store_put(handle.clone(), entry.clone()) {
+                Ok(n) => out.notices.extend(n),
+                Err(r) => out.refused.push((handle, entry, r)),
+            }
+        }
+        out.reassert = missing;
+        out
+    }
+
+    /// Registrations the store owns now.
+    pub fn store_registrations(&self) -> usize {
+        self.store_registrations
+    }
+
+    /// Whether one more registration of `handle` fits the limits.
+    fn room_for(&self, handle: &Handle) -> Result<(), Refusal> {
+        if self.registrations >= self.limits.max_registrations {
+            return Err(refuse(
+                ErrorCode::LimitReached,
+                format!("at most {} registrations", self.limits.max_registrations),
+            ));
+        }
+        match self.handles.get(handle) {
+            None if self.handles.len() >= self.limits.max_handles => Err(refuse(
+                ErrorCode::LimitReached,
+                format!("at most {} handles", self.limits.max_handles),
+            )),
+            Some(h) if h.regs.len() >= self.limits.max_receivers_per_handle => Err(refuse(
+                ErrorCode::LimitReached,
+                format!(
+                    "at most {} receivers per handle",
+                    self.limits.max_receivers_per_handle
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// When the next lease runs out.
@@ -483,14 +682,51 @@ impl Registry {
     }
 
     /// Removes one registration (not from its connection's set) and returns it with
-    /// the notices for its watchers.
+    /// the notices for its watchers. A connection's entry that the store also holds
+    /// under another EPM's lease stays, as that store entry.
     fn remove(&mut self, handle: &Handle, receiver: ReceiverId) -> Option<(Entry, Vec<Notice>)> {
         let h = self.handles.get_mut(handle)?;
-        let reg = h.regs.remove(&receiver)?;
+        let mut reg = h.regs.remove(&receiver)?;
         self.registrations -= 1;
         self.expiries.remove(&(reg.expires, reg.serial));
-        if let Some(c) = self.conns.get_mut(&reg.conn) {
-            c.regs.remove(&(handle.clone(), receiver));
+        match reg.owner {
+            Owner::Conn(conn) => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.regs.remove(&(handle.clone(), receiver));
+                }
+            }
+            Owner::Store => self.store_registrations -= 1,
+        }
+        if let Some(other) = reg.shadow.take() {
+            let added = other != reg.entry;
+            h.regs.insert(
+                receiver,
+                Reg {
+                    entry: other.clone(),
+                    owner: Owner::Store,
+                    lease: Duration::ZERO,
+                    expires: reg.expires,
+                    serial: reg.serial,
+                    shadow: None,
+                },
+            );
+            self.registrations += 1;
+            self.store_registrations += 1;
+            let notices = if added {
+                h.watchers
+                    .iter()
+                    .map(|&to| Notice {
+                        to,
+                        msg: Response::Added {
+                            handle: handle.clone(),
+                            entry: other.clone(),
+                        },
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            return Some((reg.entry, notices));
         }
         let notices = h
             .watchers
@@ -573,6 +809,7 @@ mod tests {
             lease,
             changed,
             notices: n,
+            ..
         } = r.register(1, h("a"), entry(1), 0, now).unwrap();
         assert_eq!(lease, Duration::from_secs(10));
         assert!(changed);
@@ -736,6 +973,115 @@ mod tests {
         assert_eq!(r.lookup(&h("a")).len(), 1);
         r.disconnect(2);
         assert_eq!(r.registrations(), 0);
+    }
+
+    #[test]
+    fn store_entries_are_shown_and_never_replace_a_connections_own() {
+        let now = Instant::now();
+        let mut r = reg(Limits::default());
+        r.connect(1);
+        r.connect(9);
+        r.watch(9, &h("a")).unwrap();
+        // Learned from the store: watchers told, counted, no lease here.
+        let n = r.store_put(h("a"), entry(1)).unwrap();
+        assert_eq!(n.len(), 1);
+        assert_eq!(r.store_registrations(), 1);
+        assert_eq!(r.next_expiry(), None);
+        assert!(r.store_put(h("a"), entry(1)).unwrap().is_empty());
+        // This EPM's own registration echoed back is not duplicated or taken over.
+        let reg1 = r.register(1, h("a"), entry(2), 0, now).unwrap();
+        assert!(reg1.store);
+        assert!(r.store_put(h("a"), entry(2)).unwrap().is_empty());
+        assert_eq!((r.registrations(), r.store_registrations()), (2, 1));
+        // A receiver that moves here is owned by the connection, and stored again.
+        let moved = r.register(1, h("a"), entry(1), 0, now).unwrap();
+        assert!(moved.store && !moved.changed);
+        assert_eq!((r.registrations(), r.store_registrations()), (2, 0));
+        // The store losing a connection's entry: put it again.
+        assert_eq!(
+            r.store_delete(&h("a"), entry(1).receiver),
+            StoreDeleted::Reassert(entry(1))
+        );
+        r.store_put(h("a"), entry(3)).unwrap();
+        match r.store_delete(&h("a"), entry(3).receiver) {
+            StoreDeleted::Removed(n) => assert_eq!(n[0].to, 9),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            r.store_delete(&h("a"), entry(3).receiver),
+            StoreDeleted::Unknown
+        );
+        // Closing the connection ends its own two; entry 2, which the store also
+        // said it holds (for the registry, a put under another EPM's lease), stays
+        // as the store's.
+        r.store_put(h("b"), entry(4)).unwrap();
+        let (_, gone) = r.disconnect(1);
+        assert_eq!(gone.len(), 2);
+        assert_eq!(r.lookup(&h("a")), vec![entry(2)]);
+        assert_eq!(r.lookup(&h("b")), vec![entry(4)]);
+        assert_eq!((r.registrations(), r.store_registrations()), (2, 2));
+        let mut bad = entry(5);
+        bad.endpoint = "0.0.0.0:1".parse().unwrap();
+        assert!(r.store_put(h("b"), bad).is_err());
+    }
+
+    #[test]
+    fn a_receiver_that_moved_to_another_epm_stays_when_its_old_connection_ends() {
+        let now = Instant::now();
+        let mut r = reg(Limits::default());
+        r.connect(1);
+        r.connect(9);
+        r.watch(9, &h("a")).unwrap();
+        r.register(1, h("a"), entry(1), 0, now).unwrap();
+        // The receiver registered at another EPM too, which put it in the store.
+        assert!(r.store_put(h("a"), entry(1)).unwrap().is_empty());
+        // The old connection here closes: the entry stays, as the store's; the
+        // watcher hears nothing.
+        let (n, gone) = r.disconnect(1);
+        assert_eq!(gone.len(), 1);
+        assert!(n.is_empty(), "{n:?}");
+        assert_eq!(r.lookup(&h("a")), vec![entry(1)]);
+        assert_eq!((r.registrations(), r.store_registrations()), (1, 1));
+        // ... until the store says it is gone.
+        assert!(matches!(
+            r.store_delete(&h("a"), entry(1).receiver),
+            StoreDeleted::Removed(n) if n.len() == 1
+        ));
+        assert_eq!(r.registrations(), 0);
+        // A delete from the store forgets what it said before.
+        r.connect(2);
+        r.register(2, h("a"), entry(2), 0, now).unwrap();
+        r.store_put(h("a"), entry(2)).unwrap();
+        r.store_delete(&h("a"), entry(2).receiver);
+        let (n, _) = r.disconnect(2);
+        assert_eq!(n.len(), 1);
+        assert_eq!(r.registrations(), 0);
+    }
+
+    #[test]
+    fn a_store_reset_keeps_only_what_the_store_holds() {
+        let now = Instant::now();
+        let mut r = reg(Limits {
+            max_receivers_per_handle: 2,
+            ..Limits::default()
+        });
+        r.connect(1);
+        r.register(1, h("a"), entry(1), 0, now).unwrap();
+        r.store_put(h("a"), entry(2)).unwrap();
+        r.store_put(h("b"), entry(3)).unwrap();
+        let out = r.store_reset(vec![
+            (h("b"), entry(3)),
+            (h("b"), entry(4)),
+            (h("b"), entry(5)),
+        ]);
+        // entry 2 left, entry 4 joined, entry 5 is over the per-handle limit, and the
+        // store lacks the connection's entry 1.
+        assert_eq!(out.refused.len(), 1);
+        assert_eq!(out.refused[0].1, entry(5));
+        assert_eq!(out.reassert, vec![(h("a"), entry(1))]);
+        assert_eq!(r.lookup(&h("a")), vec![entry(1)]);
+        assert_eq!(r.lookup(&h("b")), vec![entry(3), entry(4)]);
+        assert_eq!((r.registrations(), r.store_registrations()), (3, 2));
     }
 
     #[test]

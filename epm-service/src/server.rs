@@ -5,6 +5,10 @@
 //! queued while the registry lock is held, so a watcher sees its snapshot before any
 //! later change and in order. A client that does not read its outbox fast enough is
 //! disconnected (it reconnects and gets a fresh snapshot): memory stays bounded.
+//!
+//! With an etcd store, every registration change here is also handed to the store's
+//! writer (without waiting for etcd), and one more task applies the store's watch to
+//! the registry under the same lock (see [`crate::store`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -13,12 +17,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use ipcbus::internals::etcd_store::{StoreEvent, StoreWriter};
 use ipcbus::internals::link::{self, LinkWriter};
 use ipcbus::internals::{
     Acceptor, ByteStream, HandshakeGate, HandshakeSlot, Incoming, Listener, Peer,
 };
-use ipcbus::{ReceiverId, RejectReason};
-use ipcbus_proto::epm::{Answer, ErrorCode, Op, Request, Response, Status};
+use ipcbus::{Handle, ReceiverId, RejectReason};
+use ipcbus_proto::epm::{Answer, Entry, ErrorCode, Op, Request, Response, Status};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
@@ -27,7 +32,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::monitor::{HandleReport, RejectKind, Report, RequestKind, Stats, REPORT_MAX_RECEIVERS};
-use crate::registry::{ConnId, Notice, Registered, Registry};
+use crate::registry::{ConnId, Expired, Notice, Registered, Registry};
+use crate::store::EtcdStore;
 
 /// Messages queued per connection before it counts as too slow and is closed.
 const OUTBOX: usize = 1024;
@@ -105,6 +111,19 @@ pub async fn run_with_http(
     config: Config,
     shutdown: impl Future,
 ) {
+    serve_with_store(listeners, http, None, config, shutdown).await;
+}
+
+/// As [`run_with_http`], keeping the registrations in `store` too (connected by
+/// the caller, so that an etcd that is down is the caller's error): its snapshot is
+/// applied before the first client is accepted.
+pub async fn serve_with_store(
+    listeners: Vec<TcpListener>,
+    http: Option<TcpListener>,
+    store: Option<EtcdStore>,
+    config: Config,
+    shutdown: impl Future,
+) {
     let token = CancellationToken::new();
     let tasks = TaskTracker::new();
     let auth = config
@@ -113,6 +132,25 @@ pub async fn run_with_http(
         .map(|h| h.auth.clone())
         .unwrap_or_default();
     let shared = Arc::new(Shared::new(config, tasks.clone()));
+    let mut store_cancel = None;
+    if let Some(mut st) = store {
+        shared.hub().store = Some(st.writer.clone());
+        // The snapshot first, so the first client already sees every EPM's view.
+        if let Ok(first) = st.events.try_recv() {
+            apply_store(&shared, &st.writer, first);
+        }
+        tracing::info!(
+            registrations = shared.hub().reg.store_registrations(),
+            "etcd store read; following it"
+        );
+        store_cancel = Some((st.cancel.clone(), st.writer.clone()));
+        tasks.spawn(follow_store(
+            shared.clone(),
+            st.writer,
+            st.events,
+            token.clone(),
+        ));
+    }
     if let Some(l) = http {
         tasks.spawn(crate::http::serve(
             l,
@@ -127,6 +165,7 @@ pub async fn run_with_http(
         lease_ms = shared.config.lease.as_millis() as u64,
         authenticated = shared.config.key.is_some(),
         max_connections = shared.config.limits.max_connections,
+        store = %shared.config.store,
         "epm-service started"
     );
     for l in listeners {
@@ -142,6 +181,12 @@ pub async fn run_with_http(
         .is_err()
     {
         tracing::warn!("some connections did not close within 5 s");
+    }
+    if let Some((cancel, writer)) = store_cancel {
+        // Revoking the lease deletes this EPM's records at once: the other EPMs
+        // see its receivers go now, not at lease expiry.
+        cancel.cancel();
+        writer.close().await;
     }
     tracing::info!("stopped");
 }
@@ -165,6 +210,8 @@ struct Hub {
     reg: Registry,
     outboxes: HashMap<ConnId, Outbox>,
     stats: Arc<Stats>,
+    /// The etcd store's writer, with `--store etcd://...`.
+    store: Option<StoreWriter>,
 }
 
 struct Outbox {
@@ -181,6 +228,7 @@ impl Shared {
                 reg: Registry::new(config.limits.clone(), config.lease),
                 outboxes: HashMap::new(),
                 stats: stats.clone(),
+                store: None,
             }),
             conn_limit: Arc::new(Semaphore::new(config.limits.max_connections)),
             refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
@@ -221,6 +269,55 @@ impl Hub {
         for n in notices {
             self.push(n.to, n.msg);
         }
+    }
+
+    /// Hands a registration made here to the store.
+    fn stored(&self, handle: &Handle, entry: &Entry) {
+        if let Some(w) = &self.store {
+            w.put(&entry.to_record(handle));
+        }
+    }
+
+    /// Tells the store these registrations made here ended.
+    fn unstored<'a>(&self, gone: impl IntoIterator<Item = (&'a Handle, ReceiverId)>) {
+        if let Some(w) = &self.store {
+            for (h, r) in gone {
+                w.delete(h, r);
+            }
+        }
+    }
+}
+
+/// Applies one event of the store's watch and delivers what follows from it.
+fn apply_store(shared: &Shared, writer: &StoreWriter, event: StoreEvent) {
+    shared.stats.store_event();
+    let hub = &mut *shared.hub();
+    let applied = crate::store::apply(&mut hub.reg, event, |l| writer.is_ours(l));
+    hub.stats.store_skipped(applied.skipped.len());
+    for (r, why) in &applied.skipped {
+        tracing::warn!(handle = %r.handle, receiver = %r.receiver, reason = %why, "registration in etcd not taken");
+    }
+    for r in &applied.reput {
+        tracing::info!(handle = %r.handle, receiver = %r.receiver, "registration missing from etcd; putting it again");
+        writer.put(r);
+    }
+    hub.deliver(applied.notices);
+}
+
+/// Applies the store's watch until shutdown.
+async fn follow_store(
+    shared: Arc<Shared>,
+    writer: StoreWriter,
+    mut events: tokio::sync::mpsc::Receiver<StoreEvent>,
+    token: CancellationToken,
+) {
+    loop {
+        let ev = tokio::select! {
+            _ = token.cancelled() => return,
+            ev = events.recv() => ev,
+        };
+        let Some(ev) = ev else { return };
+        apply_store(&shared, &writer, ev);
     }
 }
 
@@ -292,6 +389,7 @@ async fn sweep_leases(shared: Arc<Shared>, token: CancellationToken) {
         let hub = &mut *shared.hub();
         let (notices, expired) = hub.reg.expire(Instant::now());
         hub.stats.expired(expired.len());
+        hub.unstored(gone(&expired));
         for e in &expired {
             tracing::info!(handle = %e.handle, endpoint = %e.entry.endpoint, receiver = %e.entry.receiver, "registration expired: lease not renewed");
         }
@@ -369,6 +467,7 @@ async fn serve(
         let mut hub = shared.hub();
         hub.outboxes.remove(&conn);
         let (notices, removed) = hub.reg.disconnect(conn);
+        hub.unstored(gone(&removed));
         hub.deliver(notices);
         removed
     };
@@ -408,14 +507,19 @@ fn handle(shared: &Shared, conn: ConnId, peer: SocketAddr, req: Request) {
         } => {
             let endpoint = entry.endpoint;
             let receiver = entry.receiver;
+            let for_store = hub.store.is_some().then(|| entry.clone());
             match hub.reg.register(conn, handle.clone(), entry, lease_ms, now) {
                 Ok(Registered {
                     lease,
                     changed,
+                    store,
                     notices,
                 }) => {
                     if changed {
                         tracing::info!(%peer, %handle, %endpoint, %receiver, "registered");
+                    }
+                    if let Some(e) = for_store.filter(|_| store) {
+                        hub.stored(&handle, &e);
                     }
                     hub.deliver(notices);
                     shared.expiry_changed.notify_one();
@@ -435,6 +539,7 @@ fn handle(shared: &Shared, conn: ConnId, peer: SocketAddr, req: Request) {
         Op::Unregister { handle, receiver } => match hub.reg.unregister(conn, &handle, receiver) {
             Ok(notices) => {
                 tracing::info!(%peer, %handle, %receiver, "unregistered");
+                hub.unstored([(&handle, receiver)]);
                 hub.deliver(notices);
                 Answer::Done
             }
@@ -492,6 +597,9 @@ impl crate::http::Source for Shared {
             registrations: hub.reg.registrations(),
             connections: self.connections(),
             watches: hub.reg.watches(),
+            store: self.config.store.to_string(),
+            store_registrations: hub.reg.store_registrations(),
+            store_pending: hub.store.as_ref().map_or(0, |w| w.counts().1),
             lease_ms: self.config.lease.as_millis() as u64,
             limits: self.config.limits.clone(),
             counters: self.stats.counters(),
@@ -502,6 +610,11 @@ impl crate::http::Source for Shared {
             truncated,
         }
     }
+}
+
+/// The handles and receivers of removed registrations.
+fn gone(removed: &[Expired]) -> impl Iterator<Item = (&Handle, ReceiverId)> {
+    removed.iter().map(|e| (&e.handle, e.entry.receiver))
 }
 
 async fn write_loop(

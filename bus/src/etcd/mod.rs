@@ -10,6 +10,8 @@
 //!   record again under a new lease if it expired) and a sender's watch going
 //!   (resuming from the last revision seen, re-reading the prefix if that revision
 //!   was compacted), with jittered exponential backoff while etcd is away.
+//! - `store` (`internals` feature): etcd as the endpoint manager's store: one
+//!   EPM's registrations under one lease it keeps, and a watch of every handle's.
 //!
 //! The layout and the value format are in `docs/PROTOCOL.md` (*Registrations in
 //! etcd*). Not run as a test: it needs an etcd at `etcd.lan:2379`
@@ -28,6 +30,8 @@
 
 mod keys;
 pub(crate) mod session;
+#[cfg(feature = "internals")]
+pub(crate) mod store;
 
 use std::fmt;
 use std::future::Future;
