@@ -27,6 +27,9 @@ const STDERR_KEPT: usize = 3584;
 /// (the frame header, the id, an encryption tag).
 const MAX_REPLY: usize = ipcbus_proto::frame::DEFAULT_MAX_FRAME - 1024;
 
+/// How long after a request's deadline its `deadline_exceeded` answer is sent.
+const LATE_REPLY: Duration = Duration::from_secs(1);
+
 /// How long a closing server waits for the commands still running.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
@@ -45,8 +48,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// end of its stderr (trimmed, at most 3.5 KiB) and `(exit status N)` or
 /// `(killed by signal N)`. A command that cannot be started (not found, not
 /// executable) is a remote error saying so; the server goes on. When the caller's
-/// deadline passes, the command is killed (SIGKILL) and the call answered
-/// deadline_exceeded (the caller has given up by then).
+/// deadline passes, the command is killed (SIGKILL); the call is answered
+/// deadline_exceeded a second later, when the caller has given up and reported its
+/// own timeout.
 ///
 /// At most --concurrency commands run at once; further requests wait for a slot
 /// (within their deadline). SIGINT or SIGTERM: stop taking requests, unregister, let
@@ -169,11 +173,11 @@ impl Cmd {
     /// Runs the command for `req` and answers it.
     async fn answer(&self, req: Request) {
         let outcome = match req.time_left() {
-            Some(left) if left.is_zero() => Outcome::Failed(deadline_error()),
+            Some(left) if left.is_zero() => return late(req),
             Some(left) => match tokio::time::timeout(left, self.run(&req)).await {
                 Ok(o) => o,
                 // The future (and with it the child, kill_on_drop) is dropped.
-                Err(_) => Outcome::Failed(deadline_error()),
+                Err(_) => return late(req),
             },
             None => self.run(&req).await,
         };
@@ -258,12 +262,19 @@ impl Cmd {
     }
 }
 
-fn deadline_error() -> RemoteError {
-    RemoteError {
-        code: RemoteCode::DeadlineExceeded,
-        message: "the caller's deadline passed: command killed".into(),
-        detail: Bytes::new(),
-    }
+/// Answers a request whose deadline has passed (its command killed, or never
+/// started) with `deadline_exceeded`, [`LATE_REPLY`] later and without holding a
+/// slot: by then the caller has given up and reports its own timeout, instead of
+/// this reply racing its timer.
+fn late(req: Request) {
+    tokio::spawn(async move {
+        tokio::time::sleep(LATE_REPLY).await;
+        let _ = req.reply_err(RemoteError {
+            code: RemoteCode::DeadlineExceeded,
+            message: "the caller's deadline passed: command killed".into(),
+            detail: Bytes::new(),
+        });
+    });
 }
 
 /// The message of a failed command: its stderr, trimmed, and how it ended.
