@@ -1441,7 +1441,10 @@ async fn raw_child(common: &Common, args: &ReceiverArgs) -> anyhow::Result<Recei
     };
     let (count, idle, mode) = (args.count, args.idle, args.mode);
     let taking = tokio::spawn(async move {
-        let mut wr = wr;
+        // Echoes are buffered and written when no more input is buffered: one write
+        // per frame one at a time (ping-pong), one per batch when frames are
+        // pipelined (`bench --rpc`'s plain pair with many in flight).
+        let mut wr = BufWriter::with_capacity(64 * 1024, wr);
         let mut rd = tokio::io::BufReader::with_capacity(64 * 1024, rd);
         let mut buf = vec![0u8; 64 * 1024];
         let mut received = 0u64;
@@ -1452,6 +1455,7 @@ async fn raw_child(common: &Common, args: &ReceiverArgs) -> anyhow::Result<Recei
             let len = if rd.buffer().len() >= 4 {
                 rd.read_u32().await? as usize
             } else {
+                wr.flush().await?;
                 tokio::select! {
                     n = rd.read_u32() => match n {
                         Ok(n) => n as usize,
@@ -1468,10 +1472,8 @@ async fn raw_child(common: &Common, args: &ReceiverArgs) -> anyhow::Result<Recei
             }
             rd.read_exact(&mut buf[..len]).await?;
             if mode == ChildMode::RawPong {
-                let mut frame = Vec::with_capacity(4 + len);
-                frame.extend_from_slice(&(len as u32).to_be_bytes());
-                frame.extend_from_slice(&buf[..len]);
-                wr.write_all(&frame).await?;
+                wr.write_all(&(len as u32).to_be_bytes()).await?;
+                wr.write_all(&buf[..len]).await?;
             }
             last = Instant::now();
             first.get_or_insert(last);
@@ -1483,6 +1485,7 @@ async fn raw_child(common: &Common, args: &ReceiverArgs) -> anyhow::Result<Recei
     if args.mode == ChildMode::Raw {
         wr.write_all(&[1]).await?;
     }
+    wr.flush().await?;
     let secs = first.map_or(0.0, |f| last.duration_since(f).as_secs_f64());
     Ok(ReceiverResult { received, secs })
 }

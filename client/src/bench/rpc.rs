@@ -281,24 +281,30 @@ impl Ctx<'_> {
         let calling = tokio::spawn(async move {
             let mut pending = FuturesUnordered::new();
             let (mut sent, mut failed) = (0u64, 0u64);
+            let mut first_error = None;
             let t0 = Instant::now();
             while sent < calls || !pending.is_empty() {
                 while sent < calls && pending.len() < in_flight {
                     pending.push(client.call_bytes(body.clone()).into_future());
                     sent += 1;
                 }
-                if let Some(r) = pending.next().await {
-                    if r.is_err() {
-                        failed += 1;
-                    }
+                if let Some(Err(e)) = pending.next().await {
+                    failed += 1;
+                    first_error.get_or_insert(e);
                 }
             }
             let secs = t0.elapsed().as_secs_f64();
-            (client, secs, failed)
+            (client, secs, failed, first_error)
         });
-        let (client, secs, failed) = tokio::time::timeout(self.args.timeout, calling)
+        let (client, secs, failed, first_error) = tokio::time::timeout(self.args.timeout, calling)
             .await
             .context("the calls did not finish in time")??;
+        if let Some(e) = first_error {
+            out::note(format!(
+                "{} of {calls} failed over {transport}, the first: {e}",
+                out::plural(failed, "call")
+            ));
+        }
         client.close().await;
         let _ = super::collect(&mut spawned, self.args.timeout).await;
         Ok((super::rate(calls - failed, secs), failed))
@@ -396,6 +402,7 @@ pub(super) async fn server_child(
         let mut first: Option<Instant> = None;
         let mut last = Instant::now();
         let mut watchdog = Watchdog::new(idle);
+        let mut caller = None;
         while received < count {
             let req = tokio::select! {
                 r = server.next_request() => r,
@@ -405,9 +412,17 @@ pub(super) async fn server_child(
             last = Instant::now();
             first.get_or_insert(last);
             received += 1;
+            if caller.is_none() {
+                caller = Some(req.peer().clone());
+            }
             let body = req.body().clone();
             // A caller that gave up is no failure of the server.
             let _ = req.reply_bytes(body);
+        }
+        // The last replies may still be on their way: the caller hangs up when it has
+        // them (closing first could cut them off).
+        if let Some(p) = caller {
+            let _ = tokio::time::timeout(idle, p.closed()).await;
         }
         (server, received, first, last)
     });
