@@ -390,6 +390,9 @@ pub(super) async fn server_child(
         .discovery(common.discovery()?)
         .security(common.security()?)
         .transports([args.transport])
+        // Whatever --in-flight asks (at most 65536), not "busy" past the default 256.
+        .concurrency(65_536)
+        .max_in_flight(65_536)
         .bind()
         .await?;
     let endpoints: Vec<String> = server.endpoints().iter().map(ToString::to_string).collect();
