@@ -70,6 +70,7 @@ pub mod registry;
 mod report;
 mod security;
 mod sender;
+mod service;
 mod stats;
 #[cfg_attr(not(feature = "internals"), allow(unreachable_pub))]
 mod transport;
@@ -98,6 +99,148 @@ pub use sender::{BuildError, PendingReport, SendError, Sender, SenderBuilder};
 pub use sender::{Compression, CompressionStats, SenderEvents};
 pub use stats::{ByKind, FailKind, ReasonKind, ReceiverStats, RejectKind, SenderStats};
 pub use transport::{Endpoint, EndpointError, Transport, UnixBindError, MAX_UNIX_PATH};
+
+/// Typed services: a trait of `async fn`s becomes a client with the same methods
+/// (`CalcClient`) and a server adapter for any implementation (`CalcServer`), calls
+/// under a contract (name, version, aliases). A method's `Err(e)` arrives on the
+/// client as `ServiceError::App(e)`.
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::time::Duration;
+///
+/// use ipcbus::{Handle, Server, ServiceError};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, thiserror::Error, Serialize, Deserialize)]
+/// pub enum CalcError {
+///     #[error("overflow")]
+///     Overflow,
+/// }
+///
+/// /// Arithmetic in another process.
+/// #[ipcbus::service(version = 2, aliases = ["calc.v1"])]
+/// pub trait Calc {
+///     /// `a + b`.
+///     async fn add(&self, a: i64, b: i64) -> Result<i64, CalcError>;
+///     /// How many additions this server made.
+///     async fn count(&self) -> u64;
+/// }
+///
+/// #[derive(Default)]
+/// struct MyCalc {
+///     count: AtomicU64,
+/// }
+///
+/// impl Calc for MyCalc {
+///     async fn add(&self, a: i64, b: i64) -> Result<i64, CalcError> {
+///         self.count.fetch_add(1, Ordering::Relaxed);
+///         a.checked_add(b).ok_or(CalcError::Overflow)
+///     }
+///
+///     async fn count(&self) -> u64 {
+///         self.count.load(Ordering::Relaxed)
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let handle: Handle = "docs.calc".parse()?;
+/// let _server = Server::builder(handle.clone())
+///     .service(CalcServer::new(MyCalc::default()))
+///     .bind()
+///     .await?;
+///
+/// let calc = CalcClient::connect(handle).await?;
+/// calc.caller().wait_for_servers(1, Duration::from_secs(5)).await;
+/// assert_eq!(calc.add(2, 3).await?, 5);
+/// match calc.add(i64::MAX, 1).await {
+///     Err(ServiceError::App(CalcError::Overflow)) => {}
+///     other => panic!("{other:?}"),
+/// }
+/// assert_eq!(calc.count().await?, 2);
+/// # Ok(()) }
+/// ```
+///
+/// One implementation per connection (`service_factory`), and a callback trait the
+/// server calls back into the client with:
+///
+/// ```
+/// use std::sync::atomic::{AtomicU32, Ordering};
+/// use std::time::Duration;
+///
+/// use ipcbus::{Handle, Peer, Server};
+///
+/// /// What a job reports to the client that started it.
+/// #[ipcbus::service]
+/// pub trait Progress {
+///     async fn step(&self, done: u32, of: u32);
+/// }
+///
+/// #[ipcbus::service(callback = Progress)]
+/// pub trait Jobs {
+///     /// Runs a job of `steps` steps; returns how many jobs this connection ran.
+///     async fn run(&self, steps: u32) -> u32;
+/// }
+///
+/// /// One per connection: the calls of one client.
+/// struct Session {
+///     peer: Peer,
+///     runs: AtomicU32,
+/// }
+///
+/// impl Jobs for Session {
+///     async fn run(&self, steps: u32) -> u32 {
+///         let progress = jobs_callback(&self.peer); // a ProgressClient<Peer>
+///         for done in 1..=steps {
+///             if progress.step(done, steps).await.is_err() {
+///                 break; // the client is gone
+///             }
+///         }
+///         self.runs.fetch_add(1, Ordering::Relaxed) + 1
+///     }
+/// }
+///
+/// struct Printer;
+///
+/// impl Progress for Printer {
+///     async fn step(&self, done: u32, of: u32) {
+///         println!("{done}/{of}");
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let handle: Handle = "docs.jobs".parse()?;
+/// let _server = Server::builder(handle.clone())
+///     .service_factory(|peer| {
+///         JobsServer::new(Session {
+///             peer: peer.clone(),
+///             runs: AtomicU32::new(0),
+///         })
+///     })
+///     .bind()
+///     .await?;
+///
+/// let jobs = JobsClient::connect_with_callback(handle, Printer).await?;
+/// jobs.caller().wait_for_servers(1, Duration::from_secs(5)).await;
+/// assert_eq!(jobs.run(3).await?, 1);
+/// assert_eq!(jobs.run(2).await?, 2);
+/// # Ok(()) }
+/// ```
+pub use ipcbus_macros::service;
+
+/// What the code `#[service]` generates refers to. Not part of the API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::service::{
+        call, decode_args, fallible, infallible, ready, reply, reply_fallible,
+    };
+    pub use bytes::Bytes;
+    pub use futures::future::{BoxFuture, FutureExt};
+    pub use postcard;
+    pub use serde;
+}
 
 /// What `epm-service` shares with this crate's receivers and EPM client: the admission
 /// of half-open connections and the framed, sealed EPM link. Not part of the API

@@ -12,8 +12,8 @@ use crate::time::rfc3339_ms;
 
 /// List handles and their receivers, from the local registry, the EPM or etcd
 ///
-/// With --json prints an array of {"handle","addr","receiver_id","pid","since"} (pid
-/// null when unknown, since in RFC 3339).
+/// With --json prints an array of {"handle","addr","receiver_id","pid","since","role"}
+/// (pid null when unknown, since in RFC 3339, role "receiver" or "server").
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
@@ -52,8 +52,9 @@ pub async fn run(common: &Common, args: Args) -> anyhow::Result<ExitCode> {
         let pid = r.pid.map_or_else(|| "-".to_string(), |p| p.to_string());
         let endpoints: Vec<String> = r.endpoints.iter().map(ToString::to_string).collect();
         out::line(format!(
-            "  {:<28} receiver {}  pid {:<7} since {}",
+            "  {:<28} {} {}  pid {:<7} since {}",
             endpoints.join(" "),
+            r.role.as_str(),
             r.receiver,
             pid,
             rfc3339_ms(r.since_ms)
@@ -114,6 +115,8 @@ pub struct RecordJson {
     receiver_id: String,
     pid: Option<u32>,
     since: String,
+    /// `receiver` (of events) or `server` (of calls).
+    role: &'static str,
 }
 
 /// The JSON form of one record, as `list --json` prints it.
@@ -133,5 +136,6 @@ pub fn record_json(r: &Record) -> RecordJson {
         receiver_id: r.receiver.to_string(),
         pid: r.pid,
         since: rfc3339_ms(r.since_ms),
+        role: r.role.as_str(),
     }
 }

@@ -220,6 +220,8 @@ pub struct Report {
     pub handles: usize,
     /// Registrations (receivers) in all.
     pub registrations: usize,
+    /// Servers of calls registered in all.
+    pub servers: usize,
     /// Client connections open now (handshaking ones included).
     pub connections: usize,
     /// Watches in all.
@@ -316,6 +318,11 @@ impl Report {
                 "ipcbus_epm_registrations",
                 "Receivers registered now.",
                 self.registrations,
+            ),
+            (
+                "ipcbus_epm_servers",
+                "Servers of calls registered now.",
+                self.servers,
             ),
             (
                 "ipcbus_epm_handles",
@@ -608,6 +615,7 @@ mod tests {
             uptime_s: 90_061,
             handles: 1,
             registrations: 1,
+            servers: 0,
             connections: 2,
             watches: 0,
             store: "memory".to_owned(),
@@ -659,6 +667,7 @@ mod tests {
             "ipcbus_epm_store_registrations 0",
             "# TYPE ipcbus_epm_registrations gauge",
             "ipcbus_epm_registrations 1",
+            "ipcbus_epm_servers 0",
             "ipcbus_epm_build_info{version=\"1.2.3\"} 1",
             "ipcbus_epm_lease_seconds 10",
         ] {

@@ -22,7 +22,7 @@ use ipcbus::internals::link::{self, LinkWriter};
 use ipcbus::internals::{
     Acceptor, ByteStream, HandshakeGate, HandshakeSlot, Incoming, Listener, Peer,
 };
-use ipcbus::{Handle, ReceiverId, RejectReason};
+use ipcbus::{Handle, ReceiverId, RejectReason, Role};
 use ipcbus_proto::epm::{Answer, Entry, ErrorCode, Op, Request, Response, Status};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
@@ -207,7 +207,12 @@ struct Shared {
 }
 
 struct Hub {
+    /// Receivers of events (`Register`, `Watch`, ...).
     reg: Registry,
+    /// Servers of calls (`RegisterServer`, `WatchServers`, ...): a registry of their
+    /// own, with the same limits, so a sender never sees a server nor a client a
+    /// receiver. Its notices are turned into `ServerAdded` / `ServerRemoved`.
+    servers: Registry,
     outboxes: HashMap<ConnId, Outbox>,
     stats: Arc<Stats>,
     /// The etcd store's writer, with `--store etcd://...`.
@@ -226,6 +231,7 @@ impl Shared {
         Shared {
             hub: Mutex::new(Hub {
                 reg: Registry::new(config.limits.clone(), config.lease),
+                servers: Registry::new(config.limits.clone(), config.lease),
                 outboxes: HashMap::new(),
                 stats: stats.clone(),
                 store: None,
@@ -271,10 +277,23 @@ impl Hub {
         }
     }
 
+    /// Delivers notices of the servers' registry as server events.
+    fn deliver_servers(&self, notices: Vec<Notice>) {
+        self.deliver(notices.into_iter().map(server_notice).collect());
+    }
+
+    /// The next lease to run out, of receivers or servers.
+    fn next_expiry(&self) -> Option<Instant> {
+        match (self.reg.next_expiry(), self.servers.next_expiry()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Hands a registration made here to the store.
-    fn stored(&self, handle: &Handle, entry: &Entry) {
+    fn stored(&self, handle: &Handle, entry: &Entry, role: Role) {
         if let Some(w) = &self.store {
-            w.put(&entry.to_record(handle));
+            w.put(&entry.to_record(handle).with_role(role));
         }
     }
 
@@ -288,20 +307,36 @@ impl Hub {
     }
 }
 
+/// A notice of the servers' registry (`Added` / `Removed`, as the registry makes
+/// them) as the server event its watcher subscribed to.
+fn server_notice(n: Notice) -> Notice {
+    let msg = match n.msg {
+        Response::Added { handle, entry } => Response::ServerAdded { handle, entry },
+        Response::Removed { handle, receiver } => Response::ServerRemoved { handle, receiver },
+        other => other,
+    };
+    Notice { to: n.to, msg }
+}
+
 /// Applies one event of the store's watch and delivers what follows from it.
 fn apply_store(shared: &Shared, writer: &StoreWriter, event: StoreEvent) {
     shared.stats.store_event();
     let hub = &mut *shared.hub();
-    let applied = crate::store::apply(&mut hub.reg, event, |l| writer.is_ours(l));
-    hub.stats.store_skipped(applied.skipped.len());
-    for (r, why) in &applied.skipped {
-        tracing::warn!(handle = %r.handle, receiver = %r.receiver, reason = %why, "registration in etcd not taken");
+    let ours = |l| writer.is_ours(l);
+    // Each registry takes the records of its role (see `store`).
+    let applied = crate::store::apply(&mut hub.reg, Role::Receiver, event.clone(), ours);
+    let servers = crate::store::apply(&mut hub.servers, Role::Server, event, ours);
+    hub.stats
+        .store_skipped(applied.skipped.len() + servers.skipped.len());
+    for (r, why) in applied.skipped.iter().chain(&servers.skipped) {
+        tracing::warn!(handle = %r.handle, receiver = %r.receiver, role = r.role.as_str(), reason = %why, "registration in etcd not taken");
     }
-    for r in &applied.reput {
-        tracing::info!(handle = %r.handle, receiver = %r.receiver, "registration missing from etcd; putting it again");
+    for r in applied.reput.iter().chain(&servers.reput) {
+        tracing::info!(handle = %r.handle, receiver = %r.receiver, role = r.role.as_str(), "registration missing from etcd; putting it again");
         writer.put(r);
     }
     hub.deliver(applied.notices);
+    hub.deliver_servers(servers.notices);
 }
 
 /// Applies the store's watch until shutdown.
@@ -374,7 +409,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, token: Cancella
 /// Removes expired registrations when their leases run out, and tells watchers.
 async fn sweep_leases(shared: Arc<Shared>, token: CancellationToken) {
     loop {
-        let next = shared.hub().reg.next_expiry();
+        let next = shared.hub().next_expiry();
         let sleep = async {
             match next {
                 Some(t) => tokio::time::sleep_until(t).await,
@@ -387,13 +422,20 @@ async fn sweep_leases(shared: Arc<Shared>, token: CancellationToken) {
             _ = sleep => {}
         }
         let hub = &mut *shared.hub();
-        let (notices, expired) = hub.reg.expire(Instant::now());
-        hub.stats.expired(expired.len());
+        let now = Instant::now();
+        let (notices, expired) = hub.reg.expire(now);
+        let (server_notices, servers_expired) = hub.servers.expire(now);
+        hub.stats.expired(expired.len() + servers_expired.len());
         hub.unstored(gone(&expired));
+        hub.unstored(gone(&servers_expired));
         for e in &expired {
             tracing::info!(handle = %e.handle, endpoint = %e.entry.endpoint, receiver = %e.entry.receiver, "registration expired: lease not renewed");
         }
+        for e in &servers_expired {
+            tracing::info!(handle = %e.handle, endpoint = %e.entry.endpoint, server = %e.entry.receiver, "server registration expired: lease not renewed");
+        }
         hub.deliver(notices);
+        hub.deliver_servers(server_notices);
     }
 }
 
@@ -436,6 +478,7 @@ async fn serve(
     {
         let mut hub = shared.hub();
         hub.reg.connect(conn);
+        hub.servers.connect(conn);
         hub.outboxes.insert(
             conn,
             Outbox {
@@ -463,17 +506,23 @@ async fn serve(
             Ok(Ok(Some(req))) => handle(&shared, conn, peer, req),
         }
     };
-    let removed = {
+    let (removed, servers_removed) = {
         let mut hub = shared.hub();
         hub.outboxes.remove(&conn);
         let (notices, removed) = hub.reg.disconnect(conn);
         hub.unstored(gone(&removed));
         hub.deliver(notices);
-        removed
+        let (notices, servers_removed) = hub.servers.disconnect(conn);
+        hub.unstored(gone(&servers_removed));
+        hub.deliver_servers(notices);
+        (removed, servers_removed)
     };
     shared.expiry_changed.notify_one();
     for r in &removed {
         tracing::info!(%peer, handle = %r.handle, endpoint = %r.entry.endpoint, receiver = %r.entry.receiver, "unregistered: connection closed");
+    }
+    for r in &servers_removed {
+        tracing::info!(%peer, handle = %r.handle, endpoint = %r.entry.endpoint, server = %r.entry.receiver, "server unregistered: connection closed");
     }
     match end {
         Ok(why) => tracing::debug!(%peer, why, "client disconnected"),
@@ -495,6 +544,12 @@ fn handle(shared: &Shared, conn: ConnId, peer: SocketAddr, req: Request) {
         Op::Unwatch { .. } => RequestKind::Unwatch,
         Op::List => RequestKind::List,
         Op::Status => RequestKind::Status,
+        // Server requests count with their receiver counterparts.
+        Op::RegisterServer { .. } => RequestKind::Register,
+        Op::LookupServers { .. } => RequestKind::Lookup,
+        Op::WatchServers { .. } => RequestKind::Watch,
+        Op::UnwatchServers { .. } => RequestKind::Unwatch,
+        Op::ListServers => RequestKind::List,
         _ => RequestKind::Unknown,
     });
     let mut hub = shared.hub();
@@ -519,7 +574,7 @@ fn handle(shared: &Shared, conn: ConnId, peer: SocketAddr, req: Request) {
                         tracing::info!(%peer, %handle, %endpoint, %receiver, "registered");
                     }
                     if let Some(e) = for_store.filter(|_| store) {
-                        hub.stored(&handle, &e);
+                        hub.stored(&handle, &e, Role::Receiver);
                     }
                     hub.deliver(notices);
                     shared.expiry_changed.notify_one();
@@ -536,6 +591,47 @@ fn handle(shared: &Shared, conn: ConnId, peer: SocketAddr, req: Request) {
                 }
             }
         }
+        Op::RegisterServer {
+            handle,
+            entry,
+            lease_ms,
+        } => {
+            let endpoint = entry.endpoint;
+            let server = entry.receiver;
+            let for_store = hub.store.is_some().then(|| entry.clone());
+            match hub
+                .servers
+                .register(conn, handle.clone(), entry, lease_ms, now)
+            {
+                Ok(Registered {
+                    lease,
+                    changed,
+                    store,
+                    notices,
+                }) => {
+                    if changed {
+                        tracing::info!(%peer, %handle, %endpoint, %server, "server registered");
+                    }
+                    if let Some(e) = for_store.filter(|_| store) {
+                        hub.stored(&handle, &e, Role::Server);
+                    }
+                    hub.deliver_servers(notices);
+                    shared.expiry_changed.notify_one();
+                    Answer::Registered {
+                        lease_ms: u32::try_from(lease.as_millis()).unwrap_or(u32::MAX),
+                    }
+                }
+                Err(r) => {
+                    tracing::warn!(%peer, %handle, %endpoint, error = %r.text, "server registration refused");
+                    Answer::Error {
+                        code: r.code,
+                        text: r.text,
+                    }
+                }
+            }
+        }
+        // Ids are unique across roles: a receiver's registration is looked for
+        // first, then a server's.
         Op::Unregister { handle, receiver } => match hub.reg.unregister(conn, &handle, receiver) {
             Ok(notices) => {
                 tracing::info!(%peer, %handle, %receiver, "unregistered");
@@ -543,15 +639,40 @@ fn handle(shared: &Shared, conn: ConnId, peer: SocketAddr, req: Request) {
                 hub.deliver(notices);
                 Answer::Done
             }
+            Err(r) => match hub.servers.unregister(conn, &handle, receiver) {
+                Ok(notices) => {
+                    tracing::info!(%peer, %handle, server = %receiver, "server unregistered");
+                    hub.unstored([(&handle, receiver)]);
+                    hub.deliver_servers(notices);
+                    Answer::Done
+                }
+                Err(_) => Answer::Error {
+                    code: r.code,
+                    text: r.text,
+                },
+            },
+        },
+        Op::KeepAlive => {
+            hub.reg.keep_alive(conn, now);
+            hub.servers.keep_alive(conn, now);
+            shared.expiry_changed.notify_one();
+            Answer::Done
+        }
+        Op::LookupServers { handle } => Answer::Records(hub.servers.lookup(&handle)),
+        Op::WatchServers { handle } => match hub.servers.watch(conn, &handle) {
+            Ok(snapshot) => Answer::Records(snapshot),
             Err(r) => Answer::Error {
                 code: r.code,
                 text: r.text,
             },
         },
-        Op::KeepAlive => {
-            hub.reg.keep_alive(conn, now);
-            shared.expiry_changed.notify_one();
+        Op::UnwatchServers { handle } => {
+            hub.servers.unwatch(conn, &handle);
             Answer::Done
+        }
+        Op::ListServers => {
+            let (handles, total) = hub.servers.list();
+            Answer::Handles { handles, total }
         }
         Op::Lookup { handle } => Answer::Records(hub.reg.lookup(&handle)),
         Op::Watch { handle } => match hub.reg.watch(conn, &handle) {
@@ -575,7 +696,7 @@ fn handle(shared: &Shared, conn: ConnId, peer: SocketAddr, req: Request) {
             connections: shared.connections() as u32,
             registrations: hub.reg.registrations() as u32,
             handles: hub.reg.handles() as u32,
-            watches: hub.reg.watches() as u32,
+            watches: (hub.reg.watches() + hub.servers.watches()) as u32,
             lease_ms: u32::try_from(shared.config.lease.as_millis()).unwrap_or(u32::MAX),
         }),
         _ => Answer::Error {
@@ -595,8 +716,9 @@ impl crate::http::Source for Shared {
             uptime_s: self.started.elapsed().as_secs(),
             handles: hub.reg.handles(),
             registrations: hub.reg.registrations(),
+            servers: hub.servers.registrations(),
             connections: self.connections(),
-            watches: hub.reg.watches(),
+            watches: hub.reg.watches() + hub.servers.watches(),
             store: self.config.store.to_string(),
             store_registrations: hub.reg.store_registrations(),
             store_pending: hub.store.as_ref().map_or(0, |w| w.counts().1),
@@ -753,6 +875,285 @@ mod tests {
         let r = crate::http::Source::report(&*shared);
         assert_eq!((r.registrations, r.handles, r.watches), (0, 0, 1));
         assert!(r.by_handle.is_empty());
+        token.cancel();
+        sweeper.await.unwrap();
+    }
+
+    /// Servers of calls are kept apart from receivers under the same handle: each
+    /// kind of watch sees its own, as its own events; `Unregister` and `KeepAlive`
+    /// reach both; a closed connection removes both.
+    #[tokio::test]
+    async fn servers_are_kept_apart_from_receivers() {
+        let shared = Arc::new(Shared::new(Config::new(vec![]), TaskTracker::new()));
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let h = Handle::new("both").unwrap();
+        let mut outs = Vec::new();
+        {
+            let mut hub = shared.hub();
+            for c in 1..=3 {
+                let (tx, rx) = mpsc::channel(64);
+                hub.reg.connect(c);
+                hub.servers.connect(c);
+                hub.outboxes.insert(
+                    c,
+                    Outbox {
+                        tx,
+                        kill: CancellationToken::new(),
+                        peer,
+                    },
+                );
+                outs.push(rx);
+            }
+        }
+        let (o1, rest) = outs.split_at_mut(1);
+        let (o2, o3) = rest.split_at_mut(1);
+        let (o1, o2, o3) = (&mut o1[0], &mut o2[0], &mut o3[0]);
+        let server = Entry {
+            receiver: ReceiverId([8; 16]),
+            endpoint: "10.0.0.3:6000".parse().unwrap(),
+            ..entry()
+        };
+        // 2 watches receivers, 3 watches servers.
+        handle(&shared, 2, peer, req(1, Op::Watch { handle: h.clone() }));
+        handle(
+            &shared,
+            3,
+            peer,
+            req(1, Op::WatchServers { handle: h.clone() }),
+        );
+        for o in [&mut *o2, &mut *o3] {
+            assert_eq!(
+                o.try_recv().unwrap(),
+                Response::Reply {
+                    id: 1,
+                    answer: Answer::Records(vec![])
+                }
+            );
+        }
+        // 1 registers a receiver and a server under the same handle.
+        let register = |id, op| handle(&shared, 1, peer, req(id, op));
+        register(
+            1,
+            Op::Register {
+                handle: h.clone(),
+                entry: entry(),
+                lease_ms: 0,
+            },
+        );
+        register(
+            2,
+            Op::RegisterServer {
+                handle: h.clone(),
+                entry: server.clone(),
+                lease_ms: 0,
+            },
+        );
+        for id in [1, 2] {
+            assert!(matches!(
+                o1.try_recv().unwrap(),
+                Response::Reply { id: got, answer: Answer::Registered { .. } } if got == id
+            ));
+        }
+        assert_eq!(
+            o2.try_recv().unwrap(),
+            Response::Added {
+                handle: h.clone(),
+                entry: entry()
+            }
+        );
+        assert!(o2.try_recv().is_err(), "a receiver watch sees no server");
+        assert_eq!(
+            o3.try_recv().unwrap(),
+            Response::ServerAdded {
+                handle: h.clone(),
+                entry: server.clone()
+            }
+        );
+        assert!(o3.try_recv().is_err(), "a server watch sees no receiver");
+        // Lookups and lists answer per role.
+        handle(&shared, 2, peer, req(5, Op::Lookup { handle: h.clone() }));
+        handle(
+            &shared,
+            2,
+            peer,
+            req(6, Op::LookupServers { handle: h.clone() }),
+        );
+        handle(&shared, 2, peer, req(7, Op::ListServers));
+        let answers: Vec<Response> = (0..3).map(|_| o2.try_recv().unwrap()).collect();
+        assert_eq!(
+            answers,
+            vec![
+                Response::Reply {
+                    id: 5,
+                    answer: Answer::Records(vec![entry()])
+                },
+                Response::Reply {
+                    id: 6,
+                    answer: Answer::Records(vec![server.clone()])
+                },
+                Response::Reply {
+                    id: 7,
+                    answer: Answer::Handles {
+                        handles: vec![ipcbus_proto::epm::HandleCount {
+                            handle: h.clone(),
+                            receivers: 1
+                        }],
+                        total: 1
+                    }
+                },
+            ]
+        );
+        let r = crate::http::Source::report(&*shared);
+        assert_eq!((r.registrations, r.servers, r.watches), (1, 1, 2));
+        // Unregister finds the server by its id; the receiver stays.
+        register(
+            3,
+            Op::Unregister {
+                handle: h.clone(),
+                receiver: server.receiver,
+            },
+        );
+        assert_eq!(
+            o1.try_recv().unwrap(),
+            Response::Reply {
+                id: 3,
+                answer: Answer::Done
+            }
+        );
+        assert_eq!(
+            o3.try_recv().unwrap(),
+            Response::ServerRemoved {
+                handle: h.clone(),
+                receiver: server.receiver
+            }
+        );
+        assert!(o2.try_recv().is_err());
+        // Unregistering it again: not found.
+        register(
+            4,
+            Op::Unregister {
+                handle: h.clone(),
+                receiver: server.receiver,
+            },
+        );
+        assert!(matches!(
+            o1.try_recv().unwrap(),
+            Response::Reply {
+                answer: Answer::Error {
+                    code: ErrorCode::NotFound,
+                    ..
+                },
+                ..
+            }
+        ));
+        // Registered again, then the connection closes: both go, each watcher told.
+        register(
+            5,
+            Op::RegisterServer {
+                handle: h.clone(),
+                entry: server.clone(),
+                lease_ms: 0,
+            },
+        );
+        assert!(matches!(
+            o3.try_recv().unwrap(),
+            Response::ServerAdded { .. }
+        ));
+        {
+            let mut hub = shared.hub();
+            let (n, _) = hub.reg.disconnect(1);
+            hub.deliver(n);
+            let (n, _) = hub.servers.disconnect(1);
+            hub.deliver_servers(n);
+        }
+        assert!(matches!(o2.try_recv().unwrap(), Response::Removed { .. }));
+        assert_eq!(
+            o3.try_recv().unwrap(),
+            Response::ServerRemoved {
+                handle: h.clone(),
+                receiver: server.receiver
+            }
+        );
+        let r = crate::http::Source::report(&*shared);
+        assert_eq!((r.registrations, r.servers), (0, 0));
+    }
+
+    /// A server's lease runs out like a receiver's: the sweeper, woken by the
+    /// earliest lease of either registry, removes it and tells its watchers with
+    /// `ServerRemoved`; a receiver renewed meanwhile stays.
+    #[tokio::test(start_paused = true)]
+    async fn sweeper_expires_unrenewed_servers() {
+        let lease = Duration::from_secs(10);
+        let mut cfg = Config::new(vec![]);
+        cfg.lease = lease;
+        let shared = Arc::new(Shared::new(cfg, TaskTracker::new()));
+        let token = CancellationToken::new();
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let h = Handle::new("leased").unwrap();
+        let mut outs = Vec::new();
+        {
+            let mut hub = shared.hub();
+            for c in 1..=3 {
+                let (tx, rx) = mpsc::channel(64);
+                hub.reg.connect(c);
+                hub.servers.connect(c);
+                hub.outboxes.insert(
+                    c,
+                    Outbox {
+                        tx,
+                        kill: CancellationToken::new(),
+                        peer,
+                    },
+                );
+                outs.push(rx);
+            }
+        }
+        let server = Entry {
+            receiver: ReceiverId([8; 16]),
+            ..entry()
+        };
+        handle(
+            &shared,
+            3,
+            peer,
+            req(1, Op::WatchServers { handle: h.clone() }),
+        );
+        let op = Op::RegisterServer {
+            handle: h.clone(),
+            entry: server.clone(),
+            lease_ms: 0,
+        };
+        handle(&shared, 1, peer, req(1, op));
+        let op = Op::Register {
+            handle: h.clone(),
+            entry: entry(),
+            lease_ms: 0,
+        };
+        handle(&shared, 2, peer, req(1, op));
+        assert!(matches!(
+            outs[2].try_recv().unwrap(),
+            Response::Reply { .. }
+        ));
+        assert!(matches!(
+            outs[2].try_recv().unwrap(),
+            Response::ServerAdded { .. }
+        ));
+        let sweeper = tokio::spawn(sweep_leases(shared.clone(), token.clone()));
+        // Only the receiver's connection renews.
+        for i in 0..5 {
+            tokio::time::sleep(lease / 4).await;
+            handle(&shared, 2, peer, req(10 + i, Op::KeepAlive));
+        }
+        assert_eq!(
+            outs[2].try_recv().unwrap(),
+            Response::ServerRemoved {
+                handle: h.clone(),
+                receiver: server.receiver
+            }
+        );
+        let r = crate::http::Source::report(&*shared);
+        assert_eq!((r.registrations, r.servers), (1, 0));
+        assert_eq!(shared.stats.counters().lease_expiries, 1);
         token.cancel();
         sweeper.await.unwrap();
     }

@@ -13,6 +13,11 @@
 //!
 //! [`apply`] is the I/O-free step between the two: a [`StoreEvent`] and the registry
 //! in, notices and records to put again out.
+//!
+//! Servers of calls share the key space (ids are unique) and are told apart by the
+//! record's role: the server applies each event twice, to the receivers' registry
+//! with [`Role::Receiver`] and to the servers' with [`Role::Server`]; each takes the
+//! records of its role and silently leaves the others'.
 
 use ipcbus::internals::etcd_store::{watch_store, StoreEvent, StoreWriter};
 use ipcbus::{Etcd, EtcdError, Record, Role};
@@ -72,20 +77,21 @@ pub struct Applied {
     pub skipped: Vec<(Record, String)>,
 }
 
-/// Applies one event of the store's watch to the registry. `ours` says whether a
-/// lease is this EPM's: its own puts echoed back are skipped (the connection's entry
-/// is already there, or was removed since and its delete is on its way).
-/// Registrations without a TCP endpoint are skipped: the EPM's entries carry one.
-pub fn apply(reg: &mut Registry, event: StoreEvent, ours: impl Fn(i64) -> bool) -> Applied {
+/// Applies one event of the store's watch to the registry of `role` (the
+/// receivers' or the servers'): records of the other role are left alone, and the
+/// records to put again carry `role`. `ours` says whether a lease is this EPM's: its
+/// own puts echoed back are skipped (the connection's entry is already there, or was
+/// removed since and its delete is on its way). Registrations without a TCP endpoint
+/// are skipped: the EPM's entries carry one.
+pub fn apply(
+    reg: &mut Registry,
+    role: Role,
+    event: StoreEvent,
+    ours: impl Fn(i64) -> bool,
+) -> Applied {
     let mut out = Applied::default();
     let entry_of = |r: &Record, out: &mut Applied| match Entry::from_record(r) {
-        _ if r.role != Role::Receiver => {
-            out.skipped.push((
-                r.clone(),
-                "it is a server of calls, not a receiver: clients find it in etcd".to_owned(),
-            ));
-            None
-        }
+        _ if r.role != role => None,
         Some(e) => Some(e),
         None => {
             out.skipped
@@ -112,10 +118,11 @@ pub fn apply(reg: &mut Registry, event: StoreEvent, ours: impl Fn(i64) -> bool) 
                 .reassert
                 .iter()
                 .filter(|(h, e)| !mine.contains(&(h.clone(), e.receiver)))
-                .map(|(h, e)| e.to_record(h))
+                .map(|(h, e)| e.to_record(h).with_role(role))
                 .collect();
             for (h, e, why) in reset.refused {
-                out.skipped.push((e.to_record(&h), why.text));
+                out.skipped
+                    .push((e.to_record(&h).with_role(role), why.text));
             }
         }
         StoreEvent::Put(r, lease) => {
@@ -131,7 +138,7 @@ pub fn apply(reg: &mut Registry, event: StoreEvent, ours: impl Fn(i64) -> bool) 
         }
         StoreEvent::Delete(handle, receiver) => match reg.store_delete(&handle, receiver) {
             StoreDeleted::Removed(n) => out.notices = n,
-            StoreDeleted::Reassert(e) => out.reput.push(e.to_record(&handle)),
+            StoreDeleted::Reassert(e) => out.reput.push(e.to_record(&handle).with_role(role)),
             StoreDeleted::Unknown => {}
         },
         // A later kind of event this EPM does not know: nothing to do.
@@ -174,27 +181,43 @@ mod tests {
             .unwrap();
         let ours = |l: i64| l == 7;
         // The echo of this EPM's own put: nothing.
-        let a = apply(&mut reg, StoreEvent::Put(mine.clone(), 7), ours);
+        let a = apply(
+            &mut reg,
+            Role::Receiver,
+            StoreEvent::Put(mine.clone(), 7),
+            ours,
+        );
         assert!(a.notices.is_empty() && a.reput.is_empty());
         // Another EPM's registration: added, the watcher told.
-        let a = apply(&mut reg, StoreEvent::Put(rec(2, true), 8), ours);
+        let a = apply(
+            &mut reg,
+            Role::Receiver,
+            StoreEvent::Put(rec(2, true), 8),
+            ours,
+        );
         assert_eq!(a.notices.len(), 1);
         // A unix-only record: skipped, said why.
-        let a = apply(&mut reg, StoreEvent::Put(rec(3, false), 8), ours);
+        let a = apply(
+            &mut reg,
+            Role::Receiver,
+            StoreEvent::Put(rec(3, false), 8),
+            ours,
+        );
         assert_eq!(a.skipped.len(), 1);
         assert_eq!(reg.registrations(), 2);
         // A server of calls: not a receiver, skipped and said why.
         let a = apply(
             &mut reg,
+            Role::Receiver,
             StoreEvent::Put(rec(4, true).with_role(Role::Server), 8),
             ours,
         );
-        assert!(a.notices.is_empty());
-        assert!(a.skipped[0].1.contains("server"), "{:?}", a.skipped);
+        assert!(a.notices.is_empty() && a.skipped.is_empty());
         assert_eq!(reg.registrations(), 2);
         // The store lost this EPM's record: put it again.
         let a = apply(
             &mut reg,
+            Role::Receiver,
             StoreEvent::Delete(mine.handle.clone(), mine.receiver),
             ours,
         );
@@ -203,13 +226,59 @@ mod tests {
         // A snapshot without the other EPM's record and without ours.
         let a = apply(
             &mut reg,
+            Role::Receiver,
             StoreEvent::Snapshot(vec![(mine.clone(), 7)]),
             ours,
         );
         assert_eq!(a.notices.len(), 1, "the other EPM's record left");
         assert!(a.reput.is_empty(), "ours is there, under this EPM's lease");
-        let a = apply(&mut reg, StoreEvent::Snapshot(vec![]), ours);
+        let a = apply(&mut reg, Role::Receiver, StoreEvent::Snapshot(vec![]), ours);
         assert_eq!(a.reput.len(), 1, "ours is missing");
         assert_eq!((reg.registrations(), reg.store_registrations()), (1, 0));
+    }
+
+    /// The servers' registry takes the servers of the store and nothing else; the
+    /// records it puts again are servers.
+    #[test]
+    fn servers_are_applied_to_the_servers_registry_only() {
+        let h = Handle::new("h").unwrap();
+        let mut reg = Registry::new(Limits::default(), Duration::from_secs(10));
+        let mut servers = Registry::new(Limits::default(), Duration::from_secs(10));
+        let ours = |l: i64| l == 7;
+        let srv = rec(2, true).with_role(Role::Server);
+        for ev in [
+            StoreEvent::Put(rec(1, true), 8),
+            StoreEvent::Put(srv.clone(), 8),
+        ] {
+            apply(&mut reg, Role::Receiver, ev.clone(), ours);
+            apply(&mut servers, Role::Server, ev, ours);
+        }
+        assert_eq!(reg.lookup(&h).len(), 1);
+        assert_eq!(reg.lookup(&h)[0].receiver, ReceiverId([1; 16]));
+        assert_eq!(servers.lookup(&h).len(), 1);
+        assert_eq!(servers.lookup(&h)[0].receiver, srv.receiver);
+        // A delete reaches the one that has it.
+        let ev = StoreEvent::Delete(h.clone(), srv.receiver);
+        assert!(apply(&mut reg, Role::Receiver, ev.clone(), ours)
+            .notices
+            .is_empty());
+        apply(&mut servers, Role::Server, ev, ours);
+        assert!(servers.lookup(&h).is_empty());
+        assert_eq!(reg.lookup(&h).len(), 1);
+        // A server registered here that the store lost is put again as a server.
+        servers.connect(1);
+        let mine = rec(3, true).with_role(Role::Server);
+        let e = Entry::from_record(&mine).unwrap();
+        servers
+            .register(1, h.clone(), e, 0, Instant::now())
+            .unwrap();
+        let a = apply(
+            &mut servers,
+            Role::Server,
+            StoreEvent::Snapshot(vec![]),
+            ours,
+        );
+        assert_eq!(a.reput.len(), 1);
+        assert_eq!(a.reput[0].role, Role::Server);
     }
 }

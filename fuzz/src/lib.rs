@@ -42,6 +42,7 @@ pub const TARGETS: &[&str] = &[
     "salt",
     "epm_config",
     "record",
+    "call",
 ];
 
 /// Runs the target called `name` on `data`. Unknown names do nothing.
@@ -57,6 +58,7 @@ pub fn run(name: &str, data: &[u8]) {
         "salt" => salt(data),
         "epm_config" => epm_config(data),
         "record" => record(data),
+        "call" => call(data),
         _ => {}
     }
 }
@@ -447,6 +449,45 @@ pub fn record(data: &[u8]) {
     }
 }
 
+/// The bodies of call frames (docs/PROTOCOL.md §8): `data[0] % 4` picks `Request`,
+/// `Reply`, `Cancel` or the contract-mismatch detail, the rest is the body. Whatever
+/// parses re-encodes to exactly the same bytes.
+pub fn call(data: &[u8]) {
+    use ipcbus_proto::call::{encode_cancel, parse_cancel, ContractDetail, Reply, Request};
+    let Some((&pick, body)) = data.split_first() else {
+        return;
+    };
+    let bytes = bytes::Bytes::copy_from_slice(body);
+    let mut out = BytesMut::new();
+    match pick % 4 {
+        0 => {
+            if let Ok(r) = Request::parse(bytes) {
+                assert_ne!(r.id, 0);
+                r.encode(&mut out);
+                assert_eq!(&out[..], body);
+            }
+        }
+        1 => {
+            if let Ok(r) = Reply::parse(bytes) {
+                assert_ne!(r.id, 0);
+                r.encode(&mut out);
+                assert_eq!(&out[..], body);
+            }
+        }
+        2 => {
+            if let Ok(id) = parse_cancel(body) {
+                encode_cancel(&mut out, id);
+                assert_eq!(&out[..], body);
+            }
+        }
+        _ => {
+            if let Ok(d) = ContractDetail::parse(body) {
+                assert_eq!(&d.to_bytes()[..], body);
+            }
+        }
+    }
+}
+
 /// A small seed corpus: for each target, inputs that reach past the first checks.
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let mut out: Vec<(&'static str, Vec<u8>)> = Vec::new();
@@ -630,5 +671,24 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     ] {
         out.push(("record", s.as_bytes().to_vec()));
     }
+
+    // call: a request, a success and an error reply, a cancel, a detail (the pinned
+    // bytes of proto/src/call.rs).
+    for h in [
+        "000000000000000001000003e8000443616c630002036164640204",
+        "010000000000000001000c",
+        "01000000000000000201000300026e6f01430001",
+        "020000000000000102",
+        "0301430001",
+    ] {
+        out.push(("call", unhex(h)));
+    }
     out
+}
+
+fn unhex(h: &str) -> Vec<u8> {
+    (0..h.len())
+        .step_by(2)
+        .filter_map(|i| u8::from_str_radix(&h[i..i + 2], 16).ok())
+        .collect()
 }

@@ -96,6 +96,42 @@ pub enum Op {
     List,
     /// The EPM's figures. Answered with [`Answer::Status`].
     Status,
+    /// Register (or renew) a server of calls for a handle: as `Register`, in a
+    /// separate set (a lookup or watch of receivers never sees it). `Unregister` and
+    /// `KeepAlive` apply to it as to a receiver. Answered with [`Answer::Registered`].
+    /// An EPM older than this variant closes the connection on it.
+    RegisterServer {
+        /// The handle served.
+        #[serde(with = "handle_serde")]
+        handle: Handle,
+        /// Where and who the server is (`receiver` is the server's id).
+        entry: Entry,
+        /// Requested lease in milliseconds (0: the EPM's default).
+        lease_ms: u32,
+    },
+    /// The servers registered for a handle now. Answered with [`Answer::Records`].
+    LookupServers {
+        /// The handle.
+        #[serde(with = "handle_serde")]
+        handle: Handle,
+    },
+    /// Like `LookupServers`, then [`Response::ServerAdded`] /
+    /// [`Response::ServerRemoved`] for every change of the handle's servers until
+    /// `UnwatchServers` or the connection closes.
+    WatchServers {
+        /// The handle.
+        #[serde(with = "handle_serde")]
+        handle: Handle,
+    },
+    /// Stop watching a handle's servers. Answered with [`Answer::Done`].
+    UnwatchServers {
+        /// The handle.
+        #[serde(with = "handle_serde")]
+        handle: Handle,
+    },
+    /// Every handle with its number of servers (in `HandleCount::receivers`).
+    /// Answered with [`Answer::Handles`].
+    ListServers,
 }
 
 /// One receiver's registration as the EPM stores and reports it (the handle is given
@@ -130,7 +166,9 @@ impl Entry {
         })
     }
 
-    /// The registry record of this entry under `handle`.
+    /// The registry record of this entry under `handle`, with the role
+    /// [`Receiver`](crate::record::Role::Receiver) (use [`Record::with_role`] for a
+    /// server's entry).
     pub fn to_record(&self, handle: &Handle) -> Record {
         Record {
             handle: handle.clone(),
@@ -170,6 +208,24 @@ pub enum Response {
         #[serde(with = "handle_serde")]
         handle: Handle,
         /// The receiver.
+        #[serde(with = "receiver_serde")]
+        receiver: ReceiverId,
+    },
+    /// A server of calls registered for a handle whose servers are watched
+    /// ([`Op::WatchServers`]).
+    ServerAdded {
+        /// The handle.
+        #[serde(with = "handle_serde")]
+        handle: Handle,
+        /// The new registration.
+        entry: Entry,
+    },
+    /// A server of a handle whose servers are watched is gone.
+    ServerRemoved {
+        /// The handle.
+        #[serde(with = "handle_serde")]
+        handle: Handle,
+        /// The server's id.
         #[serde(with = "receiver_serde")]
         receiver: ReceiverId,
     },
@@ -482,6 +538,68 @@ mod tests {
         assert_eq!(hex::encode(encode_body(&r)), "000005000178");
     }
 
+    /// The server ops and events are appended: the old variants keep their indices
+    /// (pinned above) and the new ones take the next.
+    #[test]
+    fn pinned_server_bytes() {
+        let r = Request {
+            id: 7,
+            op: Op::RegisterServer {
+                handle: h("h"),
+                entry: entry(),
+                lease_ms: 10_000,
+            },
+        };
+        assert_eq!(
+            hex::encode(encode_body(&r)),
+            concat!(
+                "07",                               // id
+                "08",                               // RegisterServer
+                "0168",                             // handle "h"
+                "00",                               // endpoint V4
+                "0a000002",                         // 10.0.0.2
+                "e722",                             // port 4455 varint
+                "abababababababababababababababab", // server id
+                "01ac02",                           // pid Some(300)
+                "01",                               // version 1
+                "01",                               // since_ms 1
+                "904e",                             // lease 10000 varint
+            )
+        );
+        for (op, hex) in [
+            (Op::LookupServers { handle: h("ab") }, "0109026162"),
+            (Op::WatchServers { handle: h("ab") }, "010a026162"),
+            (Op::UnwatchServers { handle: h("ab") }, "010b026162"),
+            (Op::ListServers, "010c"),
+        ] {
+            assert_eq!(hex::encode(encode_body(&Request { id: 1, op })), hex);
+        }
+        let r = Response::ServerAdded {
+            handle: h("h"),
+            entry: entry(),
+        };
+        assert_eq!(
+            hex::encode(encode_body(&r)),
+            concat!(
+                "03",                                         // ServerAdded
+                "0168",                                       // handle "h"
+                "000a000002e722",                             // 10.0.0.2:4455
+                "abababababababababababababababab01ac020101", // id, pid, version, since
+            )
+        );
+        let r = Response::ServerRemoved {
+            handle: h("h"),
+            receiver: ReceiverId([1; 16]),
+        };
+        assert_eq!(
+            hex::encode(encode_body(&r)),
+            "04016801010101010101010101010101010101"
+        );
+        // An old decoder (variants 0-7 / 0-2) refuses them: `unknown variant`.
+        assert!(decode_body::<Request>(&[0x01, 0x0d]).is_err());
+        assert!(decode_body::<Response>(&[0x05]).is_err());
+    }
+
     #[test]
     fn round_trip_every_message() {
         let v6 = SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 9, 0, 0));
@@ -504,6 +622,18 @@ mod tests {
             Op::Unwatch { handle: h("w") },
             Op::List,
             Op::Status,
+            Op::RegisterServer {
+                handle: h("s"),
+                entry: Entry {
+                    endpoint: v6,
+                    ..entry()
+                },
+                lease_ms: 5,
+            },
+            Op::LookupServers { handle: h("s") },
+            Op::WatchServers { handle: h("s") },
+            Op::UnwatchServers { handle: h("s") },
+            Op::ListServers,
         ];
         for (i, op) in reqs.into_iter().enumerate() {
             let r = Request { id: i as u32, op };
@@ -544,6 +674,14 @@ mod tests {
                 handle: h("x"),
                 entry: entry(),
             },
+            Response::ServerAdded {
+                handle: h("x"),
+                entry: entry(),
+            },
+            Response::ServerRemoved {
+                handle: h("x"),
+                receiver: ReceiverId([9; 16]),
+            },
         ];
         for r in resps {
             assert_eq!(decode_body::<Response>(&encode_body(&r)).unwrap(), r);
@@ -583,7 +721,7 @@ mod tests {
                     version: (r >> 16) as u16,
                     since_ms: r >> 3,
                 };
-                let op = match r % 8 {
+                let op = match r % 13 {
                     0 => Op::Register {
                         handle: handle(r),
                         entry: e.clone(),
@@ -598,7 +736,16 @@ mod tests {
                     4 => Op::Watch { handle: handle(r) },
                     5 => Op::Unwatch { handle: handle(r) },
                     6 => Op::List,
-                    _ => Op::Status,
+                    7 => Op::Status,
+                    8 => Op::RegisterServer {
+                        handle: handle(r),
+                        entry: e.clone(),
+                        lease_ms: (r >> 24) as u32,
+                    },
+                    9 => Op::LookupServers { handle: handle(r) },
+                    10 => Op::WatchServers { handle: handle(r) },
+                    11 => Op::UnwatchServers { handle: handle(r) },
+                    _ => Op::ListServers,
                 };
                 let req = Request {
                     id: (r >> 5) as u32,

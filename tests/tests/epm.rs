@@ -17,7 +17,7 @@ use ipcbus::epm::WatchEvent;
 use ipcbus::registry::record_now;
 use ipcbus::{
     BindError, Epm, EpmError, Handle, HandshakeError, Key, Receiver, ReceiverId, Record,
-    RejectReason, Sender, SenderId,
+    RejectReason, Role, Sender, SenderId,
 };
 use ipcbus_proto::codec::{put_frame, CodecV1};
 use ipcbus_proto::epm::{Entry, ErrorCode, Op, Request, EPM_HANDLE};
@@ -285,6 +285,96 @@ async fn unrenewed_registration_expires_after_its_lease() {
     );
     blocking(|| svc.wait_log("registration expired", T));
     drop(silent);
+}
+
+/// A server of calls and a receiver under the same handle are kept apart: a watch of
+/// receivers sees only the receiver, a watch of servers only the server (events of
+/// the other role would arrive in order between the ones checked), lookups and
+/// lists answer per role, and a server's registration goes when its connection
+/// closes.
+#[tokio::test(flavor = "multi_thread")]
+async fn servers_and_receivers_of_one_handle_are_watched_apart() {
+    let (mut svc, addr) = Service::start(&["--bind", "127.0.0.1:0"]);
+    let epm = Epm::connect(addr.to_string()).await.unwrap();
+    let mut receivers = epm.client().await.unwrap();
+    assert!(receivers.watch(&h("calc")).await.unwrap().is_empty());
+    let mut servers = epm.client().await.unwrap();
+    assert!(servers.watch_servers(&h("calc")).await.unwrap().is_empty());
+
+    let mut rx_conn = epm.client().await.unwrap();
+    let mut srv_conn = epm.client().await.unwrap();
+    let rec = record("calc", 7101);
+    let srv = record("calc", 7102).with_role(Role::Server);
+    rx_conn.register(&rec, Duration::ZERO).await.unwrap();
+    srv_conn.register(&srv, Duration::ZERO).await.unwrap();
+    blocking(|| svc.wait_log("server registered", T));
+    // A second of each: the next event of each watch is its own kind's.
+    let rec2 = record("calc", 7103);
+    let srv2 = record("calc", 7104).with_role(Role::Server);
+    rx_conn.register(&rec2, Duration::ZERO).await.unwrap();
+    srv_conn.register(&srv2, Duration::ZERO).await.unwrap();
+    assert_eq!(
+        next_event(&mut receivers).await,
+        WatchEvent::Added(rec.clone())
+    );
+    assert_eq!(
+        next_event(&mut receivers).await,
+        WatchEvent::Added(rec2.clone())
+    );
+    assert_eq!(
+        next_event(&mut servers).await,
+        WatchEvent::ServerAdded(srv.clone())
+    );
+    assert_eq!(
+        next_event(&mut servers).await,
+        WatchEvent::ServerAdded(srv2.clone())
+    );
+
+    let sorted = |mut v: Vec<Record>| {
+        v.sort_by_key(|r| r.receiver);
+        v
+    };
+    assert_eq!(
+        sorted(epm.lookup(&h("calc")).await.unwrap()),
+        sorted(vec![rec.clone(), rec2.clone()])
+    );
+    let found = sorted(epm.lookup_servers(&h("calc")).await.unwrap());
+    assert_eq!(found, sorted(vec![srv.clone(), srv2.clone()]));
+    assert!(found.iter().all(|r| r.role == Role::Server));
+    let (handles, total) = servers.list_servers().await.unwrap();
+    assert_eq!((handles[0].receivers, total), (2, 1));
+    assert_eq!(epm.status().await.unwrap().registrations, 2, "receivers");
+
+    // The servers' connection closes: both servers go, the receivers stay.
+    srv_conn.close().await;
+    let mut gone = Vec::new();
+    for _ in 0..2 {
+        match next_event(&mut servers).await {
+            WatchEvent::ServerRemoved { handle, server } => {
+                assert_eq!(handle, h("calc"));
+                gone.push(server);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    gone.sort();
+    let mut want = vec![srv.receiver, srv2.receiver];
+    want.sort();
+    assert_eq!(gone, want);
+    blocking(|| svc.wait_log("server unregistered: connection closed", T));
+    assert!(epm.lookup_servers(&h("calc")).await.unwrap().is_empty());
+    assert_eq!(epm.lookup(&h("calc")).await.unwrap().len(), 2);
+
+    // Unregister reaches a receiver as before; the receiver watch saw no server
+    // event in between.
+    rx_conn.unregister(&rec.handle, rec.receiver).await.unwrap();
+    assert_eq!(
+        next_event(&mut receivers).await,
+        WatchEvent::Removed {
+            handle: h("calc"),
+            receiver: rec.receiver
+        }
+    );
 }
 
 /// The EPM carries TCP endpoints only: a receiver given a Unix path and a TCP
@@ -945,4 +1035,62 @@ fn lan_across_network_namespaces() {
     drop(receivers);
     drop(svc);
     drop(lab);
+}
+
+/// A server of calls and a receiver of events under one handle, both through the EPM:
+/// the client reaches only the server, the sender only the receiver.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_and_events_through_the_epm_reach_only_their_own_kind() {
+    let (_svc, addr) = Service::start(&["--bind", "127.0.0.1:0"]);
+    let epm = Epm::connect(addr.to_string()).await.unwrap();
+    let mut rx = Receiver::builder(h("both"))
+        .epm(epm.clone())
+        .bind()
+        .await
+        .unwrap();
+    let server = ipcbus::Server::builder(h("both"))
+        .discovery(ipcbus::Discovery::Epm(epm.clone()))
+        .bind()
+        .await
+        .unwrap();
+    let server_id = server.id();
+    tokio::spawn(server.serve(
+        |req| async move {
+            let mut body = b"echo ".to_vec();
+            body.extend_from_slice(req.body());
+            let _ = req.reply_bytes(body);
+        },
+        4,
+    ));
+    let servers = epm.lookup_servers(&h("both")).await.unwrap();
+    assert_eq!(servers.len(), 1);
+    assert_eq!(servers[0].receiver, server_id);
+    assert_eq!(epm.lookup(&h("both")).await.unwrap().len(), 1, "receivers");
+
+    let client = ipcbus::Client::builder(h("both"))
+        .discovery(ipcbus::Discovery::Epm(epm.clone()))
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(client.wait_for_servers(1, T).await, 1);
+    let reply = client.call_bytes("hi").timeout(T).await.unwrap();
+    assert_eq!(&reply.body()[..], b"echo hi");
+    assert_eq!(client.servers()[0].id, server_id);
+
+    let mut tx = Sender::builder(h("both"))
+        .epm(epm.clone())
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(tx.wait_for_receivers(1, T).await, 1);
+    let receivers = tx.receivers();
+    assert_eq!(receivers.len(), 1);
+    assert_eq!(receivers[0].id, rx.id(), "the sender sees the receiver only");
+    let pending = tx.publish_bytes("event").await.unwrap();
+    let m = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
+    assert_eq!(&m.payload()[..], b"event");
+    assert_eq!(pending.await.acked.len(), 1);
+    tx.close().await;
+    client.close().await;
+    rx.close().await;
 }

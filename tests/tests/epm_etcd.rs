@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use cli_support::{epm_service, strip_ansi, Epm as Service};
 use ipcbus::epm::WatchEvent;
-use ipcbus::{Epm, Etcd, Handle, Receiver, ReceiverId, Sender};
+use ipcbus::registry::record_now;
+use ipcbus::{Epm, Etcd, Handle, Receiver, ReceiverId, Role, Sender};
 use ipcbus_tests::etcd::Cluster;
 
 const T: Duration = Duration::from_secs(15);
@@ -210,6 +211,62 @@ async fn a_receiver_registered_at_one_epm_is_found_at_the_other() {
     tx.close().await;
     direct.close().await;
     assert!(eventually!(T, ids_at(&at_a, &handle).await.is_empty()));
+}
+
+/// A server of calls registered at one EPM is a server at the other too (never a
+/// receiver there), and leaves both when its connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_registered_at_one_epm_is_a_server_at_the_other() {
+    let Some(c) = cluster() else { return };
+    let a = start(&etcd_form(&c), &[]);
+    let b = start(&etcd_form(&c), &[]);
+    let (at_a, at_b) = (epm(&a.addr), epm(&b.addr));
+    let handle = h("shared.calls");
+    let mut servers = at_b.client().await.unwrap();
+    assert!(servers.watch_servers(&handle).await.unwrap().is_empty());
+    let mut receivers = at_b.client().await.unwrap();
+    assert!(receivers.watch(&handle).await.unwrap().is_empty());
+
+    let mut conn = at_a.client().await.unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], 7201));
+    let srv =
+        record_now(handle.clone(), vec![addr.into()], ReceiverId::random()).with_role(Role::Server);
+    let rec = record_now(
+        handle.clone(),
+        vec![SocketAddr::from(([127, 0, 0, 1], 7202)).into()],
+        ReceiverId::random(),
+    );
+    conn.register(&srv, Duration::ZERO).await.unwrap();
+    match next_event(&mut servers).await {
+        WatchEvent::ServerAdded(r) => {
+            assert_eq!((r.receiver, r.role), (srv.receiver, Role::Server));
+            assert_eq!(r.tcp_addr(), Some(addr));
+        }
+        other => panic!("{other:?}"),
+    }
+    // The receiver watch at B: the receiver registered after the server is its
+    // first event.
+    conn.register(&rec, Duration::ZERO).await.unwrap();
+    assert!(
+        matches!(next_event(&mut receivers).await, WatchEvent::Added(r) if r.receiver == rec.receiver)
+    );
+    let at_b_servers = at_b.lookup_servers(&handle).await.unwrap();
+    assert_eq!(at_b_servers.len(), 1);
+    assert_eq!(ids_at(&at_b, &handle).await, vec![rec.receiver]);
+
+    // The connection closes at A: the server leaves B's view.
+    conn.close().await;
+    assert_eq!(
+        next_event(&mut servers).await,
+        WatchEvent::ServerRemoved {
+            handle: handle.clone(),
+            server: srv.receiver
+        }
+    );
+    assert!(eventually!(
+        T,
+        at_b.lookup_servers(&handle).await.unwrap().is_empty()
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

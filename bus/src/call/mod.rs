@@ -10,32 +10,53 @@
 //! handshake, keys, sealing, compression, transports and discovery. Either end may
 //! call the other: the server reaches its caller through the [`Peer`] of a request.
 //!
-//! STATUS: API skeleton; the bodies marked `todo!` are being built (issue 12).
-#![allow(dead_code, unused_variables, clippy::todo)]
+//! By concern:
+//! - this module: the public types shared by both ends ([`Contract`], [`Request`],
+//!   [`Reply`], [`Call`], the errors) and the traits;
+//! - `pending`: the I/O-free table of calls in flight on one connection;
+//! - `conn`: one connection after its handshake, the same at both ends (reader and
+//!   writer tasks, routing of `Request`, `Reply` and `Cancel`);
+//! - `client`: [`Client`] (discovery of servers, choice, reconnects);
+//! - `server`: [`Server`] (binding, registering, accepting);
+//! - `peer`: [`Peer`], the other end of one connection.
+
+mod client;
+mod conn;
+mod peer;
+mod pending;
+mod server;
 
 use std::fmt;
-use std::future::{Future, IntoFuture};
-use std::pin::Pin;
+use std::future::IntoFuture;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use futures::Stream;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use ipcbus_proto::call::Code;
+use ipcbus_proto::call::{self as wire, Code, ContractDetail, Fault};
 use ipcbus_proto::handle::Handle;
-use ipcbus_proto::ids::{ReceiverId, SenderId};
+use ipcbus_proto::ids::ReceiverId;
 
-use crate::discovery::Discovery;
-use crate::receiver::BindError;
-use crate::security::Security;
-use crate::sender::BuildError;
-use crate::transport::{Endpoint, Transport};
+use crate::transport::Endpoint;
 use crate::PayloadError;
+
+pub use client::{Client, ClientBuilder, Incoming};
+pub use peer::Peer;
+pub use server::{Server, ServerBuilder};
+
+use conn::{CallFail, Permits};
+
+/// A call's timeout when none is set.
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+tokio::task_local! {
+    /// The peer of the request a task is serving (see [`Peer::current`]).
+    static CURRENT_PEER: Peer;
+}
 
 pub use ipcbus_proto::call::Code as RemoteCode;
 
@@ -159,7 +180,12 @@ impl RemoteError {
         message: impl Into<String>,
         value: &E,
     ) -> Result<RemoteError, PayloadError> {
-        todo!()
+        let detail = postcard::to_allocvec(value).map_err(PayloadError::from)?;
+        Ok(RemoteError {
+            code: Code::Application,
+            message: message.into(),
+            detail: Bytes::from(detail),
+        })
     }
 
     /// Decodes the detail of an application error as an `E` (postcard).
@@ -167,18 +193,54 @@ impl RemoteError {
     /// # Errors
     /// [`PayloadError`] when the detail is not an `E`.
     pub fn decode_detail<E: DeserializeOwned>(&self) -> Result<E, PayloadError> {
-        todo!()
+        Ok(postcard::from_bytes(&self.detail)?)
     }
 
     /// The answer to a call of a method the contract does not have: a contract
     /// mismatch naming `contract` as the server's.
     pub fn unknown_method(contract: &Contract, method: &str) -> RemoteError {
-        todo!()
+        RemoteError {
+            code: Code::ContractMismatch,
+            message: format!("{contract} has no method {method:?}"),
+            detail: ContractDetail {
+                contract: contract.name().to_owned(),
+                version: contract.version(),
+            }
+            .to_bytes(),
+        }
     }
 
     /// The answer to a request whose arguments do not decode.
     pub fn bad_request(err: impl fmt::Display) -> RemoteError {
-        todo!()
+        RemoteError {
+            code: Code::BadRequest,
+            message: format!("the arguments do not decode: {err}"),
+            detail: Bytes::new(),
+        }
+    }
+}
+
+/// What a caller makes of a remote fault: `Busy` and a contract mismatch are errors
+/// of their own, the rest a [`RemoteError`].
+pub(crate) fn fault_to_error(ours: &Contract, f: Fault) -> CallError {
+    match f.code {
+        Code::Busy => CallError::Busy,
+        Code::ContractMismatch | Code::UnknownMethod => {
+            let theirs = match ContractDetail::parse(&f.detail) {
+                Ok(d) => Contract::new(d.contract, d.version).to_string(),
+                Err(_) => "(unknown)".to_owned(),
+            };
+            CallError::ContractMismatch {
+                ours: ours.to_string(),
+                theirs,
+                message: f.message,
+            }
+        }
+        code => CallError::Remote(RemoteError {
+            code,
+            message: f.message,
+            detail: f.detail,
+        }),
     }
 }
 
@@ -272,7 +334,7 @@ pub trait Caller: Clone + Send + Sync + 'static {
     ///
     /// # Errors
     /// [`CallError::Closed`], [`CallError::NoServers`], [`CallError::Disconnected`],
-    /// [`CallError::Encode`].
+    /// [`CallError::Encode`], [`CallError::Busy`] (the connection's queue is full).
     fn notify_raw(&self, contract: &Contract, method: &str, body: Bytes) -> Result<(), CallError>;
 }
 
@@ -318,104 +380,65 @@ pub struct ServerInfo {
     pub endpoint: Endpoint,
 }
 
-/// The other end of one call connection: for a server, the client that called; for a
-/// client, the server. Cheap to clone; valid while the connection lives.
-#[derive(Clone)]
-pub struct Peer {
-    inner: Arc<()>,
-}
-
-impl Peer {
-    /// The caller's id (from its handshake).
-    pub fn id(&self) -> SenderId {
-        todo!()
-    }
-
-    /// Whether the connection is still open.
-    pub fn is_connected(&self) -> bool {
-        todo!()
-    }
-
-    /// Resolves when the connection has closed.
-    pub async fn closed(&self) {
-        todo!()
-    }
-
-    /// Calls back into the other end (untyped): see [`Client::call`].
-    pub fn call<T: Serialize + ?Sized>(&self, req: &T) -> Call {
-        todo!()
-    }
-
-    /// Calls back with raw bytes.
-    pub fn call_bytes(&self, body: impl Into<Bytes>) -> Call {
-        todo!()
-    }
-
-    /// Sends the other end a one-way event (a notification on `method`, postcard
-    /// `event`); it arrives on [`Client::incoming`] or the client's callback service.
-    ///
-    /// # Errors
-    /// [`CallError::Disconnected`] once the connection is gone, [`CallError::Encode`].
-    pub fn notify<T: Serialize + ?Sized>(&self, method: &str, event: &T) -> Result<(), CallError> {
-        todo!()
-    }
-
-    /// The peer of the request being served by this task, inside a [`Service::call`]
-    /// or a [`Server::serve`] handler; `None` elsewhere.
-    pub fn current() -> Option<Peer> {
-        todo!()
-    }
-}
-
-impl fmt::Debug for Peer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Peer").finish_non_exhaustive()
-    }
-}
-
-impl Caller for Peer {
-    fn call_raw(
-        &self,
-        contract: &Contract,
-        method: &str,
-        body: Bytes,
-        timeout: Option<Duration>,
-    ) -> BoxFuture<'static, Result<Bytes, CallError>> {
-        todo!()
-    }
-
-    fn notify_raw(&self, contract: &Contract, method: &str, body: Bytes) -> Result<(), CallError> {
-        todo!()
-    }
-}
-
 /// One call in preparation: set a timeout, a method or a contract, then `.await` it.
 /// Dropping it after it was first polled cancels the call.
 #[must_use = "a call does nothing until awaited"]
 pub struct Call {
-    inner: (),
+    target: CallTarget,
+    body: Result<Bytes, CallError>,
+    method: String,
+    contract: Option<Contract>,
+    timeout: Option<Duration>,
+}
+
+enum CallTarget {
+    Client(Client),
+    Peer(Peer),
 }
 
 impl Call {
+    fn new(target: CallTarget, body: Result<Bytes, CallError>) -> Call {
+        Call {
+            target,
+            body,
+            method: String::new(),
+            contract: None,
+            timeout: None,
+        }
+    }
+
     /// This call's timeout (default: the client's, 30 s unless set).
     pub fn timeout(self, d: Duration) -> Call {
-        todo!()
+        Call {
+            timeout: Some(d),
+            ..self
+        }
     }
 
     /// The method to call (default: empty, for servers that take any request).
     pub fn method(self, name: &str) -> Call {
-        todo!()
+        Call {
+            method: name.to_owned(),
+            ..self
+        }
     }
 
     /// The contract to call under (default: the client's, untyped unless set).
     pub fn contract(self, contract: Contract) -> Call {
-        todo!()
+        Call {
+            contract: Some(contract),
+            ..self
+        }
     }
 }
 
 impl fmt::Debug for Call {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Call").finish_non_exhaustive()
+        f.debug_struct("Call")
+            .field("method", &self.method)
+            .field("contract", &self.contract)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
     }
 }
 
@@ -424,7 +447,25 @@ impl IntoFuture for Call {
     type IntoFuture = BoxFuture<'static, Result<Reply, CallError>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        todo!()
+        Box::pin(async move {
+            let body = self.body?;
+            match self.target {
+                CallTarget::Client(c) => {
+                    let contract = self.contract.unwrap_or_else(|| c.default_contract());
+                    c.call_one(&contract, &self.method, body, self.timeout)
+                        .await
+                }
+                CallTarget::Peer(p) => {
+                    let contract = self.contract.unwrap_or_else(Contract::untyped);
+                    let timeout = self.timeout.unwrap_or(DEFAULT_TIMEOUT);
+                    p.conn
+                        .call(&contract, &self.method, body, timeout)
+                        .await
+                        .map(|body| Reply { body, server: None })
+                        .map_err(CallFail::into_error)
+                }
+            }
+        })
     }
 }
 
@@ -432,24 +473,36 @@ impl IntoFuture for Call {
 /// [`Gathered`] per server that was registered when the call started.
 #[must_use = "a call does nothing until awaited"]
 pub struct CallAll {
-    inner: (),
+    client: Client,
+    body: Result<Bytes, CallError>,
+    method: String,
+    timeout: Option<Duration>,
 }
 
 impl CallAll {
     /// The deadline for all the replies (default: the client's timeout).
     pub fn timeout(self, d: Duration) -> CallAll {
-        todo!()
+        CallAll {
+            timeout: Some(d),
+            ..self
+        }
     }
 
     /// The method to call.
     pub fn method(self, name: &str) -> CallAll {
-        todo!()
+        CallAll {
+            method: name.to_owned(),
+            ..self
+        }
     }
 }
 
 impl fmt::Debug for CallAll {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CallAll").finish_non_exhaustive()
+        f.debug_struct("CallAll")
+            .field("method", &self.method)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
     }
 }
 
@@ -460,7 +513,12 @@ impl IntoFuture for CallAll {
     type IntoFuture = BoxFuture<'static, Result<Vec<Gathered>, CallError>>;
 
     fn into_future(self) -> Self::IntoFuture {
-        todo!()
+        Box::pin(async move {
+            let body = self.body?;
+            self.client
+                .call_every(&self.method, body, self.timeout)
+                .await
+        })
     }
 }
 
@@ -510,13 +568,48 @@ impl Reply {
 /// [`Request::reply_err`]; one dropped without an answer is answered
 /// [`RemoteCode::NoReply`] (or [`RemoteCode::Panicked`] when dropped by a panic).
 pub struct Request {
-    inner: (),
+    wire: wire::Request,
+    peer: Peer,
+    received: Instant,
+    answered: bool,
+    /// Set when the handler holding it panicked (see `server::CatchPanic`).
+    panicked: Option<Arc<AtomicBool>>,
+    _permits: Option<Permits>,
 }
 
 impl Request {
+    pub(crate) fn new(wire: wire::Request, peer: Peer, permits: Permits) -> Request {
+        Request {
+            wire,
+            peer,
+            received: Instant::now(),
+            answered: false,
+            panicked: None,
+            _permits: Some(permits),
+        }
+    }
+
+    /// Marks it answered without answering (a dropped notification).
+    pub(crate) fn mark_answered(&mut self) {
+        self.answered = true;
+    }
+
+    /// Whether its caller has given up by now.
+    pub(crate) fn expired(&self) -> bool {
+        conn::deadline_of(&self.wire, self.received).is_some_and(|d| d <= Instant::now())
+    }
+
+    pub(crate) fn answer(&mut self, outcome: Result<Bytes, RemoteError>) -> Result<(), CallError> {
+        self.answered = true;
+        if self.wire.one_way() {
+            return Ok(());
+        }
+        self.peer.conn.reply(self.wire.id, outcome)
+    }
+
     /// The argument bytes.
     pub fn body(&self) -> &Bytes {
-        todo!()
+        &self.wire.body
     }
 
     /// Decodes the arguments (postcard, as [`Client::call`] encodes them).
@@ -524,32 +617,33 @@ impl Request {
     /// # Errors
     /// [`PayloadError`] when they are not a `T`.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, PayloadError> {
-        todo!()
+        Ok(postcard::from_bytes(&self.wire.body)?)
     }
 
     /// The method called (empty for untyped calls).
     pub fn method(&self) -> &str {
-        todo!()
+        &self.wire.method
     }
 
     /// The caller's contract (untyped: empty name).
     pub fn contract(&self) -> (&str, u16) {
-        todo!()
+        (&self.wire.contract, self.wire.version)
     }
 
     /// Whether the caller expects no reply (a notification).
     pub fn is_one_way(&self) -> bool {
-        todo!()
+        self.wire.one_way()
     }
 
     /// The time left before the caller gives up, as of now (`None`: no deadline).
     pub fn time_left(&self) -> Option<Duration> {
-        todo!()
+        conn::deadline_of(&self.wire, self.received)
+            .map(|d| d.saturating_duration_since(Instant::now()))
     }
 
     /// The caller, which can be called back while its connection lives.
     pub fn peer(&self) -> &Peer {
-        todo!()
+        &self.peer
     }
 
     /// Answers with `value` (postcard).
@@ -558,333 +652,65 @@ impl Request {
     /// [`CallError::Encode`]; [`CallError::Disconnected`] when the caller is gone (it
     /// sees the call as disconnected or timed out).
     pub fn reply<T: Serialize + ?Sized>(self, value: &T) -> Result<(), CallError> {
-        todo!()
+        let body = postcard::to_allocvec(value).map_err(|e| CallError::Encode(e.to_string()))?;
+        self.reply_bytes(body)
     }
 
     /// Answers with raw bytes.
     ///
     /// # Errors
     /// As [`Request::reply`].
-    pub fn reply_bytes(self, body: impl Into<Bytes>) -> Result<(), CallError> {
-        todo!()
+    pub fn reply_bytes(mut self, body: impl Into<Bytes>) -> Result<(), CallError> {
+        self.answer(Ok(body.into()))
     }
 
     /// Answers with an error.
     ///
     /// # Errors
     /// As [`Request::reply`].
-    pub fn reply_err(self, err: RemoteError) -> Result<(), CallError> {
-        todo!()
+    pub fn reply_err(mut self, err: RemoteError) -> Result<(), CallError> {
+        self.answer(Err(err))
+    }
+}
+
+impl Drop for Request {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let panicked = std::thread::panicking()
+            || self
+                .panicked
+                .as_ref()
+                .is_some_and(|p| p.load(Ordering::Acquire));
+        let err = if panicked {
+            conn::panicked()
+        } else {
+            RemoteError {
+                code: Code::NoReply,
+                message: "the handler finished without replying".into(),
+                detail: Bytes::new(),
+            }
+        };
+        let _ = self.answer(Err(err));
     }
 }
 
 impl fmt::Debug for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Request").finish_non_exhaustive()
+        f.debug_struct("Request")
+            .field("id", &self.wire.id)
+            .field("contract", &self.wire.contract)
+            .field("version", &self.wire.version)
+            .field("method", &self.wire.method)
+            .field("len", &self.wire.body.len())
+            .field("one_way", &self.wire.one_way())
+            .finish_non_exhaustive()
     }
 }
 
-/// Configures and builds a [`Client`].
-#[derive(Debug, Clone)]
-pub struct ClientBuilder {
-    handle: Handle,
-}
-
-impl ClientBuilder {
-    /// The discovery back end (default: [`Discovery::from_env`]).
-    pub fn discovery(self, d: Discovery) -> Self {
-        todo!()
-    }
-
-    /// Calls go to the server at `endpoint` only; no registry is read.
-    pub fn endpoint(self, endpoint: Endpoint) -> Self {
-        todo!()
-    }
-
-    /// Security (default: from the environment, else the local-user secret).
-    pub fn security(self, security: Security) -> Self {
-        todo!()
-    }
-
-    /// The default timeout of each call (default 30 s).
-    pub fn timeout(self, d: Duration) -> Self {
-        todo!()
-    }
-
-    /// How long connecting to a server may take (default 5 s).
-    pub fn connect_timeout(self, d: Duration) -> Self {
-        todo!()
-    }
-
-    /// The contract of untyped calls made through this client (default untyped).
-    pub fn contract(self, contract: Contract) -> Self {
-        todo!()
-    }
-
-    /// The most calls in flight in all (default 65536); past it a call waits for a
-    /// slot within its timeout.
-    pub fn max_in_flight(self, n: usize) -> Self {
-        todo!()
-    }
-
-    /// Runs `init` on each new connection before any other call uses it (to log in,
-    /// subscribe, restore state after a server restart). The [`Peer`] it gets is the
-    /// server. A failing `init` closes that connection and fails the calls waiting
-    /// for it with its error.
-    pub fn on_connect<F, Fut>(self, init: F) -> Self
-    where
-        F: Fn(Peer) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), CallError>> + Send + 'static,
-    {
-        todo!()
-    }
-
-    /// Serves the server's calls back into this client with `service` (a callback
-    /// contract); without one they arrive on [`Client::incoming`].
-    pub fn callback<S: Service>(self, service: S) -> Self {
-        todo!()
-    }
-
-    /// Builds the client and starts watching the handle's servers. It does not wait
-    /// for a server: a call with none registered fails with [`CallError::NoServers`].
-    ///
-    /// # Errors
-    /// [`BuildError`] when discovery or security cannot be set up.
-    pub async fn build(self) -> Result<Client, BuildError> {
-        todo!()
-    }
-}
-
-/// Makes calls to the servers of one handle. Cheap to clone (clones share the
-/// connections); the connections close when the last clone is dropped.
-#[derive(Clone)]
-pub struct Client {
-    inner: Arc<()>,
-}
-
-impl Client {
-    /// A builder for a client of `handle`.
-    pub fn builder(handle: Handle) -> ClientBuilder {
-        ClientBuilder { handle }
-    }
-
-    /// Calls one server with `req` (postcard); `.await` the [`Call`] for the
-    /// [`Reply`].
-    pub fn call<T: Serialize + ?Sized>(&self, req: &T) -> Call {
-        todo!()
-    }
-
-    /// Calls one server with raw bytes.
-    pub fn call_bytes(&self, body: impl Into<Bytes>) -> Call {
-        todo!()
-    }
-
-    /// Calls every server registered now with `req` (postcard).
-    pub fn call_all<T: Serialize + ?Sized>(&self, req: &T) -> CallAll {
-        todo!()
-    }
-
-    /// Calls every server registered now with raw bytes.
-    pub fn call_all_bytes(&self, body: impl Into<Bytes>) -> CallAll {
-        todo!()
-    }
-
-    /// The servers known now.
-    pub fn servers(&self) -> Vec<ServerInfo> {
-        todo!()
-    }
-
-    /// Waits until at least `n` servers are known or `timeout` passes; returns how
-    /// many are known.
-    pub async fn wait_for_servers(&self, n: usize, timeout: Duration) -> usize {
-        todo!()
-    }
-
-    /// Calls and notifications from the servers that no callback service takes.
-    pub fn incoming(&self) -> Incoming {
-        todo!()
-    }
-
-    /// The handle.
-    pub fn handle(&self) -> &Handle {
-        todo!()
-    }
-
-    /// Closes the connections; calls in flight fail with [`CallError::Closed`].
-    pub async fn close(self) {
-        todo!()
-    }
-}
-
-impl fmt::Debug for Client {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Client").finish_non_exhaustive()
-    }
-}
-
-impl Caller for Client {
-    fn call_raw(
-        &self,
-        contract: &Contract,
-        method: &str,
-        body: Bytes,
-        timeout: Option<Duration>,
-    ) -> BoxFuture<'static, Result<Bytes, CallError>> {
-        todo!()
-    }
-
-    fn notify_raw(&self, contract: &Contract, method: &str, body: Bytes) -> Result<(), CallError> {
-        todo!()
-    }
-}
-
-/// The calls and notifications a client's servers send it (see [`Client::incoming`]).
-pub struct Incoming {
-    inner: (),
-}
-
-impl Stream for Incoming {
-    type Item = Request;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Request>> {
-        todo!()
-    }
-}
-
-impl fmt::Debug for Incoming {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Incoming").finish_non_exhaustive()
-    }
-}
-
-/// Configures and binds a [`Server`].
-#[derive(Debug, Clone)]
-pub struct ServerBuilder {
-    handle: Handle,
-}
-
-impl ServerBuilder {
-    /// The discovery back end it registers in (default: [`Discovery::from_env`]).
-    pub fn discovery(self, d: Discovery) -> Self {
-        todo!()
-    }
-
-    /// The transports to listen on (as [`ReceiverBuilder::transports`](crate::ReceiverBuilder::transports)).
-    pub fn transports(self, transports: impl IntoIterator<Item = Transport>) -> Self {
-        todo!()
-    }
-
-    /// Listens at `endpoint` (as [`ReceiverBuilder::bind_at`](crate::ReceiverBuilder::bind_at)).
-    pub fn bind_at(self, endpoint: Endpoint) -> Self {
-        todo!()
-    }
-
-    /// Security (default: from the environment, else the local-user secret).
-    pub fn security(self, security: Security) -> Self {
-        todo!()
-    }
-
-    /// Serves every request with `service`: the requests do not appear on the
-    /// server's stream.
-    pub fn service<S: Service>(self, service: S) -> Self {
-        todo!()
-    }
-
-    /// Serves each connection with its own instance, made by `factory` for the
-    /// connection's [`Peer`] when it opens and dropped when it closes.
-    pub fn service_factory<S, F>(self, factory: F) -> Self
-    where
-        S: Service,
-        F: Fn(&Peer) -> S + Send + Sync + 'static,
-    {
-        todo!()
-    }
-
-    /// Calls of one connection running at once (default 256); past it, and past
-    /// [`ServerBuilder::max_in_flight`], a call is answered [`RemoteCode::Busy`].
-    pub fn concurrency(self, per_connection: usize) -> Self {
-        todo!()
-    }
-
-    /// Calls running at once in all (default 4096).
-    pub fn max_in_flight(self, n: usize) -> Self {
-        todo!()
-    }
-
-    /// Binds, registers, and starts accepting calls.
-    ///
-    /// # Errors
-    /// [`BindError`], as for a receiver.
-    pub async fn bind(self) -> Result<Server, BindError> {
-        todo!()
-    }
-}
-
-/// A bound, registered server: a [`Stream`] of [`Request`]s (unless a
-/// [`Service`] takes them), or [`Server::serve`] with a handler. Dropping it
-/// unregisters and closes its connections.
-pub struct Server {
-    inner: (),
-}
-
-impl Server {
-    /// A builder for a server of `handle`.
-    pub fn builder(handle: Handle) -> ServerBuilder {
-        ServerBuilder { handle }
-    }
-
-    /// Runs `handler` on every request, at most `concurrency` at once, until the
-    /// server is closed. A handler that panics answers [`RemoteCode::Panicked`] and
-    /// the server goes on.
-    pub async fn serve<F, Fut>(self, handler: F, concurrency: usize)
-    where
-        F: Fn(Request) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        todo!()
-    }
-
-    /// The next request (`None` once closed).
-    pub async fn next_request(&mut self) -> Option<Request> {
-        todo!()
-    }
-
-    /// Its endpoints, as registered.
-    pub fn endpoints(&self) -> &[Endpoint] {
-        todo!()
-    }
-
-    /// Its TCP address, if it listens on TCP.
-    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
-        todo!()
-    }
-
-    /// Its id (as registered).
-    pub fn id(&self) -> ReceiverId {
-        todo!()
-    }
-
-    /// The handle.
-    pub fn handle(&self) -> &Handle {
-        todo!()
-    }
-
-    /// Unregisters, stops accepting, lets calls running finish (bounded), closes.
-    pub async fn close(self) {
-        todo!()
-    }
-}
-
-impl Stream for Server {
-    type Item = Request;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Request>> {
-        todo!()
-    }
-}
-
-impl fmt::Debug for Server {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Server").finish_non_exhaustive()
-    }
+fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, CallError> {
+    postcard::to_allocvec(value)
+        .map(Bytes::from)
+        .map_err(|e| CallError::Encode(e.to_string()))
 }

@@ -7,6 +7,7 @@ use crate::registry::Record;
 use ipcbus_proto::epm::{Answer, Entry, HandleCount, Op, Request, Response, Status};
 use ipcbus_proto::handle::Handle;
 use ipcbus_proto::ids::ReceiverId;
+use ipcbus_proto::record::Role;
 
 use super::link::{LinkReader, LinkWriter};
 use super::EpmError;
@@ -28,6 +29,26 @@ pub enum WatchEvent {
         /// The receiver.
         receiver: ReceiverId,
     },
+    /// A server of calls registered (a watch of servers,
+    /// [`EpmClient::watch_servers`]); the record's role is [`Role::Server`].
+    ServerAdded(Record),
+    /// A server of calls is gone.
+    ServerRemoved {
+        /// The handle.
+        handle: Handle,
+        /// The server's id.
+        server: ReceiverId,
+    },
+}
+
+impl WatchEvent {
+    /// Whether the event is about a receiver or a server.
+    pub fn role(&self) -> Role {
+        match self {
+            WatchEvent::Added(_) | WatchEvent::Removed { .. } => Role::Receiver,
+            WatchEvent::ServerAdded(_) | WatchEvent::ServerRemoved { .. } => Role::Server,
+        }
+    }
 }
 
 /// An open connection to the EPM, made by [`Epm::client`](super::Epm::client).
@@ -41,6 +62,8 @@ pub struct EpmClient {
     next_id: u32,
     events: VecDeque<WatchEvent>,
     timeout: Duration,
+    /// Whether the EPM has shown it knows the server requests (it answered one).
+    knows_servers: bool,
 }
 
 impl EpmClient {
@@ -51,7 +74,14 @@ impl EpmClient {
             next_id: 1,
             events: VecDeque::new(),
             timeout,
+            knows_servers: false,
         }
+    }
+
+    fn next_id(&mut self) -> u32 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        id
     }
 
     /// Sends one request and waits (at most the client's request timeout) for its
@@ -65,24 +95,43 @@ impl EpmClient {
     /// # Cancel safety
     /// Not cancel safe: a cancelled request may have been sent; drop the client.
     pub async fn request(&mut self, op: Op) -> Result<Answer, EpmError> {
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1);
+        let id = self.next_id();
         tokio::time::timeout(self.timeout, async {
             self.writer
                 .send(&Request { id, op })
                 .await
                 .map_err(EpmError::Io)?;
-            loop {
-                match self.reader.recv::<Response>().await? {
-                    None => return Err(EpmError::Closed),
-                    Some(Response::Reply { id: got, answer }) if got == id => {
-                        return match answer {
-                            Answer::Error { code, text } => Err(EpmError::Refused { code, text }),
-                            a => Ok(a),
-                        };
-                    }
-                    Some(Response::Reply { .. }) => return Err(EpmError::UnexpectedAnswer),
-                    Some(other) => self.buffer(other)?,
+            self.reply(id).await
+        })
+        .await
+        .map_err(|_| EpmError::Timeout)?
+    }
+
+    /// Sends a server request (`RegisterServer`, `WatchServers`, ...). The first on
+    /// a connection goes out right behind a `Status` request, in the same write: an
+    /// EPM older than server requests answers the `Status`, then closes the
+    /// connection on the request it cannot decode. A reply to the `Status` followed
+    /// by the connection closing is therefore
+    /// [`EpmError::ServersUnsupported`], not a lost connection to reconnect.
+    async fn server_request(&mut self, op: Op) -> Result<Answer, EpmError> {
+        if self.knows_servers {
+            return self.request(op).await;
+        }
+        let probe = self.next_id();
+        let id = self.next_id();
+        tokio::time::timeout(self.timeout, async {
+            self.writer.queue(&Request {
+                id: probe,
+                op: Op::Status,
+            });
+            self.writer.queue(&Request { id, op });
+            self.writer.flush().await.map_err(EpmError::Io)?;
+            self.reply(probe).await?;
+            match self.reply(id).await {
+                Err(EpmError::Closed | EpmError::Io(_)) => Err(EpmError::ServersUnsupported),
+                r => {
+                    self.knows_servers = true;
+                    r
                 }
             }
         })
@@ -90,10 +139,34 @@ impl EpmClient {
         .map_err(|_| EpmError::Timeout)?
     }
 
+    /// Reads until the reply to request `id`, buffering watch events.
+    async fn reply(&mut self, id: u32) -> Result<Answer, EpmError> {
+        loop {
+            match self.reader.recv::<Response>().await? {
+                None => return Err(EpmError::Closed),
+                Some(Response::Reply { id: got, answer }) if got == id => {
+                    return match answer {
+                        Answer::Error { code, text } => Err(EpmError::Refused { code, text }),
+                        a => Ok(a),
+                    };
+                }
+                Some(Response::Reply { .. }) => return Err(EpmError::UnexpectedAnswer),
+                Some(other) => self.buffer(other)?,
+            }
+        }
+    }
+
     fn buffer(&mut self, r: Response) -> Result<(), EpmError> {
         let ev = match r {
             Response::Added { handle, entry } => WatchEvent::Added(entry.to_record(&handle)),
             Response::Removed { handle, receiver } => WatchEvent::Removed { handle, receiver },
+            Response::ServerAdded { handle, entry } => {
+                WatchEvent::ServerAdded(entry.to_record(&handle).with_role(Role::Server))
+            }
+            Response::ServerRemoved { handle, receiver } => WatchEvent::ServerRemoved {
+                handle,
+                server: receiver,
+            },
             _ => return Err(EpmError::UnexpectedAnswer),
         };
         if self.events.len() >= MAX_BUFFERED_EVENTS {
@@ -124,31 +197,46 @@ impl EpmClient {
         }
     }
 
-    /// Registers `record` for its handle; returns the lease granted. Register again
-    /// or [`keep_alive`](Self::keep_alive) before it runs out.
+    /// Registers `record` for its handle, as a receiver or a server of calls after
+    /// its [`role`](Record::role); returns the lease granted. Register again or
+    /// [`keep_alive`](Self::keep_alive) before it runs out.
     ///
     /// # Errors
-    /// [`EpmError`], e.g. [`EpmError::Refused`] with `LimitReached`.
+    /// [`EpmError`], e.g. [`EpmError::Refused`] with `LimitReached`;
+    /// [`EpmError::ServersUnsupported`] for a server when the EPM predates servers.
     pub async fn register(
         &mut self,
         record: &Record,
         lease: Duration,
     ) -> Result<Duration, EpmError> {
         let lease_ms = u32::try_from(lease.as_millis()).unwrap_or(u32::MAX);
-        match self
-            .request(Op::Register {
-                handle: record.handle.clone(),
-                entry: Entry::from_record(record).ok_or(EpmError::NoTcpEndpoint)?,
-                lease_ms,
-            })
-            .await?
-        {
+        let handle = record.handle.clone();
+        let entry = Entry::from_record(record).ok_or(EpmError::NoTcpEndpoint)?;
+        let answer = match record.role {
+            Role::Receiver => {
+                self.request(Op::Register {
+                    handle,
+                    entry,
+                    lease_ms,
+                })
+                .await?
+            }
+            Role::Server => {
+                self.server_request(Op::RegisterServer {
+                    handle,
+                    entry,
+                    lease_ms,
+                })
+                .await?
+            }
+        };
+        match answer {
             Answer::Registered { lease_ms } => Ok(Duration::from_millis(lease_ms.into())),
             _ => Err(EpmError::UnexpectedAnswer),
         }
     }
 
-    /// Removes a registration this connection made.
+    /// Removes a registration this connection made (a receiver's or a server's).
     ///
     /// # Errors
     /// [`EpmError`]; `Refused` with `NotFound` if there is none.
@@ -201,6 +289,79 @@ impl EpmClient {
         .await
     }
 
+    /// The servers of calls registered for `handle` now (records with the role
+    /// [`Role::Server`]).
+    ///
+    /// # Errors
+    /// [`EpmError`]; [`EpmError::ServersUnsupported`] when the EPM predates servers.
+    pub async fn lookup_servers(&mut self, handle: &Handle) -> Result<Vec<Record>, EpmError> {
+        let a = self
+            .server_request(Op::LookupServers {
+                handle: handle.clone(),
+            })
+            .await?;
+        servers(handle, a)
+    }
+
+    /// The servers of calls registered for `handle` now; from then on every change
+    /// comes as [`WatchEvent::ServerAdded`] or [`WatchEvent::ServerRemoved`] from
+    /// [`next_event`](Self::next_event).
+    ///
+    /// # Errors
+    /// [`EpmError`]; [`EpmError::ServersUnsupported`] when the EPM predates servers.
+    pub async fn watch_servers(&mut self, handle: &Handle) -> Result<Vec<Record>, EpmError> {
+        let a = self
+            .server_request(Op::WatchServers {
+                handle: handle.clone(),
+            })
+            .await?;
+        servers(handle, a)
+    }
+
+    /// Stops watching the servers of `handle`.
+    ///
+    /// # Errors
+    /// [`EpmError`].
+    pub async fn unwatch_servers(&mut self, handle: &Handle) -> Result<(), EpmError> {
+        match self
+            .server_request(Op::UnwatchServers {
+                handle: handle.clone(),
+            })
+            .await?
+        {
+            Answer::Done => Ok(()),
+            _ => Err(EpmError::UnexpectedAnswer),
+        }
+    }
+
+    /// The records of `role` registered for `handle` now, then their changes as
+    /// events: [`watch`](Self::watch) or [`watch_servers`](Self::watch_servers).
+    ///
+    /// # Errors
+    /// As those.
+    pub async fn watch_role(
+        &mut self,
+        role: Role,
+        handle: &Handle,
+    ) -> Result<Vec<Record>, EpmError> {
+        match role {
+            Role::Receiver => self.watch(handle).await,
+            Role::Server => self.watch_servers(handle).await,
+        }
+    }
+
+    /// Every handle with its number of servers of calls (in
+    /// [`HandleCount::receivers`]), and the total number of such handles.
+    ///
+    /// # Errors
+    /// [`EpmError`]; [`EpmError::ServersUnsupported`] when the EPM predates servers.
+    pub async fn list_servers(&mut self) -> Result<(Vec<HandleCount>, u32), EpmError> {
+        match self.server_request(Op::ListServers).await? {
+            Answer::Handles { handles, total } => Ok((handles, total)),
+            _ => Err(EpmError::UnexpectedAnswer),
+        }
+    }
+
     /// Every handle with its receiver count, and the total number of handles (the EPM
     /// cuts long lists).
     ///
@@ -241,5 +402,16 @@ impl EpmClient {
     /// Closes the connection (the EPM drops this connection's registrations at once).
     pub async fn close(mut self) {
         self.writer.shutdown().await;
+    }
+}
+
+/// The records of a server answer (`Records`), with the role `Server`.
+fn servers(handle: &Handle, a: Answer) -> Result<Vec<Record>, EpmError> {
+    match a {
+        Answer::Records(entries) => Ok(entries
+            .iter()
+            .map(|e| e.to_record(handle).with_role(Role::Server))
+            .collect()),
+        _ => Err(EpmError::UnexpectedAnswer),
     }
 }

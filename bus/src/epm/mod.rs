@@ -7,8 +7,9 @@
 //!   watch, list, status).
 //! - `link`: the framed, optionally sealed connection both the client and the daemon
 //!   use.
-//! - `session`: the background tasks that keep a receiver registered and a sender's
-//!   watch alive across EPM restarts, with jittered exponential backoff.
+//! - `session`: the background tasks that keep a receiver (or a server of calls)
+//!   registered and a sender's (or a client's) watch alive across EPM restarts, with
+//!   jittered exponential backoff.
 //!
 //! Not run as a test: it needs an `epm-service` listening at `epm.lan:4455`
 //! (`tests/tests/epm.rs` runs the same steps against a real one).
@@ -104,6 +105,10 @@ pub enum EpmError {
     /// The address (`IPCBUS_EPM`) is not `HOST[:PORT]`.
     #[error(transparent)]
     Address(#[from] EpmAddrError),
+    /// The EPM closed the connection on a server-of-calls request after answering the
+    /// request before it: it predates servers (it cannot decode the request).
+    #[error("this endpoint manager does not support call servers; upgrade epm-service")]
+    ServersUnsupported,
     /// A receiver with no TCP endpoint asked to register: the EPM serves discovery
     /// across hosts and carries TCP endpoints only.
     #[error("the epm registers tcp endpoints only, and this receiver has none: bind tcp too, or use the local registry for unix sockets")]
@@ -406,6 +411,17 @@ impl Epm {
     pub async fn lookup(&self, handle: &Handle) -> Result<Vec<Record>, EpmError> {
         let mut c = self.client().await?;
         let s = c.lookup(handle).await;
+        c.close().await;
+        s
+    }
+
+    /// The servers of calls registered for `handle` now.
+    ///
+    /// # Errors
+    /// [`EpmError`]; [`EpmError::ServersUnsupported`] when the EPM predates servers.
+    pub async fn lookup_servers(&self, handle: &Handle) -> Result<Vec<Record>, EpmError> {
+        let mut c = self.client().await?;
+        let s = c.lookup_servers(handle).await;
         c.close().await;
         s
     }

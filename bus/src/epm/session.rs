@@ -1,6 +1,10 @@
 //! Background tasks that keep a receiver registered and a sender's watch alive,
 //! reconnecting with jittered exponential backoff (100 ms up to 5 s) and registering
 //! or watching again after an EPM restart, with nothing for the application to do.
+//!
+//! The same tasks serve calls: [`register`] registers a record of either role (a
+//! server of calls is a record with [`Role::Server`]), and [`watch_servers`] is the
+//! client's counterpart of the sender's [`watch()`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +18,7 @@ use super::{Epm, EpmClient, EpmError, WatchEvent};
 use crate::registry::Record;
 use ipcbus_proto::handle::Handle;
 use ipcbus_proto::ids::ReceiverId;
+use ipcbus_proto::record::Role;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -48,8 +53,8 @@ impl Backoff {
     }
 }
 
-/// Keeps a receiver registered at the EPM until removed or dropped; the EPM drops the
-/// registration the moment the connection closes.
+/// Keeps a receiver (or server) registered at the EPM until removed or dropped; the
+/// EPM drops the registration the moment the connection closes.
 #[derive(Debug)]
 pub(crate) struct EpmRegistration {
     cancel: CancellationToken,
@@ -69,9 +74,15 @@ impl Drop for EpmRegistration {
 
 /// Registers `record` now (so a wrong password or an unreachable EPM is an error of
 /// `bind`), then keeps it registered in the background.
+///
+/// `record.role` says what registers: a receiver of events ([`Role::Receiver`],
+/// `Register`) or a server of calls ([`Role::Server`], `RegisterServer`; only
+/// clients' watches of servers see it). A server at an EPM that predates servers
+/// fails here with [`EpmError::ServersUnsupported`]. The registration goes when the
+/// returned value is removed or dropped.
 pub(crate) async fn register(epm: Epm, record: Record) -> Result<EpmRegistration, EpmError> {
     let (client, lease) = register_once(&epm, &record).await?;
-    tracing::debug!(epm = epm.addr(), handle = %record.handle, endpoints = ?record.endpoints, "registered at the epm");
+    tracing::debug!(epm = epm.addr(), handle = %record.handle, role = record.role.as_str(), endpoints = ?record.endpoints, "registered at the epm");
     let cancel = CancellationToken::new();
     tokio::spawn(keep_registered(epm, record, client, lease, cancel.clone()));
     Ok(EpmRegistration { cancel })
@@ -117,6 +128,11 @@ async fn keep_registered(
                     tracing::info!(epm = epm.addr(), handle = %record.handle, endpoints = ?record.endpoints, "registered at the epm again");
                     break;
                 }
+                // An EPM replaced by one that predates servers: said loudly, and
+                // tried again (it may be upgraded again).
+                Err(e @ EpmError::ServersUnsupported) => {
+                    tracing::warn!(epm = epm.addr(), handle = %record.handle, error = %e, "cannot register the server again")
+                }
                 Err(e) => {
                     tracing::debug!(epm = epm.addr(), error = %e, "epm registration attempt failed")
                 }
@@ -149,22 +165,48 @@ async fn renew(client: &mut EpmClient, lease: Duration) -> EpmError {
 /// The current set of records of a watched handle.
 pub(crate) type RecordSet = Arc<Vec<Record>>;
 
-/// Watches `handle` now (so a wrong password or an unreachable EPM is an error of
-/// `build`), then keeps the watch in the background, publishing the full set of
-/// records after every change. While the EPM is unreachable the last set stays.
+/// Watches the receivers of `handle` now (so a wrong password or an unreachable EPM
+/// is an error of `build`), then keeps the watch in the background, publishing the
+/// full set of records after every change. While the EPM is unreachable the last set
+/// stays.
 pub(crate) async fn watch(
     epm: Epm,
     handle: Handle,
     cancel: CancellationToken,
 ) -> Result<watch::Receiver<RecordSet>, EpmError> {
+    watch_role(epm, handle, Role::Receiver, cancel).await
+}
+
+/// Watches the servers of calls of `handle`, as [`watch()`] does its receivers: the
+/// set published holds records with the role [`Role::Server`] only, and never a
+/// receiver. The watch ends when `cancel` fires or every receiver of the set is
+/// dropped.
+///
+/// # Errors
+/// [`EpmError`] of the first watch: unreachable EPM, wrong password, and
+/// [`EpmError::ServersUnsupported`] when the EPM predates servers.
+pub(crate) async fn watch_servers(
+    epm: Epm,
+    handle: Handle,
+    cancel: CancellationToken,
+) -> Result<watch::Receiver<RecordSet>, EpmError> {
+    watch_role(epm, handle, Role::Server, cancel).await
+}
+
+async fn watch_role(
+    epm: Epm,
+    handle: Handle,
+    role: Role,
+    cancel: CancellationToken,
+) -> Result<watch::Receiver<RecordSet>, EpmError> {
     let mut client = epm.client().await?;
-    let snapshot = client.watch(&handle).await?;
+    let snapshot = client.watch_role(role, &handle).await?;
     let set = Watched {
         live: snapshot.into_iter().map(|r| (r.receiver, r)).collect(),
         missing: HashMap::new(),
     };
     let (tx, rx) = watch::channel(set.records());
-    tokio::spawn(keep_watching(epm, handle, client, set, tx, cancel));
+    tokio::spawn(keep_watching(epm, handle, role, client, set, tx, cancel));
     Ok(rx)
 }
 
@@ -199,15 +241,18 @@ impl Watched {
         self.live = fresh;
     }
 
+    /// Applies one event. A watching connection watches one role only, so the
+    /// events of either role are applied alike.
     fn apply(&mut self, ev: WatchEvent) {
         match ev {
-            WatchEvent::Added(r) => {
+            WatchEvent::Added(r) | WatchEvent::ServerAdded(r) => {
                 self.missing.remove(&r.receiver);
                 self.live.insert(r.receiver, r);
             }
-            WatchEvent::Removed { receiver, .. } => {
-                self.live.remove(&receiver);
-                self.missing.remove(&receiver);
+            WatchEvent::Removed { receiver: id, .. }
+            | WatchEvent::ServerRemoved { server: id, .. } => {
+                self.live.remove(&id);
+                self.missing.remove(&id);
             }
         }
     }
@@ -224,6 +269,7 @@ impl Watched {
 async fn keep_watching(
     epm: Epm,
     handle: Handle,
+    role: Role,
     mut client: EpmClient,
     mut set: Watched,
     tx: watch::Sender<RecordSet>,
@@ -247,7 +293,7 @@ async fn keep_watching(
                 r = async {
                     tokio::time::sleep(delay).await;
                     let mut c = epm.client().await?;
-                    let snap = c.watch(&handle).await?;
+                    let snap = c.watch_role(role, &handle).await?;
                     Ok::<_, EpmError>((c, snap))
                 } => r,
             };
@@ -340,6 +386,127 @@ mod tests {
             receiver: ReceiverId([1; 16]),
         });
         assert!(w.records().is_empty());
+    }
+
+    /// An EPM from before servers, as far as the wire goes: it decodes requests
+    /// with the eight original ops only, answers `Status`, and closes the
+    /// connection on a body it cannot decode (as `epm-service` does).
+    mod old_epm {
+        use ipcbus_proto::epm::{Answer, Entry, Response, Status};
+        use serde::Deserialize;
+
+        #[derive(Deserialize)]
+        pub(super) struct Request {
+            pub(super) id: u32,
+            pub(super) op: Op,
+        }
+
+        #[allow(dead_code)]
+        #[derive(Deserialize)]
+        pub(super) enum Op {
+            Register {
+                handle: String,
+                entry: Entry,
+                lease_ms: u32,
+            },
+            Unregister {
+                handle: String,
+                receiver: [u8; 16],
+            },
+            KeepAlive,
+            Lookup {
+                handle: String,
+            },
+            Watch {
+                handle: String,
+            },
+            Unwatch {
+                handle: String,
+            },
+            List,
+            Status,
+        }
+
+        pub(super) fn status(id: u32) -> Response {
+            Response::Reply {
+                id,
+                answer: Answer::Status(Status {
+                    version: "0.0.9".into(),
+                    uptime_s: 0,
+                    connections: 1,
+                    registrations: 0,
+                    handles: 0,
+                    watches: 0,
+                    lease_ms: 10_000,
+                }),
+            }
+        }
+    }
+
+    /// Serves `conns` connections as an old EPM; returns its address.
+    async fn old_epm(conns: usize) -> std::net::SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            for _ in 0..conns {
+                let Ok((sock, _)) = l.accept().await else {
+                    return;
+                };
+                let Ok((mut r, mut w, _)) = crate::epm::link::accept(
+                    sock,
+                    ReceiverId::random(),
+                    None,
+                    ipcbus_proto::epm::DEFAULT_EPM_MAX_FRAME,
+                )
+                .await
+                else {
+                    continue;
+                };
+                // Bounded: the client sends a handful of requests at most.
+                for _ in 0..16 {
+                    match r.recv::<old_epm::Request>().await {
+                        Ok(Some(req)) if matches!(req.op, old_epm::Op::Status) => {
+                            if w.send(&old_epm::status(req.id)).await.is_err() {
+                                break;
+                            }
+                        }
+                        Ok(Some(_)) => {}
+                        // A body it cannot decode (a server request) or the end.
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                w.shutdown().await;
+            }
+        });
+        addr
+    }
+
+    /// A server registering or a client watching at an EPM that predates servers
+    /// gets a named error at once, not a connection lost and tried again.
+    #[tokio::test]
+    async fn an_epm_without_servers_is_a_named_error() {
+        let addr = old_epm(3).await;
+        let epm = Epm::builder(addr.to_string())
+            .timeout(Duration::from_secs(10))
+            .build();
+        let e = register(epm.clone(), rec(1).with_role(Role::Server))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, EpmError::ServersUnsupported), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "this endpoint manager does not support call servers; upgrade epm-service"
+        );
+        let e = watch_servers(
+            epm.clone(),
+            Handle::new("h").unwrap(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, EpmError::ServersUnsupported), "{e:?}");
+        // The old EPM still serves what it knows.
+        assert_eq!(epm.status().await.unwrap().version, "0.0.9");
     }
 
     #[test]

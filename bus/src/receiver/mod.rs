@@ -274,34 +274,13 @@ impl ReceiverBuilder {
     /// [`BindError`] when no allowed port is free, the address cannot be bound, or the
     /// registry cannot be used.
     pub async fn bind(self) -> Result<Receiver, BindError> {
-        let discovery = match self.discovery.clone() {
-            Some(d) => d,
-            None => Discovery::from_env()?,
-        };
-        let security = match self.security.clone() {
-            Some(s) => s,
-            None => Security::from_env()?,
-        };
-        let sec = discovery.resolve_security(&security)?;
-        let id = ReceiverId::random();
-        let listeners = if self.at.is_empty() {
-            self.bind_default(&discovery, id).await?
-        } else {
-            bind_given(&self.at).await?
-        };
-        let mut endpoints = Vec::with_capacity(listeners.len());
-        for l in &listeners {
-            let mut ep = l.endpoint().map_err(|source| BindError::Bind {
-                addr: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0),
-                source,
-            })?;
-            if let Endpoint::Tcp(a) = &mut ep {
-                if a.ip().is_unspecified() {
-                    a.set_ip(discovery.advertise_ip().await?);
-                }
-            }
-            endpoints.push(ep);
-        }
+        let Listening {
+            discovery,
+            sec,
+            id,
+            listeners,
+            endpoints,
+        } = self.listen().await?;
         let (tx, rx) = mpsc::channel((self.queue_capacity / 256).max(2));
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -393,6 +372,63 @@ impl ReceiverBuilder {
             }
         }
         Ok(out)
+    }
+}
+
+/// What [`ReceiverBuilder::listen`] binds: the listeners and what goes with them.
+pub(crate) struct Listening {
+    pub(crate) discovery: Discovery,
+    pub(crate) sec: Resolved,
+    pub(crate) id: ReceiverId,
+    pub(crate) listeners: Vec<Listener>,
+    pub(crate) endpoints: Vec<Endpoint>,
+}
+
+impl ReceiverBuilder {
+    /// Resolves discovery and security and binds the listeners of
+    /// [`transports`](Self::transports) or [`bind_at`](Self::bind_at), with their
+    /// endpoints as they are registered (a receiver's and a call server's binding).
+    pub(crate) async fn listen(&self) -> Result<Listening, BindError> {
+        let discovery = match self.discovery.clone() {
+            Some(d) => d,
+            None => Discovery::from_env()?,
+        };
+        let security = match self.security.clone() {
+            Some(s) => s,
+            None => Security::from_env()?,
+        };
+        let sec = discovery.resolve_security(&security)?;
+        let id = ReceiverId::random();
+        let listeners = if self.at.is_empty() {
+            self.bind_default(&discovery, id).await?
+        } else {
+            bind_given(&self.at).await?
+        };
+        let mut endpoints = Vec::with_capacity(listeners.len());
+        for l in &listeners {
+            let mut ep = l.endpoint().map_err(|source| BindError::Bind {
+                addr: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0),
+                source,
+            })?;
+            if let Endpoint::Tcp(a) = &mut ep {
+                if a.ip().is_unspecified() {
+                    a.set_ip(discovery.advertise_ip().await?);
+                }
+            }
+            endpoints.push(ep);
+        }
+        Ok(Listening {
+            discovery,
+            sec,
+            id,
+            listeners,
+            endpoints,
+        })
+    }
+
+    /// The largest frame, the handshake timeout and the connection limit.
+    pub(crate) fn limits(&self) -> (usize, Duration, usize) {
+        (self.max_frame, self.handshake_timeout, self.max_connections)
     }
 }
 

@@ -1294,12 +1294,14 @@ impl Tracker {
         ))
     }
 
-    /// Brings the connections in line with `records`, the full current set.
+    /// Brings the connections in line with `records`, the full current set. Records
+    /// of call servers (which share handle names with receivers) are not receivers.
     pub(crate) fn apply(&mut self, records: Vec<Record>) {
         let now = Instant::now();
         let mut seen = std::collections::HashSet::new();
         for rec in records {
-            if rec.handle != self.shared.handle {
+            if rec.handle != self.shared.handle || rec.role != ipcbus_proto::record::Role::Receiver
+            {
                 continue;
             }
             seen.insert(rec.receiver);
