@@ -53,8 +53,8 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// own timeout.
 ///
 /// At most --concurrency commands run at once; further requests wait for a slot
-/// (within their deadline). SIGINT or SIGTERM: stop taking requests, unregister, let
-/// running commands finish for up to 5 s, exit 0.
+/// (within their deadline). SIGINT or SIGTERM: stop taking requests, let running
+/// commands finish and answer for up to 5 s, unregister, exit 0.
 ///
 /// Exit status: 0 after SIGINT/SIGTERM, 1 when the server cannot bind, 2 on usage or
 /// configuration errors.
@@ -143,15 +143,15 @@ pub async fn run(common: &Common, args: Args) -> anyhow::Result<ExitCode> {
         // Reap finished tasks so the set stays small.
         while running.try_join_next().is_some() {}
     }
-    // Unregister first, so no new caller picks this server, then let the commands
-    // running finish (bounded); the rest are killed with their tasks.
-    let closing = tokio::spawn(server.close());
+    // Let the commands running finish and answer (bounded; the rest are killed with
+    // their tasks), then unregister and close: `Server::close` ends the connections
+    // at once, so answers still to be written would be lost if it came first.
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
         while running.join_next().await.is_some() {}
     })
     .await;
     running.abort_all();
-    let _ = tokio::time::timeout(CLOSE_GRACE, closing).await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, server.close()).await;
     Ok(ExitCode::SUCCESS)
 }
 

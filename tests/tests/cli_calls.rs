@@ -7,6 +7,7 @@
 mod cli_support;
 
 use std::io::{Read, Write};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -38,7 +39,12 @@ fn serve(rt: &Tmp, handle: &str, args: &[&str], cmd: &[&str], env: &[(&str, &str
 /// stdout and stderr byte for byte (lossy UTF-8), unlike [`run`], which collects
 /// lines.
 fn call(rt: &Tmp, args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> Ran {
-    let mut c = ipcbus_cmd(rt.path());
+    call_in(rt.path(), args, env, stdin)
+}
+
+/// [`call`] with the registry directory `dir`.
+fn call_in(dir: &Path, args: &[&str], env: &[(&str, &str)], stdin: &[u8]) -> Ran {
+    let mut c = ipcbus_cmd(dir);
     c.arg("call")
         .args(args)
         .envs(env.iter().copied())
@@ -396,6 +402,34 @@ fn sigterm_unregisters_and_exits_0() {
     let r = call(&rt, &["term", "x"], &[], b"");
     assert_eq!(r.code(), 1, "{r:?}");
     assert!(r.stderr.contains("no servers"), "{r:?}");
+}
+
+/// Fails about 1 run in 3 (issue 12, in the calls core, not in `serve`): the answer
+/// is queued before `Server::close`, but the caller's client drops its connection
+/// with the call in flight as soon as the server's registration goes away
+/// ("disconnected: client closed"), and `Server::close` ends the connection writers
+/// without flushing what they hold ("disconnected: connection closed").
+#[test]
+#[ignore = "calls core: a server leaving fails the calls in flight to it (see the doc comment)"]
+fn sigterm_lets_a_running_command_answer_first() {
+    let rt = Tmp::new("calls-term-running");
+    let started = rt.path().join("started");
+    let script = format!("touch '{}'; sleep 1; echo finished", started.display());
+    let mut s = serve(&rt, "busy", &[], &["sh", "-c", &script], &[]);
+    let caller = {
+        let path = rt.path().to_path_buf();
+        std::thread::spawn(move || call_in(&path, &["busy", "x"], &[], b""))
+    };
+    let deadline = Instant::now() + T;
+    while !started.exists() {
+        assert!(Instant::now() < deadline, "the command did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    s.signal(libc::SIGTERM);
+    let r = caller.join().expect("caller thread");
+    assert_eq!((r.code(), r.stdout.as_str()), (0, "finished\n"), "{r:?}");
+    let st = s.wait(T).expect("serve exits after SIGTERM");
+    assert_eq!(st.code(), Some(0), "{st:?}");
 }
 
 #[test]
