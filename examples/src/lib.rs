@@ -2,12 +2,9 @@
 //! become a discovery back end and security settings.
 //!
 //! The examples themselves are in this crate's folder (`sender.rs`, `receiver.rs`,
-//! `pub_thr.rs`, `sub_thr.rs`, `ping.rs`, `pong.rs`, `lan.rs`, `calc_server.rs`,
-//! `calc_client.rs`); run one with `cargo run -p ipcbus-examples --example receiver`.
-//! [`calc`] is the typed service the calc pair shares.
+//! `pub_thr.rs`, `sub_thr.rs`, `ping.rs`, `pong.rs`, `lan.rs`); run one with
+//! `cargo run -p ipcbus-examples --example receiver`.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
-
-pub mod calc;
 
 use anyhow::Context;
 use ipcbus::{
