@@ -2,15 +2,18 @@
 //! become a discovery back end and security settings.
 //!
 //! The examples themselves are in this crate's folder (`sender.rs`, `receiver.rs`,
-//! `pub_thr.rs`, `sub_thr.rs`, `ping.rs`, `pong.rs`, `lan.rs`); run one with
+//! `pub_thr.rs`, `sub_thr.rs`, `ping.rs`, `pong.rs`, `lan.rs`, `calc_server.rs`,
+//! `calc_client.rs`; the contract of the last two is [`calc`]); run one with
 //! `cargo run -p ipcbus-examples --example receiver`.
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 use anyhow::Context;
 use ipcbus::{
-    Credentials, Discovery, Epm, Handle, Key, Receiver, ReceiverBuilder, Security, Sender,
-    SenderBuilder,
+    Client, ClientBuilder, Credentials, Discovery, Epm, Handle, Key, Receiver, ReceiverBuilder,
+    Security, Sender, SenderBuilder, Server, ServerBuilder,
 };
+
+pub mod calc;
 
 /// Options every example takes. The password and salt are read as
 /// [`ipcbus::Credentials`] documents: `--password-file` and `--salt` first, then
@@ -132,6 +135,26 @@ impl Opts {
     /// As [`Opts::discovery`].
     pub fn sender(&self, handle: Handle) -> anyhow::Result<SenderBuilder> {
         Ok(Sender::builder(handle)
+            .discovery(self.discovery()?)
+            .security(self.security()?))
+    }
+
+    /// A call server builder for `handle` with these options' discovery and security.
+    ///
+    /// # Errors
+    /// As [`Opts::discovery`].
+    pub fn server(&self, handle: Handle) -> anyhow::Result<ServerBuilder> {
+        Ok(Server::builder(handle)
+            .discovery(self.discovery()?)
+            .security(self.security()?))
+    }
+
+    /// A call client builder for `handle` with these options' discovery and security.
+    ///
+    /// # Errors
+    /// As [`Opts::discovery`].
+    pub fn client(&self, handle: Handle) -> anyhow::Result<ClientBuilder> {
+        Ok(Client::builder(handle)
             .discovery(self.discovery()?)
             .security(self.security()?))
     }

@@ -1085,7 +1085,11 @@ async fn calls_and_events_through_the_epm_reach_only_their_own_kind() {
     assert_eq!(tx.wait_for_receivers(1, T).await, 1);
     let receivers = tx.receivers();
     assert_eq!(receivers.len(), 1);
-    assert_eq!(receivers[0].id, rx.id(), "the sender sees the receiver only");
+    assert_eq!(
+        receivers[0].id,
+        rx.id(),
+        "the sender sees the receiver only"
+    );
     let pending = tx.publish_bytes("event").await.unwrap();
     let m = tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap();
     assert_eq!(&m.payload()[..], b"event");
