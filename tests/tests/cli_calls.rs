@@ -452,3 +452,44 @@ fn serve_at_an_endpoint_and_call_it_without_a_registry() {
     assert_eq!(r.code(), 1, "{r:?}");
     assert!(r.stderr.contains("no servers"), "{r:?}");
 }
+
+#[test]
+fn bench_rpc_prints_calls_against_the_plain_pair_as_json() {
+    let rt = Tmp::new("calls-bench");
+    let mut c = ipcbus_cmd(rt.path());
+    c.args([
+        "bench",
+        "--rpc",
+        "--transport",
+        "tcp,unix",
+        "--runs",
+        "1",
+        "--pings",
+        "200",
+        "--count",
+        "2000",
+        "--in-flight",
+        "16",
+        "--json",
+    ]);
+    let r = run(c, b"");
+    assert_eq!(r.code(), 0, "{r:?}");
+    let v: Value = serde_json::from_str(r.stdout.trim()).expect("bench --rpc --json is JSON");
+    let rows = v["rpc"].as_array().expect("rpc rows");
+    assert_eq!(rows.len(), 2, "{v}");
+    for (row, t) in rows.iter().zip(["tcp", "unix"]) {
+        assert_eq!(row["transport"], t, "{v}");
+        assert_eq!(row["size"], 64, "{v}");
+        for side in ["ipcbus", "baseline"] {
+            let p50 = row["latency"][side]["p50_us"].as_f64().unwrap_or(0.0);
+            assert!(p50 > 0.0, "{side} p50 in {row}");
+        }
+        let t = &row["throughput"];
+        assert_eq!(t["in_flight"], 16, "{row}");
+        assert_eq!(t["calls"], 2000, "{row}");
+        assert_eq!(t["failed"], 0, "{row}");
+        for k in ["ipcbus", "baseline", "events", "ratio", "events_ratio"] {
+            assert!(t[k].as_f64().unwrap_or(0.0) > 0.0, "{k} in {row}");
+        }
+    }
+}
