@@ -25,8 +25,8 @@ Environment:
                          mean the same as the three above
   IPCBUS_RUNTIME_DIR     the local-user registry directory [default:
                          $XDG_RUNTIME_DIR/ipcbus, else /tmp/ipcbus-$UID]
-  IPCBUS_TRANSPORTS      what receivers listen on: tcp, unix or tcp,unix [default:
-                         tcp,unix with the local registry, tcp with an EPM]
+  IPCBUS_TRANSPORTS      what receivers and servers listen on: tcp, unix or tcp,unix
+                         [default: tcp,unix with the local registry, tcp with an EPM]
   RUST_LOG               log level on stderr (error, warn, info, debug)
   NO_COLOR               set and not empty: no colours in logs (they are only used on a terminal)
 

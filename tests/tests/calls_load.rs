@@ -62,6 +62,9 @@ fn load(transports: Option<&str>, expect: &str) {
     for s in &servers {
         let ready = s.stdout_line("ready ");
         assert!(ready.contains(expect), "{ready:?} should list {expect}");
+        if transports == Some("tcp") {
+            assert!(!ready.contains("unix://"), "{ready:?}: TCP only");
+        }
     }
     let mut clients: Vec<Proc> = (0..CLIENTS)
         .map(|i| {
