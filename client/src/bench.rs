@@ -11,6 +11,10 @@
 //! up both sides) and then sent as many events as last `--duration` (1 s) on each
 //! side, three times; a run of 0.04 s measured mostly start-up and noise.
 //!
+//! `--rpc` measures calls instead (see the `rpc` module): latency one call at a time
+//! and throughput with many in flight, each against a plain request/response pair
+//! over the same transport, and the one-way event rate for comparison.
+//!
 //! `--baseline` runs every workload again over plain tokio TCP (a u32 length prefix and
 //! the payload, nothing else; the same child processes in raw mode) in the same
 //! invocation, and shows our figure as a ratio of it. `--latency` adds a ping-pong
@@ -38,6 +42,8 @@ use tokio::process::{Child, ChildStdout, Command};
 use crate::common::{parse_secs, Backend, Common, ConfigContext, Salt};
 use crate::out;
 
+mod rpc;
+
 /// Measure throughput (one sender to N receiver processes) and latency
 ///
 /// Prints the events per second each receiver took (minimum and median), the
@@ -49,6 +55,18 @@ use crate::out;
 /// about a second each (--duration), and medians are shown; with --count, the
 /// given number of events (a table then starts with one untimed warm-up run of
 /// each side). Exit status 1 if any event was not acknowledged.
+///
+/// --rpc measures calls instead, over each --transport, against a server process
+/// that echoes the body: the latency of one call at a time (p50/p99/p999 of --pings
+/// calls) and the calls per second with --in-flight calls outstanding on one
+/// connection (as many calls as take --duration, or --count), each against a plain
+/// request/response pair over the same transport in the same run (length-prefixed
+/// frames echoed by a child process: one at a time, and with the same number in
+/// flight), and the one-way event rate of the same --size (the first one) for
+/// comparison; medians of --runs. With --json one object: {"rpc":[{"transport",
+/// "size","encrypt","latency":{"ipcbus":{"p50_us","p99_us","p999_us",...},
+/// "baseline":{...},"p50_ratio"},"throughput":{"in_flight","calls","runs","ipcbus",
+/// "baseline","ratio","events","events_ratio","failed"}}]} (rates per second).
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
@@ -137,6 +155,16 @@ pub struct Args {
     /// EPM; --suite: tcp,unix]
     #[arg(long, value_delimiter = ',', value_parser = parse_transport)]
     pub transport: Vec<Transport>,
+
+    /// Measure calls (request/reply) instead of events: latency and throughput
+    /// against a plain request/response pair, and the one-way event rate
+    #[arg(long, conflicts_with_all = ["suite", "baseline", "latency"])]
+    pub rpc: bool,
+
+    /// With --rpc: calls outstanding on one connection in the throughput runs
+    #[arg(long, value_name = "N", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub in_flight: u32,
 }
 
 fn parse_transport(s: &str) -> Result<Transport, String> {
@@ -251,6 +279,8 @@ pub enum ChildMode {
     Pong,
     /// Accept one plain TCP connection and echo each length-prefixed frame.
     RawPong,
+    /// Serve calls on the handle, replying with each request's body.
+    Rpc,
 }
 
 /// Arguments of one receiver process of a bench run (hidden command).
@@ -507,6 +537,14 @@ async fn run_here(common: Common, mut args: Args) -> anyhow::Result<ExitCode> {
     }
     let by_time = args.count.is_none();
     let runs = args.runs.unwrap_or(if by_time { 3 } else { 1 });
+    if args.rpc {
+        let ok = rpc::run(&ctx, runs).await?;
+        return Ok(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
 
     let single = workloads.len() == 1 && runs == 1 && !args.baseline && !args.latency;
     if single {
@@ -1136,6 +1174,7 @@ async fn spawn_children(
                 ChildMode::Raw => "raw",
                 ChildMode::Pong => "pong",
                 ChildMode::RawPong => "raw-pong",
+                ChildMode::Rpc => "rpc",
             })
             .arg("--rt")
             .arg(ctx.args.rt.as_arg())
@@ -1241,6 +1280,7 @@ async fn run_receiver_here(common: Common, args: ReceiverArgs) -> anyhow::Result
     let result = match args.mode {
         ChildMode::Bus | ChildMode::Pong => bus_child(common, &args).await?,
         ChildMode::Raw | ChildMode::RawPong => raw_child(common, &args).await?,
+        ChildMode::Rpc => rpc::server_child(common, &args).await?,
     };
     out::line(serde_json::to_string(&result)?)?;
     Ok(ExitCode::SUCCESS)
@@ -1401,7 +1441,10 @@ async fn raw_child(common: &Common, args: &ReceiverArgs) -> anyhow::Result<Recei
     };
     let (count, idle, mode) = (args.count, args.idle, args.mode);
     let taking = tokio::spawn(async move {
-        let mut wr = wr;
+        // Echoes are buffered and written when no more input is buffered: one write
+        // per frame one at a time (ping-pong), one per batch when frames are
+        // pipelined (`bench --rpc`'s plain pair with many in flight).
+        let mut wr = BufWriter::with_capacity(64 * 1024, wr);
         let mut rd = tokio::io::BufReader::with_capacity(64 * 1024, rd);
         let mut buf = vec![0u8; 64 * 1024];
         let mut received = 0u64;
@@ -1412,6 +1455,7 @@ async fn raw_child(common: &Common, args: &ReceiverArgs) -> anyhow::Result<Recei
             let len = if rd.buffer().len() >= 4 {
                 rd.read_u32().await? as usize
             } else {
+                wr.flush().await?;
                 tokio::select! {
                     n = rd.read_u32() => match n {
                         Ok(n) => n as usize,
@@ -1428,10 +1472,8 @@ async fn raw_child(common: &Common, args: &ReceiverArgs) -> anyhow::Result<Recei
             }
             rd.read_exact(&mut buf[..len]).await?;
             if mode == ChildMode::RawPong {
-                let mut frame = Vec::with_capacity(4 + len);
-                frame.extend_from_slice(&(len as u32).to_be_bytes());
-                frame.extend_from_slice(&buf[..len]);
-                wr.write_all(&frame).await?;
+                wr.write_all(&(len as u32).to_be_bytes()).await?;
+                wr.write_all(&buf[..len]).await?;
             }
             last = Instant::now();
             first.get_or_insert(last);
@@ -1443,6 +1485,7 @@ async fn raw_child(common: &Common, args: &ReceiverArgs) -> anyhow::Result<Recei
     if args.mode == ChildMode::Raw {
         wr.write_all(&[1]).await?;
     }
+    wr.flush().await?;
     let secs = first.map_or(0.0, |f| last.duration_since(f).as_secs_f64());
     Ok(ReceiverResult { received, secs })
 }

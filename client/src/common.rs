@@ -25,13 +25,14 @@ Environment:
                          mean the same as the three above
   IPCBUS_RUNTIME_DIR     the local-user registry directory [default:
                          $XDG_RUNTIME_DIR/ipcbus, else /tmp/ipcbus-$UID]
-  IPCBUS_TRANSPORTS      what receivers listen on: tcp, unix or tcp,unix [default:
-                         tcp,unix with the local registry, tcp with an EPM]
+  IPCBUS_TRANSPORTS      what receivers and servers listen on: tcp, unix or tcp,unix
+                         [default: tcp,unix with the local registry, tcp with an EPM]
   RUST_LOG               log level on stderr (error, warn, info, debug)
   NO_COLOR               set and not empty: no colours in logs (they are only used on a terminal)
 
-Exit status: 0 success, 1 the work failed (an event not acknowledged, a receiver
-that cannot bind, an unreachable EPM or etcd), 2 usage or configuration error.";
+Exit status: 0 success, 1 the work failed (an event not acknowledged, a failed call,
+a receiver that cannot bind, an unreachable EPM or etcd), 2 usage or configuration
+error.";
 
 /// Options of every command (before or after the command name).
 #[derive(Args, Debug, Clone, Default)]

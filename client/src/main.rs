@@ -1,14 +1,15 @@
 //! `ipcbus`: the command line of the ipcbus event bus.
 //!
 //! Modules: `common` (options every command takes, and how they become discovery and
-//! security), one module per command (`listen`, `send`, `list`, `demo`, `bench`,
-//! `epm`), `out` (line-at-a-time stdout) and `time` (RFC 3339 formatting).
+//! security), one module per command (`listen`, `send`, `call`, `serve`, `list`,
+//! `demo`, `bench`, `epm`), `out` (line-at-a-time stdout) and `time` (RFC 3339 formatting).
 //!
 //! Exit status: 0 on success, 1 when the work failed (an event not acknowledged, a
 //! bind failure), 2 on usage or configuration errors. A closed stdout (`| head`) ends
 //! the program quietly with status 0.
 
 mod bench;
+mod call;
 mod common;
 mod demo;
 mod epm;
@@ -16,6 +17,7 @@ mod list;
 mod listen;
 mod out;
 mod send;
+mod serve;
 mod stats;
 mod time;
 
@@ -26,10 +28,12 @@ use clap::{Parser, Subcommand};
 
 use crate::common::{Common, ConfigError, ENV_HELP};
 
-/// Publish/subscribe events between processes on this host or across a LAN.
+/// Publish/subscribe events and make calls between processes on this host or across
+/// a LAN.
 ///
 /// Receivers register a handle (a topic name); senders send to every receiver of that
-/// handle. Try `ipcbus demo`.
+/// handle. Servers register a handle too; `call` asks one of them (or all) and prints
+/// the reply. Try `ipcbus demo`.
 #[derive(Parser, Debug)]
 #[command(name = "ipcbus", version, propagate_version = true, after_help = ENV_HELP)]
 struct Cli {
@@ -45,6 +49,10 @@ enum Command {
     Listen(listen::Args),
     #[command(after_help = ENV_HELP)]
     Send(send::Args),
+    #[command(after_help = ENV_HELP)]
+    Call(call::Args),
+    #[command(after_help = ENV_HELP)]
+    Serve(serve::Args),
     #[command(after_help = ENV_HELP)]
     List(list::Args),
     #[command(after_help = ENV_HELP)]
@@ -65,7 +73,7 @@ fn main() -> ExitCode {
     // the other commands the reports already say what failed, so only errors are
     // logged unless RUST_LOG asks for more.
     let default_filter = match cli.command {
-        Command::Listen(_) | Command::BenchReceiver(_) => "warn",
+        Command::Listen(_) | Command::Serve(_) | Command::BenchReceiver(_) => "warn",
         _ => "error",
     };
     tracing_subscriber::fmt()
@@ -113,6 +121,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen::run(&c, a).await
         }
         Command::Send(a) => send::run(&g.with_json(a.json_opt), a).await,
+        Command::Call(a) => call::run(&g.with_json(a.json_opt), a).await,
+        Command::Serve(a) => serve::run(&g, a).await,
         Command::List(a) => list::run(&g.with_json(a.json_opt), a).await,
         Command::Demo(a) => demo::run(&g, a).await,
         Command::Bench(a) => {
