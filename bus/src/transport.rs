@@ -102,6 +102,24 @@ impl ByteStream {
     }
 }
 
+impl WriteHalf {
+    /// Writes what the socket takes now, without waiting (`WouldBlock` when none).
+    pub(crate) fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            WriteHalf::Tcp(s) => s.try_write(buf),
+            WriteHalf::Unix(s) => s.try_write(buf),
+        }
+    }
+
+    /// Resolves when the socket may take more bytes.
+    pub(crate) async fn writable(&self) -> io::Result<()> {
+        match self {
+            WriteHalf::Tcp(s) => s.writable().await,
+            WriteHalf::Unix(s) => s.writable().await,
+        }
+    }
+}
+
 /// A connection on this host gets a congestion control that does not pace (`cubic`;
 /// best effort, the system's default stays if it cannot be set). With `bbr`, a common
 /// default, the kernel paces the sender's bursts of 128 KiB with a timer even on

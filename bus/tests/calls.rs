@@ -117,6 +117,16 @@ async fn round_trip_and_pipelining(t: Transport, sec: Security) {
     let big = vec![b'z'; 200_000];
     let r = c.call_bytes(big.clone()).await.unwrap();
     assert_eq!(&r.body()[..], &big[..]);
+    // Large bodies at once: more than a socket takes without waiting.
+    let bigs = (0..4u8).map(|i| {
+        let c = c.clone();
+        async move {
+            let body = vec![i; 512 << 10];
+            let r = c.call_bytes(body.clone()).await.unwrap();
+            assert_eq!(&r.body()[..], &body[..]);
+        }
+    });
+    futures::future::join_all(bigs).await;
     // 1000 pipelined calls, every reply matched.
     let calls = (0..1000u32).map(|i| {
         let c = c.clone();
@@ -788,4 +798,104 @@ async fn per_connection_instances_and_current_peer() {
     assert!(Peer::current().is_none());
     let c = client(&tmp, "cur", Security::LocalUser).await;
     assert!(c.call_bytes("").await.unwrap().decode::<bool>().unwrap());
+}
+
+/// Many clients, two servers, every reply matched; then a server that closes lets
+/// its running calls finish, and a closed client fails its calls `Closed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_two_servers_then_close() {
+    let tmp = Tmp::new("many");
+    let mut servers = Vec::new();
+    let slow_started = Arc::new(AtomicUsize::new(0));
+    for _ in 0..2 {
+        let started = slow_started.clone();
+        let mut s = echo_server(&tmp, "many", Transport::Unix, Security::LocalUser).await;
+        let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = s.next_request() => match r {
+                        Some(r) => {
+                            let started = started.clone();
+                            tokio::spawn(async move {
+                                if &r.body()[..] == b"slow" {
+                                    started.fetch_add(1, Ordering::SeqCst);
+                                    tokio::time::sleep(Duration::from_millis(300)).await;
+                                }
+                                let b = r.body().clone();
+                                let _ = r.reply_bytes(b);
+                            });
+                        }
+                        None => break,
+                    },
+                    _ = &mut stop_rx => break,
+                }
+            }
+            s.close().await;
+        });
+        servers.push((stop_tx, task));
+    }
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let c = client(&tmp, "many", Security::LocalUser).await;
+        assert_eq!(c.wait_for_servers(2, T).await, 2);
+        clients.push(c);
+    }
+    let calls = clients.iter().enumerate().flat_map(|(ci, c)| {
+        (0..100u32).map(move |i| {
+            let c = c.clone();
+            async move {
+                let v = (ci as u32, i);
+                let r = c.call(&v).await.unwrap();
+                assert_eq!(r.decode::<(u32, u32)>().unwrap(), v);
+            }
+        })
+    });
+    futures::future::join_all(calls).await;
+
+    // A call running when its server closes still gets its reply.
+    let c = clients.pop().unwrap();
+    let slow = tokio::spawn(IntoFuture::into_future(c.call_bytes("slow")));
+    // Running: taken by the server's handler.
+    wait_until(|| slow_started.load(Ordering::SeqCst) == 1).await;
+    let (stop, task) = servers.pop().unwrap();
+    let (stop2, task2) = servers.pop().unwrap();
+    let _ = stop.send(());
+    let _ = stop2.send(());
+    let r = tokio::time::timeout(T, slow).await.unwrap().unwrap();
+    assert_eq!(&r.unwrap().body()[..], b"slow");
+    task.await.unwrap();
+    task2.await.unwrap();
+
+    let c = clients.pop().unwrap();
+    c.clone().close().await;
+    assert!(matches!(c.call_bytes("x").await, Err(CallError::Closed)));
+}
+
+/// In `serve`, a call the client gives up on stops its handler.
+#[tokio::test]
+async fn cancel_stops_a_serve_handler() {
+    let tmp = Tmp::new("cserve");
+    let server = echo_server(&tmp, "cserve", Transport::Unix, Security::LocalUser).await;
+    let stopped = Arc::new(AtomicUsize::new(0));
+    let s2 = stopped.clone();
+    tokio::spawn(server.serve(
+        move |req| {
+            let guard = OnDrop(s2.clone());
+            async move {
+                let _guard = guard;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                drop(req);
+            }
+        },
+        8,
+    ));
+    let c = client(&tmp, "cserve", Security::LocalUser).await;
+    let e = c
+        .call_bytes("x")
+        .timeout(Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CallError::Timeout(_)), "{e:?}");
+    wait_until(|| stopped.load(Ordering::SeqCst) == 1).await;
 }

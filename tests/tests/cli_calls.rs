@@ -404,13 +404,10 @@ fn sigterm_unregisters_and_exits_0() {
     assert!(r.stderr.contains("no servers"), "{r:?}");
 }
 
-/// Fails about 1 run in 3 (issue 12, in the calls core, not in `serve`): the answer
-/// is queued before `Server::close`, but the caller's client drops its connection
-/// with the call in flight as soon as the server's registration goes away
-/// ("disconnected: client closed"), and `Server::close` ends the connection writers
-/// without flushing what they hold ("disconnected: connection closed").
+/// SIGTERM while a command runs: its answer still reaches the caller (the server
+/// lets running calls finish before closing, and the client lets calls in flight to
+/// a server that unregistered finish).
 #[test]
-#[ignore = "calls core: a server leaving fails the calls in flight to it (see the doc comment)"]
 fn sigterm_lets_a_running_command_answer_first() {
     let rt = Tmp::new("calls-term-running");
     let started = rt.path().join("started");

@@ -117,6 +117,11 @@ impl ClientBuilder {
         }
     }
 
+    /// Shorthand for `security(Security::Encrypt(key))`.
+    pub fn key(self, key: crate::Key) -> Self {
+        self.security(Security::Encrypt(key))
+    }
+
     /// The default timeout of each call (default 30 s).
     pub fn timeout(self, d: Duration) -> Self {
         ClientBuilder { timeout: d, ..self }
@@ -240,7 +245,7 @@ impl ClientBuilder {
             match discovery {
                 Discovery::Local(reg) => {
                     shared.rescan();
-                    let (watcher, dirty) = watch_dir(&reg);
+                    let (watcher, dirty) = reg.watch();
                     tokio::spawn(local_discovery(
                         Arc::downgrade(&shared),
                         shutdown.clone(),
@@ -286,27 +291,6 @@ fn known_record(handle: &Handle, e: &Endpoint) -> Record {
     let mut id = [0u8; 16];
     id.copy_from_slice(&digest[..16]);
     Record::new(handle.clone(), vec![e.clone()], ReceiverId(id), None, 0).with_role(Role::Server)
-}
-
-/// Watches the registry's records directory; `Notify` fires on every change.
-fn watch_dir(reg: &LocalRegistry) -> (Option<notify::RecommendedWatcher>, Arc<Notify>) {
-    let dirty = Arc::new(Notify::new());
-    let d2 = dirty.clone();
-    let watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
-        d2.notify_one();
-    })
-    .and_then(|mut w| {
-        use notify::Watcher;
-        w.watch(&reg.receivers_dir(), notify::RecursiveMode::NonRecursive)?;
-        Ok(w)
-    });
-    match watcher {
-        Ok(w) => (Some(w), dirty),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch the registry; falling back to polling");
-            (None, dirty)
-        }
-    }
 }
 
 async fn local_discovery(
@@ -383,7 +367,10 @@ struct Slot {
     info: ServerInfo,
     record: Record,
     state: watch::Sender<State>,
+    /// Ends the connection (the client closes, or the server is gone).
     cancel: CancellationToken,
+    /// The server is gone from discovery (or the client closes): no reconnects.
+    retired: CancellationToken,
 }
 
 #[derive(Clone)]
@@ -415,7 +402,7 @@ impl Shared {
         servers.retain(|s| {
             let keep = records.iter().any(|r| r.receiver == s.info.id);
             if !keep {
-                s.cancel.cancel();
+                s.retired.cancel();
                 changed = true;
             }
             keep
@@ -427,6 +414,7 @@ impl Shared {
             let Some(endpoint) = pick_endpoint(&r) else {
                 continue;
             };
+            let cancel = self.shutdown.child_token();
             let slot = Arc::new(Slot {
                 info: ServerInfo {
                     id: r.receiver,
@@ -434,7 +422,8 @@ impl Shared {
                 },
                 record: r,
                 state: watch::channel(State::Connecting).0,
-                cancel: self.shutdown.child_token(),
+                cancel: cancel.clone(),
+                retired: cancel.child_token(),
             });
             tokio::spawn(maintain(self.clone(), slot.clone()));
             servers.push(slot);
@@ -537,15 +526,19 @@ fn pick_endpoint(r: &Record) -> Option<Endpoint> {
 
 /// Keeps the connection to one server: connects, runs `on_connect`, marks it ready,
 /// and when it breaks (or the attempt fails) waits a jittered backoff and starts
-/// again, until the server is gone or the client closes.
+/// again, until the server is gone or the client closes. When the server's record
+/// goes (it unregistered), the calls in flight on the connection may still finish
+/// (within the client's timeout) before it is closed.
 async fn maintain(shared: Arc<Shared>, slot: Arc<Slot>) {
     let mut backoff = MIN_BACKOFF;
+    // Cancelled when the server is gone from discovery or the client closes.
+    let gone = slot.retired.clone();
     loop {
-        if slot.cancel.is_cancelled() {
+        if gone.is_cancelled() {
             break;
         }
         let attempt = tokio::select! {
-            _ = slot.cancel.cancelled() => break,
+            _ = gone.cancelled() => break,
             r = shared.connect(&slot) => r,
         };
         match attempt {
@@ -554,7 +547,7 @@ async fn maintain(shared: Arc<Shared>, slot: Arc<Slot>) {
                     Some(init) => {
                         let f = init(Peer { conn: conn.clone() });
                         tokio::select! {
-                            _ = slot.cancel.cancelled() => { conn.close("client closed"); break }
+                            _ = gone.cancelled() => { conn.close("server gone or client closed"); break }
                             r = tokio::time::timeout(shared.timeout, f) => match r {
                                 Ok(r) => r,
                                 Err(_) => Err(CallError::Timeout(shared.timeout)),
@@ -569,7 +562,11 @@ async fn maintain(shared: Arc<Shared>, slot: Arc<Slot>) {
                         slot.state.send_replace(State::Ready(conn.clone()));
                         backoff = MIN_BACKOFF;
                         tokio::select! {
-                            _ = slot.cancel.cancelled() => { conn.close("client closed"); break }
+                            _ = gone.cancelled() => {
+                                drain(&shared, &slot, &conn).await;
+                                conn.close("the server unregistered");
+                                break;
+                            }
                             _ = conn.closed() => {}
                         }
                         slot.state
@@ -589,14 +586,25 @@ async fn maintain(shared: Arc<Shared>, slot: Arc<Slot>) {
         }
         let jitter = rand::random::<f64>() * 0.5 + 0.75;
         tokio::select! {
-            _ = slot.cancel.cancelled() => break,
+            _ = gone.cancelled() => break,
             _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
         slot.state.send_replace(State::Connecting);
     }
-    if let State::Ready(c) = &*slot.state.borrow() {
-        c.close("client closed");
+    slot.cancel.cancel();
+}
+
+/// Waits until the calls of ours in flight on `conn` are answered, it closes, the
+/// client closes, or the client's timeout passes.
+async fn drain(shared: &Shared, slot: &Slot, conn: &Conn) {
+    let end = Instant::now() + shared.timeout;
+    while conn.outstanding() > 0 && conn.is_open() && Instant::now() < end {
+        tokio::select! {
+            _ = slot.cancel.cancelled() => return,
+            _ = conn.closed() => return,
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
     }
 }
 
@@ -652,6 +660,7 @@ impl Drop for Inner {
 /// assert_eq!(&reply.body()[..], b"hi");
 /// let err = client.call_bytes("").await.unwrap_err();
 /// assert!(matches!(err, CallError::Remote(e) if e.message == "empty"));
+/// # let _ = std::fs::remove_dir_all(&dir);
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]

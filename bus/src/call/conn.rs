@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures::FutureExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -37,8 +37,11 @@ const OVERHEAD: usize = LEN_PREFIX + HEADER_LEN + ipcbus_proto::crypto::TAG_LEN;
 const COMPRESS_THRESHOLD: usize = 512;
 /// Most calls one side has waiting on one connection.
 pub(crate) const MAX_PENDING: usize = 1 << 16;
-/// Past this many frames waiting for the writer, a notification is refused (`Busy`).
-const MAX_QUEUED_NOTIFY: usize = 8192;
+/// Past this many bytes not written yet, a notification is refused (`Busy`).
+const MAX_UNWRITTEN_NOTIFY: usize = 8 << 20;
+/// Past this many bytes not written yet (and one frame), sending a reply closes the
+/// connection: the peer sends requests and does not read the replies.
+const MAX_UNWRITTEN: usize = 64 << 20;
 
 /// What this end does with the requests the other end sends.
 #[derive(Clone)]
@@ -68,7 +71,10 @@ pub(crate) struct Conn {
     pub(crate) peer_id: SenderId,
     /// For logs.
     pub(crate) label: String,
-    out: mpsc::UnboundedSender<(Kind, Bytes)>,
+    /// The sending half: frames are written by whoever sends them when the socket
+    /// takes them at once, else by the writer task (woken by `flush`).
+    wire: Mutex<Wire>,
+    flush: Notify,
     pending: Mutex<Pending<oneshot::Sender<Result<Bytes, Fault>>>>,
     /// Requests from the other end running here, by id, to abort on `Cancel`.
     running: Mutex<HashMap<u64, AbortHandle>>,
@@ -77,8 +83,6 @@ pub(crate) struct Conn {
     /// Taken when the connection closes, so a per-connection service (which may hold
     /// this connection's `Peer`) is dropped with it.
     handler: Mutex<Option<Handler>>,
-    /// Frames queued for the writer and not written yet.
-    queued: Arc<AtomicUsize>,
     max_frame: usize,
     /// Calls of ours waiting for a reply (for least-outstanding choice).
     outstanding: AtomicUsize,
@@ -119,30 +123,31 @@ pub(crate) fn start(
     max_frame: usize,
     remote: bool,
 ) -> (Arc<Conn>, tokio::sync::oneshot::Sender<Handler>) {
-    let (out_tx, out_rx) = mpsc::unbounded_channel();
+    let (rd, wr) = est.io.into_split();
+    let mut policy = CompressPolicy::new(Compression::Auto, COMPRESS_THRESHOLD);
+    policy.set_remote(remote);
     let conn = Arc::new(Conn {
         peer_id,
         label,
-        out: out_tx,
+        wire: Mutex::new(Wire {
+            out: Outbound::new(est.tx),
+            policy,
+            gz: None,
+            buf: BytesMut::new(),
+            half: Some(wr),
+            closed: false,
+        }),
+        flush: Notify::new(),
         pending: Mutex::new(Pending::new(MAX_PENDING)),
         running: Mutex::new(HashMap::new()),
         closed,
         reason: Mutex::new(None),
         handler: Mutex::new(None),
-        queued: Arc::new(AtomicUsize::new(0)),
         max_frame,
         outstanding: AtomicUsize::new(0),
     });
-    let (rd, wr) = est.io.into_split();
     let (h_tx, h_rx) = oneshot::channel::<Handler>();
-    tokio::spawn(writer(
-        wr,
-        est.tx,
-        out_rx,
-        conn.closed.clone(),
-        conn.queued.clone(),
-        remote,
-    ));
+    tokio::spawn(writer(conn.clone()));
     let c2 = conn.clone();
     tokio::spawn(async move {
         // Requests wait until this end knows how to serve them.
@@ -186,14 +191,64 @@ impl Conn {
         drop(handler);
     }
 
-    /// Queues a frame for the writer.
+    /// Bytes sent but not written yet.
+    fn unwritten(&self) -> usize {
+        lock(&self.wire).buf.len()
+    }
+
+    /// Sends a frame: numbered, sealed and compressed as the connection wants, and
+    /// written at once when nothing waits before it and the socket takes it, else
+    /// left for the writer task. False when the connection is closed. A peer that
+    /// leaves more than [`MAX_UNWRITTEN`] bytes of replies unread is cut off.
     fn send(&self, kind: Kind, body: Bytes) -> bool {
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        if self.out.send((kind, body)).is_err() {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
+        let mut w = lock(&self.wire);
+        if w.closed {
             return false;
         }
+        if kind == Kind::Reply && w.buf.len() > MAX_UNWRITTEN + self.max_frame {
+            drop(w);
+            tracing::warn!(peer = %self.label, "the peer does not read what it is sent; closing the connection");
+            self.close("the peer does not read what it is sent");
+            return false;
+        }
+        let was_empty = w.buf.is_empty();
+        w.put(kind, &body);
+        if was_empty {
+            let Wire { buf, half, .. } = &mut *w;
+            if let Some(h) = half {
+                match h.try_write(buf) {
+                    Ok(n) => buf.advance(n),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        drop(w);
+                        // The frame may or may not have left.
+                        self.closed.cancel();
+                        return true;
+                    }
+                }
+            }
+        }
+        let more = !w.buf.is_empty();
+        drop(w);
+        if more {
+            self.flush.notify_one();
+        }
         true
+    }
+
+    /// Runs the handler task of request `id` from the other end, so a `Cancel` for
+    /// it aborts it (`track`: it answers, so its entry goes with its reply).
+    pub(crate) fn spawn_handler<F>(&self, id: u64, track: bool, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        // Hold the map's lock across the spawn, so a fast task cannot answer (and
+        // remove its entry) before it is inserted.
+        let mut running = lock(&self.running);
+        let task = tokio::spawn(fut);
+        if track && self.is_open() {
+            running.insert(id, task.abort_handle());
+        }
     }
 
     /// Whether it is still open.
@@ -334,7 +389,7 @@ impl Conn {
                 self.max_frame
             )));
         }
-        if self.queued.load(Ordering::Relaxed) >= MAX_QUEUED_NOTIFY {
+        if self.unwritten() >= MAX_UNWRITTEN_NOTIFY {
             // The other end does not read: do not let notifications pile up.
             return Err(CallError::Busy);
         }
@@ -421,15 +476,15 @@ impl Conn {
             Target::Queue(tx) => {
                 let r = Request::new(req, peer, permits);
                 if let Err(e) = tx.try_send(r) {
-                    let mut r = match e {
-                        mpsc::error::TrySendError::Full(r) => r,
-                        mpsc::error::TrySendError::Closed(r) => r,
+                    let (mut r, why) = match e {
+                        mpsc::error::TrySendError::Full(r) => (r, busy()),
+                        mpsc::error::TrySendError::Closed(r) => (r, super::server::closing()),
                     };
                     if r.is_one_way() {
-                        tracing::warn!(peer = %self.label, method = %r.method(), "incoming queue full: notification dropped");
+                        tracing::warn!(peer = %self.label, method = %r.method(), "{}: notification dropped", why.message);
                         r.mark_answered();
                     } else {
-                        let _ = r.answer(Err(busy()));
+                        let _ = r.answer(Err(why));
                     }
                 }
             }
@@ -586,50 +641,96 @@ async fn reader(
     }
 }
 
-/// Writes the queued frames, many per write; sends `Bye` when the connection ends.
-async fn writer(
-    mut wr: crate::transport::WriteHalf,
-    sealer: Option<ipcbus_proto::crypto::Sealer>,
-    mut rx: mpsc::UnboundedReceiver<(Kind, Bytes)>,
-    closed: CancellationToken,
-    queued: Arc<AtomicUsize>,
-    remote: bool,
-) {
-    let mut out = Outbound::new(sealer);
-    let mut policy = CompressPolicy::new(Compression::Auto, COMPRESS_THRESHOLD);
-    policy.set_remote(remote);
-    let mut gz: Option<Gzipper> = None;
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    loop {
-        let first = tokio::select! {
+/// The sending half of a connection: numbering and sealing, the compression policy,
+/// the bytes not written yet, and the socket (taken out by the writer task while it
+/// waits for the socket to take more).
+struct Wire {
+    out: Outbound,
+    policy: CompressPolicy,
+    gz: Option<Gzipper>,
+    buf: BytesMut,
+    half: Option<crate::transport::WriteHalf>,
+    /// No more frames (the writer has sent `Bye`).
+    closed: bool,
+}
+
+impl Wire {
+    fn put(&mut self, kind: Kind, body: &[u8]) {
+        put(
+            &mut self.out,
+            &mut self.buf,
+            &mut self.policy,
+            &mut self.gz,
+            kind,
+            body,
+        );
+    }
+}
+
+/// Writes what the senders left unwritten (the socket did not take it at once),
+/// waiting for the socket; sends `Bye` and shuts the socket when the connection
+/// ends.
+async fn writer(conn: Arc<Conn>) {
+    'run: loop {
+        tokio::select! {
             biased;
-            _ = closed.cancelled() => None,
-            m = rx.recv() => m,
-        };
-        let Some(first) = first else { break };
-        buf.clear();
-        let mut next = Some(first);
-        let mut n = 0;
-        while let Some((kind, body)) = next.take() {
-            put(&mut out, &mut buf, &mut policy, &mut gz, kind, &body);
-            n += 1;
-            if buf.len() < 256 * 1024 {
-                next = rx.try_recv().ok();
+            _ = conn.closed.cancelled() => break 'run,
+            _ = conn.flush.notified() => {}
+        }
+        loop {
+            let half = {
+                let mut w = lock(&conn.wire);
+                if w.buf.is_empty() {
+                    if w.buf.capacity() > 1 << 20 {
+                        w.buf = BytesMut::new();
+                    }
+                    break;
+                }
+                w.half.take()
+            };
+            let Some(half) = half else { break };
+            let ready = tokio::select! {
+                biased;
+                _ = conn.closed.cancelled() => None,
+                r = half.writable() => Some(r),
+            };
+            let mut w = lock(&conn.wire);
+            let r = match ready {
+                Some(Ok(())) => match half.try_write(&w.buf) {
+                    Ok(n) => {
+                        w.buf.advance(n);
+                        Ok(())
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+                    Err(e) => Err(e),
+                },
+                Some(Err(e)) => Err(e),
+                None => {
+                    w.half = Some(half);
+                    break 'run;
+                }
+            };
+            w.half = Some(half);
+            if r.is_err() {
+                drop(w);
+                conn.closed.cancel();
+                break 'run;
             }
         }
-        queued.fetch_sub(n, Ordering::Relaxed);
-        if wr.write_all(&buf).await.is_err() {
-            closed.cancel();
-            return;
-        }
     }
-    buf.clear();
-    out.put(&mut buf, Kind::Bye, Flags(0), &[]);
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let _ = wr.write_all(&buf).await;
-        let _ = wr.shutdown().await;
-    })
-    .await;
+    let (half, rest) = {
+        let mut w = lock(&conn.wire);
+        w.closed = true;
+        w.put(Kind::Bye, &[]);
+        (w.half.take(), std::mem::take(&mut w.buf))
+    };
+    if let Some(mut half) = half {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = half.write_all(&rest).await;
+            let _ = half.shutdown().await;
+        })
+        .await;
+    }
 }
 
 fn put(

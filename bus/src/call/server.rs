@@ -88,6 +88,43 @@ impl ServerBuilder {
         }
     }
 
+    /// Shorthand for `security(Security::Encrypt(key))`.
+    pub fn key(self, key: crate::Key) -> Self {
+        self.security(Security::Encrypt(key))
+    }
+
+    /// The address to bind and register (as [`ReceiverBuilder::ip`](crate::ReceiverBuilder::ip)).
+    pub fn ip(self, ip: std::net::IpAddr) -> Self {
+        ServerBuilder {
+            listen: self.listen.ip(ip),
+            ..self
+        }
+    }
+
+    /// Ports to try in order (as [`ReceiverBuilder::allowed_ports`](crate::ReceiverBuilder::allowed_ports)).
+    pub fn allowed_ports(self, ports: impl IntoIterator<Item = u16>) -> Self {
+        ServerBuilder {
+            listen: self.listen.allowed_ports(ports),
+            ..self
+        }
+    }
+
+    /// Most client connections served at once (default 256).
+    pub fn max_connections(self, n: usize) -> Self {
+        ServerBuilder {
+            listen: self.listen.max_connections(n),
+            ..self
+        }
+    }
+
+    /// Time a connecting client has to finish the handshake (default 5 s).
+    pub fn handshake_timeout(self, d: Duration) -> Self {
+        ServerBuilder {
+            listen: self.listen.handshake_timeout(d),
+            ..self
+        }
+    }
+
     /// Largest frame accepted and sent (default 16 MiB).
     pub fn max_frame_len(self, n: usize) -> Self {
         ServerBuilder {
@@ -149,7 +186,9 @@ impl ServerBuilder {
         let (max_frame, handshake_timeout, max_connections) = self.listen.limits();
         let (tx, rx) = mpsc::channel(self.max_in_flight);
         let shutdown = CancellationToken::new();
+        let accepting = shutdown.child_token();
         let tasks = TaskTracker::new();
+        let global = Arc::new(Semaphore::new(self.max_in_flight));
         let target = match self.factory {
             Some(f) => Kind::Service(f),
             None => Kind::Queue(tx),
@@ -161,12 +200,13 @@ impl ServerBuilder {
             max_frame,
             handshake_timeout,
             shutdown: shutdown.clone(),
+            accepting: accepting.clone(),
             tasks: tasks.clone(),
             conn_limit: Arc::new(Semaphore::new(max_connections)),
             half_open: HandshakeGate::new((max_connections / 4).clamp(1, 64)),
             target,
             concurrency: self.concurrency,
-            global: Arc::new(Semaphore::new(self.max_in_flight)),
+            global: global.clone(),
         });
         let mut sockets = Vec::new();
         for mut listener in l.listeners {
@@ -192,8 +232,23 @@ impl ServerBuilder {
             rx,
             registration: Some(registration),
             shutdown,
+            accepting,
             tasks,
+            global,
+            max_in_flight: self.max_in_flight,
         })
+    }
+}
+
+/// How long [`Server::close`] lets the calls running finish.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// The answer to a request a closing server will not run.
+pub(crate) fn closing() -> RemoteError {
+    RemoteError {
+        code: Code::Busy,
+        message: "the server is closing".into(),
+        detail: bytes::Bytes::new(),
     }
 }
 
@@ -210,6 +265,8 @@ struct Shared {
     max_frame: usize,
     handshake_timeout: Duration,
     shutdown: CancellationToken,
+    /// Cancelled to stop accepting (on close, before the connections end).
+    accepting: CancellationToken,
     tasks: TaskTracker,
     conn_limit: Arc<Semaphore>,
     half_open: HandshakeGate,
@@ -224,7 +281,7 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         shared.half_open.clone(),
         shared.conn_limit.clone(),
     );
-    while let Some(incoming) = acceptor.next(&shared.shutdown).await {
+    while let Some(incoming) = acceptor.next(&shared.accepting).await {
         match incoming {
             Incoming::WrongUser(peer) => {
                 tracing::warn!(%peer, handle = %shared.handle, "unix socket peer runs as another user; refused before the handshake");
@@ -348,6 +405,7 @@ async fn serve(
 ///     .await?;
 /// let sum: i32 = client.call(&(2, 3)).await?.decode()?;
 /// assert_eq!(sum, 5);
+/// # let _ = std::fs::remove_dir_all(&dir);
 /// # Ok(()) }
 /// ```
 pub struct Server {
@@ -358,7 +416,11 @@ pub struct Server {
     rx: mpsc::Receiver<Request>,
     registration: Option<Announcement>,
     shutdown: CancellationToken,
+    accepting: CancellationToken,
     tasks: TaskTracker,
+    /// Permits of the requests running; all back when none runs.
+    global: Arc<Semaphore>,
+    max_in_flight: usize,
 }
 
 impl Server {
@@ -375,7 +437,8 @@ impl Server {
 
     /// Runs `handler` on every request, at most `concurrency` at once, until the
     /// server is closed. A handler that panics answers [`RemoteCode::Panicked`](super::RemoteCode::Panicked) and
-    /// the server goes on.
+    /// the server goes on. A call its caller gives up on (timeout, dropped future)
+    /// stops its handler task.
     pub async fn serve<F, Fut>(mut self, handler: F, concurrency: usize)
     where
         F: Fn(Request) -> Fut + Send + Sync + 'static,
@@ -390,19 +453,28 @@ impl Server {
             let flag = Arc::new(AtomicBool::new(false));
             req.panicked = Some(flag.clone());
             let peer = req.peer().clone();
+            let (id, answers) = (req.wire.id, !req.is_one_way());
             let h = handler.clone();
-            self.tasks.spawn(async move {
-                let _permit = permit;
-                let run = CatchPanic {
-                    inner: Some(Box::pin(async move { h(req).await })),
-                    flag,
-                };
-                CURRENT_PEER.scope(peer, run).await;
-            });
+            let conn = peer.conn.clone();
+            // A Cancel from the caller aborts the task (dropping the request).
+            conn.spawn_handler(
+                id,
+                answers,
+                self.tasks.track_future(async move {
+                    let _permit = permit;
+                    let run = CatchPanic {
+                        inner: Some(Box::pin(async move { h(req).await })),
+                        flag,
+                    };
+                    CURRENT_PEER.scope(peer, run).await;
+                }),
+            );
         }
     }
 
-    /// The next request (`None` once closed).
+    /// The next request (`None` once closed). Requests taken this way are not
+    /// stopped when their caller gives up: use [`Request::time_left`], or
+    /// [`Server::serve`] (whose handler tasks are stopped).
     ///
     /// # Cancel safety
     /// Cancel safe: a request is only taken when this resolves.
@@ -455,8 +527,20 @@ impl Server {
         if let Some(r) = self.registration.take() {
             r.close().await;
         }
+        self.accepting.cancel();
         self.sockets.clear();
+        // Requests not taken yet did not run: say so (busy), rather than no reply.
         self.rx.close();
+        while let Ok(mut r) = self.rx.try_recv() {
+            let _ = r.answer(Err(closing()));
+        }
+        // Let the calls running finish, for a while.
+        let end = tokio::time::Instant::now() + CLOSE_GRACE;
+        while self.global.available_permits() < self.max_in_flight
+            && tokio::time::Instant::now() < end
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.shutdown.cancel();
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;

@@ -246,6 +246,34 @@ impl LocalRegistry {
         }
     }
 
+    /// Watches the records directory (inotify): the `Notify` fires on every change.
+    /// `None` for the watcher when it cannot be set up (the caller then polls more
+    /// often); senders and call clients follow the registry through it.
+    pub(crate) fn watch(
+        &self,
+    ) -> (
+        Option<notify::RecommendedWatcher>,
+        std::sync::Arc<tokio::sync::Notify>,
+    ) {
+        let dirty = std::sync::Arc::new(tokio::sync::Notify::new());
+        let d2 = dirty.clone();
+        let watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+            d2.notify_one();
+        })
+        .and_then(|mut w| {
+            use notify::Watcher;
+            w.watch(&self.receivers_dir(), notify::RecursiveMode::NonRecursive)?;
+            Ok(w)
+        });
+        match watcher {
+            Ok(w) => (Some(w), dirty),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the registry; falling back to polling");
+                (None, dirty)
+            }
+        }
+    }
+
     /// Reads every record, or only those of `handle`. Unreadable or corrupt files are
     /// skipped with a warning; records of dead processes are removed and skipped.
     ///

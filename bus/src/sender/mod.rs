@@ -1386,25 +1386,10 @@ impl LocalDiscovery {
     }
 
     async fn run(mut self) {
-        let dirty = Arc::new(Notify::new());
-        let d2 = dirty.clone();
-        let watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
-            d2.notify_one();
-        })
-        .and_then(|mut w| {
-            use notify::Watcher;
-            w.watch(
-                &self.reg.receivers_dir(),
-                notify::RecursiveMode::NonRecursive,
-            )?;
-            Ok(w)
-        });
+        let (watcher, dirty) = self.reg.watch();
         let interval = match &watcher {
-            Ok(_) => self.rescan_interval,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the registry; falling back to polling");
-                self.rescan_interval.min(Duration::from_millis(250))
-            }
+            Some(_) => self.rescan_interval,
+            None => self.rescan_interval.min(Duration::from_millis(250)),
         };
         loop {
             let wake = Instant::now() + interval;
