@@ -282,6 +282,22 @@ impl Hub {
         self.deliver(notices.into_iter().map(server_notice).collect());
     }
 
+    /// The registry of `role`.
+    fn registry(&mut self, role: Role) -> &mut Registry {
+        match role {
+            Role::Receiver => &mut self.reg,
+            Role::Server => &mut self.servers,
+        }
+    }
+
+    /// Delivers notices of the registry of `role`.
+    fn deliver_role(&self, role: Role, notices: Vec<Notice>) {
+        match role {
+            Role::Receiver => self.deliver(notices),
+            Role::Server => self.deliver_servers(notices),
+        }
+    }
+
     /// The next lease to run out, of receivers or servers.
     fn next_expiry(&self) -> Option<Instant> {
         match (self.reg.next_expiry(), self.servers.next_expiry()) {
@@ -559,77 +575,32 @@ fn handle(shared: &Shared, conn: ConnId, peer: SocketAddr, req: Request) {
             handle,
             entry,
             lease_ms,
-        } => {
-            let endpoint = entry.endpoint;
-            let receiver = entry.receiver;
-            let for_store = hub.store.is_some().then(|| entry.clone());
-            match hub.reg.register(conn, handle.clone(), entry, lease_ms, now) {
-                Ok(Registered {
-                    lease,
-                    changed,
-                    store,
-                    notices,
-                }) => {
-                    if changed {
-                        tracing::info!(%peer, %handle, %endpoint, %receiver, "registered");
-                    }
-                    if let Some(e) = for_store.filter(|_| store) {
-                        hub.stored(&handle, &e, Role::Receiver);
-                    }
-                    hub.deliver(notices);
-                    shared.expiry_changed.notify_one();
-                    Answer::Registered {
-                        lease_ms: u32::try_from(lease.as_millis()).unwrap_or(u32::MAX),
-                    }
-                }
-                Err(r) => {
-                    tracing::warn!(%peer, %handle, %endpoint, error = %r.text, "registration refused");
-                    Answer::Error {
-                        code: r.code,
-                        text: r.text,
-                    }
-                }
-            }
-        }
+        } => register(
+            shared,
+            hub,
+            Role::Receiver,
+            conn,
+            peer,
+            handle,
+            entry,
+            lease_ms,
+            now,
+        ),
         Op::RegisterServer {
             handle,
             entry,
             lease_ms,
-        } => {
-            let endpoint = entry.endpoint;
-            let server = entry.receiver;
-            let for_store = hub.store.is_some().then(|| entry.clone());
-            match hub
-                .servers
-                .register(conn, handle.clone(), entry, lease_ms, now)
-            {
-                Ok(Registered {
-                    lease,
-                    changed,
-                    store,
-                    notices,
-                }) => {
-                    if changed {
-                        tracing::info!(%peer, %handle, %endpoint, %server, "server registered");
-                    }
-                    if let Some(e) = for_store.filter(|_| store) {
-                        hub.stored(&handle, &e, Role::Server);
-                    }
-                    hub.deliver_servers(notices);
-                    shared.expiry_changed.notify_one();
-                    Answer::Registered {
-                        lease_ms: u32::try_from(lease.as_millis()).unwrap_or(u32::MAX),
-                    }
-                }
-                Err(r) => {
-                    tracing::warn!(%peer, %handle, %endpoint, error = %r.text, "server registration refused");
-                    Answer::Error {
-                        code: r.code,
-                        text: r.text,
-                    }
-                }
-            }
-        }
+        } => register(
+            shared,
+            hub,
+            Role::Server,
+            conn,
+            peer,
+            handle,
+            entry,
+            lease_ms,
+            now,
+        ),
         // Ids are unique across roles: a receiver's registration is looked for
         // first, then a server's.
         Op::Unregister { handle, receiver } => match hub.reg.unregister(conn, &handle, receiver) {
@@ -658,38 +629,20 @@ fn handle(shared: &Shared, conn: ConnId, peer: SocketAddr, req: Request) {
             shared.expiry_changed.notify_one();
             Answer::Done
         }
-        Op::LookupServers { handle } => Answer::Records(hub.servers.lookup(&handle)),
-        Op::WatchServers { handle } => match hub.servers.watch(conn, &handle) {
-            Ok(snapshot) => Answer::Records(snapshot),
-            Err(r) => Answer::Error {
-                code: r.code,
-                text: r.text,
-            },
-        },
-        Op::UnwatchServers { handle } => {
-            hub.servers.unwatch(conn, &handle);
-            Answer::Done
-        }
-        Op::ListServers => {
-            let (handles, total) = hub.servers.list();
-            Answer::Handles { handles, total }
-        }
         Op::Lookup { handle } => Answer::Records(hub.reg.lookup(&handle)),
-        Op::Watch { handle } => match hub.reg.watch(conn, &handle) {
-            Ok(snapshot) => Answer::Records(snapshot),
-            Err(r) => Answer::Error {
-                code: r.code,
-                text: r.text,
-            },
-        },
+        Op::LookupServers { handle } => Answer::Records(hub.servers.lookup(&handle)),
+        Op::Watch { handle } => watch(hub, Role::Receiver, conn, &handle),
+        Op::WatchServers { handle } => watch(hub, Role::Server, conn, &handle),
         Op::Unwatch { handle } => {
             hub.reg.unwatch(conn, &handle);
             Answer::Done
         }
-        Op::List => {
-            let (handles, total) = hub.reg.list();
-            Answer::Handles { handles, total }
+        Op::UnwatchServers { handle } => {
+            hub.servers.unwatch(conn, &handle);
+            Answer::Done
         }
+        Op::List => list(hub, Role::Receiver),
+        Op::ListServers => list(hub, Role::Server),
         Op::Status => Answer::Status(Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_s: shared.started.elapsed().as_secs(),
@@ -705,6 +658,83 @@ fn handle(shared: &Shared, conn: ConnId, peer: SocketAddr, req: Request) {
         },
     };
     hub.push(conn, Response::Reply { id: req.id, answer });
+}
+
+/// `Register` and `RegisterServer`: into the registry of `role`, handed to the
+/// store, watchers told.
+#[allow(clippy::too_many_arguments)]
+fn register(
+    shared: &Shared,
+    hub: &mut Hub,
+    role: Role,
+    conn: ConnId,
+    peer: SocketAddr,
+    handle: Handle,
+    entry: Entry,
+    lease_ms: u32,
+    now: Instant,
+) -> Answer {
+    let endpoint = entry.endpoint;
+    let id = entry.receiver;
+    let what = match role {
+        Role::Receiver => "receiver",
+        Role::Server => "server",
+    };
+    let for_store = hub.store.is_some().then(|| entry.clone());
+    match hub
+        .registry(role)
+        .register(conn, handle.clone(), entry, lease_ms, now)
+    {
+        Ok(Registered {
+            lease,
+            changed,
+            store,
+            notices,
+        }) => {
+            if changed {
+                match role {
+                    Role::Receiver => {
+                        tracing::info!(%peer, %handle, %endpoint, receiver = %id, "registered")
+                    }
+                    Role::Server => {
+                        tracing::info!(%peer, %handle, %endpoint, server = %id, "server registered")
+                    }
+                }
+            }
+            if let Some(e) = for_store.filter(|_| store) {
+                hub.stored(&handle, &e, role);
+            }
+            hub.deliver_role(role, notices);
+            shared.expiry_changed.notify_one();
+            Answer::Registered {
+                lease_ms: u32::try_from(lease.as_millis()).unwrap_or(u32::MAX),
+            }
+        }
+        Err(r) => {
+            tracing::warn!(%peer, %handle, %endpoint, role = what, error = %r.text, "registration refused");
+            Answer::Error {
+                code: r.code,
+                text: r.text,
+            }
+        }
+    }
+}
+
+/// `Watch` and `WatchServers`: the snapshot, then the changes.
+fn watch(hub: &mut Hub, role: Role, conn: ConnId, handle: &Handle) -> Answer {
+    match hub.registry(role).watch(conn, handle) {
+        Ok(snapshot) => Answer::Records(snapshot),
+        Err(r) => Answer::Error {
+            code: r.code,
+            text: r.text,
+        },
+    }
+}
+
+/// `List` and `ListServers`.
+fn list(hub: &mut Hub, role: Role) -> Answer {
+    let (handles, total) = hub.registry(role).list();
+    Answer::Handles { handles, total }
 }
 
 impl crate::http::Source for Shared {
