@@ -899,3 +899,27 @@ async fn cancel_stops_a_serve_handler() {
     assert!(matches!(e, CallError::Timeout(_)), "{e:?}");
     wait_until(|| stopped.load(Ordering::SeqCst) == 1).await;
 }
+
+/// A burst of calls made right after a client starts spreads over every server, not
+/// only the first one whose connection is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_at_start_spreads_over_every_server() {
+    let tmp = Tmp::new("burst");
+    for tag in ["a", "b"] {
+        let mut s = echo_server(&tmp, "burst", Transport::Tcp, Security::LocalUser).await;
+        tokio::spawn(async move {
+            while let Some(r) = s.next_request().await {
+                let _ = r.reply_bytes(tag);
+            }
+        });
+    }
+    // Build and call at once: no wait for the connections.
+    let c = client(&tmp, "burst", Security::LocalUser).await;
+    assert_eq!(c.servers().len(), 2);
+    let calls = (0..20).map(|_| c.call_bytes("x").into_future());
+    let mut seen = std::collections::HashMap::<Bytes, usize>::new();
+    for r in futures::future::join_all(calls).await {
+        *seen.entry(r.unwrap().into_body()).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 2, "every call went to one server: {seen:?}");
+}

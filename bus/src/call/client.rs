@@ -44,6 +44,11 @@ const INCOMING_CAPACITY: usize = 256;
 /// Longest wait between two attempts to reconnect to a server.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
+/// How long after a server becomes known a call waits for it while it is still
+/// connecting, rather than going to a server that connected sooner: a burst of calls
+/// right after a client starts spreads over every server, not only the first one
+/// connected. Bounded also by the call's deadline.
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// Configures and builds a [`Client`].
 #[derive(Clone)]
@@ -371,6 +376,9 @@ struct Slot {
     cancel: CancellationToken,
     /// The server is gone from discovery (or the client closes): no reconnects.
     retired: CancellationToken,
+    /// When the server became known: for [`SETTLE`] after it, calls wait for its
+    /// connection instead of all going to a server that connected sooner.
+    born: Instant,
 }
 
 #[derive(Clone)]
@@ -424,6 +432,7 @@ impl Shared {
                 state: watch::channel(State::Connecting).0,
                 cancel: cancel.clone(),
                 retired: cancel.child_token(),
+                born: Instant::now(),
             });
             tokio::spawn(maintain(self.clone(), slot.clone()));
             servers.push(slot);
@@ -856,8 +865,10 @@ impl Client {
 
     /// The server for the next call: among those not `tried`, a ready one with the
     /// fewest calls outstanding (round robin among equals); waits (until `deadline`)
-    /// while some are still connecting; fails at once when none is registered or
-    /// every one failed.
+    /// while none is ready and some are still connecting, and also, with one ready,
+    /// for servers still making their first connection (at most [`SETTLE`] after they
+    /// became known), so that a burst of calls at start spreads over all of them;
+    /// fails at once when none is registered or every one failed.
     async fn pick(
         &self,
         tried: &[ReceiverId],
@@ -889,6 +900,8 @@ impl Client {
             let start = shared.rr.fetch_add(1, Ordering::Relaxed) % n;
             let mut best: Option<(usize, Arc<Conn>)> = None;
             let mut failed = Vec::new();
+            // Until a new server's first connection settles, calls wait for it.
+            let mut settle: Option<Instant> = None;
             for i in 0..n {
                 let k = (start + i) % n;
                 match &*watches[k].borrow_and_update() {
@@ -903,11 +916,16 @@ impl Client {
                     }
                     State::Ready(c) => failed.push(CallError::Disconnected(c.reason())),
                     State::Failed(e) => failed.push(e.clone()),
-                    State::Connecting => {}
+                    State::Connecting => {
+                        let until = cands[k].born + SETTLE;
+                        if Instant::now() < until {
+                            settle = Some(settle.map_or(until, |s| s.min(until)));
+                        }
+                    }
                 }
             }
-            if let Some((k, c)) = best {
-                return Ok((cands[k].clone(), c));
+            if let Some((k, c)) = best.as_ref().filter(|_| settle.is_none()) {
+                return Ok((cands[*k].clone(), c.clone()));
             }
             if failed.len() == n {
                 // Prefer a refusal (it names the cause: a key, a handle) to a broken
@@ -919,8 +937,16 @@ impl Client {
             }
             let any_change =
                 futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
+            // With a server ready, wait for the new ones only until they settle.
+            let settled = async {
+                match (settle, &best) {
+                    (Some(t), Some(_)) => tokio::time::sleep_until(t.min(deadline)).await,
+                    _ => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => return Err(CallError::Timeout(timeout)),
+                _ = settled => {}
                 _ = set_changed.changed() => {}
                 _ = any_change => {}
                 _ = shared.shutdown.cancelled() => return Err(CallError::Closed),
