@@ -923,3 +923,38 @@ async fn a_burst_at_start_spreads_over_every_server() {
     }
     assert_eq!(seen.len(), 2, "every call went to one server: {seen:?}");
 }
+
+/// A server that cannot be reached fails the call as `Refused` (it did not run),
+/// not as `Disconnected` (which says it may have).
+#[tokio::test]
+async fn an_unreachable_server_is_refused_not_disconnected() {
+    let tmp = Tmp::new("unreach");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gone_sock = tmp.0.join("gone.sock");
+    for ep in [
+        format!("tcp://127.0.0.1:{port}"),
+        format!("unix://{}", gone_sock.display()),
+    ] {
+        let c = Client::builder(h("unreach"))
+            .endpoint(ep.parse::<Endpoint>().unwrap())
+            .security(Security::Open)
+            .timeout(T)
+            .build()
+            .await
+            .unwrap();
+        for e in [
+            c.call_bytes("x").await.unwrap_err(),
+            c.call_all_bytes("x").await.unwrap()[0]
+                .result
+                .clone()
+                .unwrap_err(),
+        ] {
+            assert!(matches!(e, CallError::Refused(_)), "{ep}: {e:?}");
+            assert!(e.to_string().contains("did not run"), "{e}");
+        }
+    }
+}

@@ -458,16 +458,8 @@ impl Shared {
         let ep = &slot.info.endpoint;
         let sock = match tokio::time::timeout(self.connect_timeout, ByteStream::connect(ep)).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return Err(CallError::Disconnected(format!(
-                    "cannot connect to {ep}: {e}"
-                )))
-            }
-            Err(_) => {
-                return Err(CallError::Disconnected(format!(
-                    "connecting to {ep} timed out"
-                )))
-            }
+            Ok(Err(e)) => return Err(CallError::Refused(format!("cannot connect to {ep}: {e}"))),
+            Err(_) => return Err(CallError::Refused(format!("connecting to {ep} timed out"))),
         };
         let expect = self.expect_ids.then_some(slot.record.receiver);
         let est = match tokio::time::timeout(
@@ -486,7 +478,7 @@ impl Shared {
             Ok(Ok(est)) => est,
             Ok(Err(e)) => return Err(handshake_error(ep, e)),
             Err(_) => {
-                return Err(CallError::Disconnected(format!(
+                return Err(CallError::Refused(format!(
                     "the handshake with {ep} timed out"
                 )))
             }
@@ -518,7 +510,7 @@ impl Shared {
 fn handshake_error(ep: &Endpoint, e: HandshakeError) -> CallError {
     match e {
         HandshakeError::Io(_) | HandshakeError::Closed | HandshakeError::Timeout => {
-            CallError::Disconnected(format!("handshake with {ep}: {e}"))
+            CallError::Refused(format!("handshake with {ep}: {e}"))
         }
         e => CallError::Refused(format!("{ep}: {e}")),
     }
@@ -868,7 +860,8 @@ impl Client {
     /// while none is ready and some are still connecting, and also, with one ready,
     /// for servers still making their first connection (at most [`SETTLE`] after they
     /// became known), so that a burst of calls at start spreads over all of them;
-    /// fails at once when none is registered or every one failed.
+    /// fails at once when none is registered or every one failed (then the call did
+    /// not run).
     async fn pick(
         &self,
         tried: &[ReceiverId],
@@ -891,8 +884,9 @@ impl Client {
                 .filter(|s| !tried.contains(&s.info.id))
                 .collect();
             if cands.is_empty() {
-                return Err(last
-                    .unwrap_or_else(|| CallError::Disconnected("every server failed".to_owned())));
+                return Err(did_not_run(last.unwrap_or_else(|| {
+                    CallError::Refused("every server failed".to_owned())
+                })));
             }
             let mut watches: Vec<watch::Receiver<State>> =
                 cands.iter().map(|s| s.state.subscribe()).collect();
@@ -933,7 +927,7 @@ impl Client {
                 let refused = failed
                     .iter()
                     .position(|e| matches!(e, CallError::Refused(_)));
-                return Err(failed.swap_remove(refused.unwrap_or(0)));
+                return Err(did_not_run(failed.swap_remove(refused.unwrap_or(0))));
             }
             let any_change =
                 futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
@@ -985,6 +979,16 @@ impl Client {
     }
 }
 
+/// The error of a call that was never sent: a broken or missing connection is
+/// [`CallError::Refused`] (the call did not run), not [`CallError::Disconnected`]
+/// (which says it may have).
+fn did_not_run(e: CallError) -> CallError {
+    match e {
+        CallError::Disconnected(m) => CallError::Refused(format!("not connected: {m}")),
+        e => e,
+    }
+}
+
 /// A call to one given server, waiting (until `deadline`) for its connection.
 async fn one_server(
     slot: &Arc<Slot>,
@@ -999,8 +1003,8 @@ async fn one_server(
         let state = w.borrow_and_update().clone();
         match state {
             State::Ready(c) if c.is_open() => break c,
-            State::Ready(c) => return Err(CallError::Disconnected(c.reason())),
-            State::Failed(e) => return Err(e),
+            State::Ready(c) => return Err(did_not_run(CallError::Disconnected(c.reason()))),
+            State::Failed(e) => return Err(did_not_run(e)),
             State::Connecting => {}
         }
         tokio::select! {

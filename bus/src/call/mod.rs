@@ -272,9 +272,11 @@ pub enum CallError {
     /// The connection broke with the call in flight: it may or may not have run.
     #[error("disconnected: {0} (the call may or may not have run)")]
     Disconnected(String),
-    /// The server refused the connection (authentication failed, wrong handle) or
-    /// the call (busy). The call did not run.
-    #[error("refused: {0}")]
+    /// The call was not sent, so it did not run: the server could not be reached
+    /// (the connect or the handshake failed or timed out, or its connection is down
+    /// and not yet reopened), or it refused the connection (authentication failed,
+    /// wrong handle).
+    #[error("refused: {0} (the call did not run)")]
     Refused(String),
     /// The server is at its concurrency limit; the call did not run.
     #[error("server busy: at its limit of concurrent calls (the call did not run)")]
