@@ -773,12 +773,21 @@ impl Client {
             .count()
     }
 
-    /// Calls and notifications from the servers that no callback service takes. The
-    /// first call gets the stream; later ones get a stream that ends at once.
+    /// Calls and notifications from the servers, when the client has no callback
+    /// service ([`ClientBuilder::callback`]); each is a [`Request`] to answer like a
+    /// server's.
+    ///
+    /// **The stream can be taken once.** The first call (on this client or any clone
+    /// of it) gets it; every later call gets a stream that ends at once (and logs a
+    /// warning), so take it once, right after building, and keep it. Until it is
+    /// taken, up to 256 requests wait for it; past that, the servers' further calls
+    /// are answered `busy`.
     pub fn incoming(&self) -> Incoming {
-        Incoming {
-            rx: lock(&self.inner.incoming).take(),
+        let rx = lock(&self.inner.incoming).take();
+        if rx.is_none() {
+            tracing::warn!(handle = %self.inner.shared.handle, "Client::incoming was taken before: this stream ends at once");
         }
+        Incoming { rx }
     }
 
     /// The handle.
