@@ -696,11 +696,23 @@ impl Client {
     }
 
     /// Calls one server with raw bytes.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    ///
+    /// # Cancel safety
+    /// As [`Client::call`].
     pub fn call_bytes(&self, body: impl Into<Bytes>) -> Call {
         Call::new(CallTarget::Client(self.clone()), Ok(body.into()))
     }
 
     /// Calls every server registered now with `req` (postcard).
+    ///
+    /// # Errors
+    /// See [`CallAll`]: `NoServers` at once, the rest per server.
+    ///
+    /// # Cancel safety
+    /// Dropping the future cancels the calls still waiting.
     pub fn call_all<T: Serialize + ?Sized>(&self, req: &T) -> CallAll {
         CallAll {
             client: self.clone(),
@@ -711,6 +723,12 @@ impl Client {
     }
 
     /// Calls every server registered now with raw bytes.
+    ///
+    /// # Errors
+    /// As [`Client::call_all`].
+    ///
+    /// # Cancel safety
+    /// As [`Client::call_all`].
     pub fn call_all_bytes(&self, body: impl Into<Bytes>) -> CallAll {
         CallAll {
             client: self.clone(),
