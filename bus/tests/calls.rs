@@ -899,3 +899,62 @@ async fn cancel_stops_a_serve_handler() {
     assert!(matches!(e, CallError::Timeout(_)), "{e:?}");
     wait_until(|| stopped.load(Ordering::SeqCst) == 1).await;
 }
+
+/// A burst of calls made right after a client starts spreads over every server, not
+/// only the first one whose connection is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_at_start_spreads_over_every_server() {
+    let tmp = Tmp::new("burst");
+    for tag in ["a", "b"] {
+        let mut s = echo_server(&tmp, "burst", Transport::Tcp, Security::LocalUser).await;
+        tokio::spawn(async move {
+            while let Some(r) = s.next_request().await {
+                let _ = r.reply_bytes(tag);
+            }
+        });
+    }
+    // Build and call at once: no wait for the connections.
+    let c = client(&tmp, "burst", Security::LocalUser).await;
+    assert_eq!(c.servers().len(), 2);
+    let calls = (0..20).map(|_| c.call_bytes("x").into_future());
+    let mut seen = std::collections::HashMap::<Bytes, usize>::new();
+    for r in futures::future::join_all(calls).await {
+        *seen.entry(r.unwrap().into_body()).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 2, "every call went to one server: {seen:?}");
+}
+
+/// A server that cannot be reached fails the call as `Refused` (it did not run),
+/// not as `Disconnected` (which says it may have).
+#[tokio::test]
+async fn an_unreachable_server_is_refused_not_disconnected() {
+    let tmp = Tmp::new("unreach");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let gone_sock = tmp.0.join("gone.sock");
+    for ep in [
+        format!("tcp://127.0.0.1:{port}"),
+        format!("unix://{}", gone_sock.display()),
+    ] {
+        let c = Client::builder(h("unreach"))
+            .endpoint(ep.parse::<Endpoint>().unwrap())
+            .security(Security::Open)
+            .timeout(T)
+            .build()
+            .await
+            .unwrap();
+        for e in [
+            c.call_bytes("x").await.unwrap_err(),
+            c.call_all_bytes("x").await.unwrap()[0]
+                .result
+                .clone()
+                .unwrap_err(),
+        ] {
+            assert!(matches!(e, CallError::Refused(_)), "{ep}: {e:?}");
+            assert!(e.to_string().contains("did not run"), "{e}");
+        }
+    }
+}

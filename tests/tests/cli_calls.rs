@@ -205,6 +205,28 @@ fn no_servers_fails_at_once_with_exit_1() {
 }
 
 #[test]
+fn an_unreachable_server_is_refused_and_did_not_run() {
+    let rt = Tmp::new("calls-unreach");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let to = format!("tcp://127.0.0.1:{port}");
+    let r = call(&rt, &["gone", "--to", &to, "x"], &[], b"");
+    assert_eq!(r.code(), 1, "{r:?}");
+    assert!(r.stdout.is_empty(), "{r:?}");
+    assert!(
+        r.stderr.starts_with("error: refused: cannot connect to ")
+            && r.stderr.trim_end().ends_with("(the call did not run)"),
+        "{r:?}"
+    );
+    let r = call(&rt, &["gone", "--to", &to, "--json", "x"], &[], b"");
+    assert_eq!(r.code(), 1, "{r:?}");
+    assert_eq!(one_json(&r)["error"]["kind"], "refused", "{r:?}");
+}
+
+#[test]
 fn a_timeout_exits_1_and_the_command_is_killed() {
     let rt = Tmp::new("calls-timeout");
     // The command writes its pid, then sleeps far longer than the call's timeout.

@@ -44,6 +44,11 @@ const INCOMING_CAPACITY: usize = 256;
 /// Longest wait between two attempts to reconnect to a server.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
+/// How long after a server becomes known a call waits for it while it is still
+/// connecting, rather than going to a server that connected sooner: a burst of calls
+/// right after a client starts spreads over every server, not only the first one
+/// connected. Bounded also by the call's deadline.
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// Configures and builds a [`Client`].
 #[derive(Clone)]
@@ -371,6 +376,9 @@ struct Slot {
     cancel: CancellationToken,
     /// The server is gone from discovery (or the client closes): no reconnects.
     retired: CancellationToken,
+    /// When the server became known: for [`SETTLE`] after it, calls wait for its
+    /// connection instead of all going to a server that connected sooner.
+    born: Instant,
 }
 
 #[derive(Clone)]
@@ -424,6 +432,7 @@ impl Shared {
                 state: watch::channel(State::Connecting).0,
                 cancel: cancel.clone(),
                 retired: cancel.child_token(),
+                born: Instant::now(),
             });
             tokio::spawn(maintain(self.clone(), slot.clone()));
             servers.push(slot);
@@ -449,16 +458,8 @@ impl Shared {
         let ep = &slot.info.endpoint;
         let sock = match tokio::time::timeout(self.connect_timeout, ByteStream::connect(ep)).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return Err(CallError::Disconnected(format!(
-                    "cannot connect to {ep}: {e}"
-                )))
-            }
-            Err(_) => {
-                return Err(CallError::Disconnected(format!(
-                    "connecting to {ep} timed out"
-                )))
-            }
+            Ok(Err(e)) => return Err(CallError::Refused(format!("cannot connect to {ep}: {e}"))),
+            Err(_) => return Err(CallError::Refused(format!("connecting to {ep} timed out"))),
         };
         let expect = self.expect_ids.then_some(slot.record.receiver);
         let est = match tokio::time::timeout(
@@ -477,7 +478,7 @@ impl Shared {
             Ok(Ok(est)) => est,
             Ok(Err(e)) => return Err(handshake_error(ep, e)),
             Err(_) => {
-                return Err(CallError::Disconnected(format!(
+                return Err(CallError::Refused(format!(
                     "the handshake with {ep} timed out"
                 )))
             }
@@ -509,7 +510,7 @@ impl Shared {
 fn handshake_error(ep: &Endpoint, e: HandshakeError) -> CallError {
     match e {
         HandshakeError::Io(_) | HandshakeError::Closed | HandshakeError::Timeout => {
-            CallError::Disconnected(format!("handshake with {ep}: {e}"))
+            CallError::Refused(format!("handshake with {ep}: {e}"))
         }
         e => CallError::Refused(format!("{ep}: {e}")),
     }
@@ -695,11 +696,23 @@ impl Client {
     }
 
     /// Calls one server with raw bytes.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    ///
+    /// # Cancel safety
+    /// As [`Client::call`].
     pub fn call_bytes(&self, body: impl Into<Bytes>) -> Call {
         Call::new(CallTarget::Client(self.clone()), Ok(body.into()))
     }
 
     /// Calls every server registered now with `req` (postcard).
+    ///
+    /// # Errors
+    /// See [`CallAll`]: `NoServers` at once, the rest per server.
+    ///
+    /// # Cancel safety
+    /// Dropping the future cancels the calls still waiting.
     pub fn call_all<T: Serialize + ?Sized>(&self, req: &T) -> CallAll {
         CallAll {
             client: self.clone(),
@@ -710,6 +723,12 @@ impl Client {
     }
 
     /// Calls every server registered now with raw bytes.
+    ///
+    /// # Errors
+    /// As [`Client::call_all`].
+    ///
+    /// # Cancel safety
+    /// As [`Client::call_all`].
     pub fn call_all_bytes(&self, body: impl Into<Bytes>) -> CallAll {
         CallAll {
             client: self.clone(),
@@ -772,12 +791,21 @@ impl Client {
             .count()
     }
 
-    /// Calls and notifications from the servers that no callback service takes. The
-    /// first call gets the stream; later ones get a stream that ends at once.
+    /// Calls and notifications from the servers, when the client has no callback
+    /// service ([`ClientBuilder::callback`]); each is a [`Request`] to answer like a
+    /// server's.
+    ///
+    /// **The stream can be taken once.** The first call (on this client or any clone
+    /// of it) gets it; every later call gets a stream that ends at once (and logs a
+    /// warning), so take it once, right after building, and keep it. Until it is
+    /// taken, up to 256 requests wait for it; past that, the servers' further calls
+    /// are answered `busy`.
     pub fn incoming(&self) -> Incoming {
-        Incoming {
-            rx: lock(&self.inner.incoming).take(),
+        let rx = lock(&self.inner.incoming).take();
+        if rx.is_none() {
+            tracing::warn!(handle = %self.inner.shared.handle, "Client::incoming was taken before: this stream ends at once");
         }
+        Incoming { rx }
     }
 
     /// The handle.
@@ -856,8 +884,11 @@ impl Client {
 
     /// The server for the next call: among those not `tried`, a ready one with the
     /// fewest calls outstanding (round robin among equals); waits (until `deadline`)
-    /// while some are still connecting; fails at once when none is registered or
-    /// every one failed.
+    /// while none is ready and some are still connecting, and also, with one ready,
+    /// for servers still making their first connection (at most [`SETTLE`] after they
+    /// became known), so that a burst of calls at start spreads over all of them;
+    /// fails at once when none is registered or every one failed (then the call did
+    /// not run).
     async fn pick(
         &self,
         tried: &[ReceiverId],
@@ -880,8 +911,9 @@ impl Client {
                 .filter(|s| !tried.contains(&s.info.id))
                 .collect();
             if cands.is_empty() {
-                return Err(last
-                    .unwrap_or_else(|| CallError::Disconnected("every server failed".to_owned())));
+                return Err(did_not_run(last.unwrap_or_else(|| {
+                    CallError::Refused("every server failed".to_owned())
+                })));
             }
             let mut watches: Vec<watch::Receiver<State>> =
                 cands.iter().map(|s| s.state.subscribe()).collect();
@@ -889,6 +921,8 @@ impl Client {
             let start = shared.rr.fetch_add(1, Ordering::Relaxed) % n;
             let mut best: Option<(usize, Arc<Conn>)> = None;
             let mut failed = Vec::new();
+            // Until a new server's first connection settles, calls wait for it.
+            let mut settle: Option<Instant> = None;
             for i in 0..n {
                 let k = (start + i) % n;
                 match &*watches[k].borrow_and_update() {
@@ -903,11 +937,16 @@ impl Client {
                     }
                     State::Ready(c) => failed.push(CallError::Disconnected(c.reason())),
                     State::Failed(e) => failed.push(e.clone()),
-                    State::Connecting => {}
+                    State::Connecting => {
+                        let until = cands[k].born + SETTLE;
+                        if Instant::now() < until {
+                            settle = Some(settle.map_or(until, |s| s.min(until)));
+                        }
+                    }
                 }
             }
-            if let Some((k, c)) = best {
-                return Ok((cands[k].clone(), c));
+            if let Some((k, c)) = best.as_ref().filter(|_| settle.is_none()) {
+                return Ok((cands[*k].clone(), c.clone()));
             }
             if failed.len() == n {
                 // Prefer a refusal (it names the cause: a key, a handle) to a broken
@@ -915,12 +954,20 @@ impl Client {
                 let refused = failed
                     .iter()
                     .position(|e| matches!(e, CallError::Refused(_)));
-                return Err(failed.swap_remove(refused.unwrap_or(0)));
+                return Err(did_not_run(failed.swap_remove(refused.unwrap_or(0))));
             }
             let any_change =
                 futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
+            // With a server ready, wait for the new ones only until they settle.
+            let settled = async {
+                match (settle, &best) {
+                    (Some(t), Some(_)) => tokio::time::sleep_until(t.min(deadline)).await,
+                    _ => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => return Err(CallError::Timeout(timeout)),
+                _ = settled => {}
                 _ = set_changed.changed() => {}
                 _ = any_change => {}
                 _ = shared.shutdown.cancelled() => return Err(CallError::Closed),
@@ -959,6 +1006,16 @@ impl Client {
     }
 }
 
+/// The error of a call that was never sent: a broken or missing connection is
+/// [`CallError::Refused`] (the call did not run), not [`CallError::Disconnected`]
+/// (which says it may have).
+fn did_not_run(e: CallError) -> CallError {
+    match e {
+        CallError::Disconnected(m) => CallError::Refused(format!("not connected: {m}")),
+        e => e,
+    }
+}
+
 /// A call to one given server, waiting (until `deadline`) for its connection.
 async fn one_server(
     slot: &Arc<Slot>,
@@ -973,8 +1030,8 @@ async fn one_server(
         let state = w.borrow_and_update().clone();
         match state {
             State::Ready(c) if c.is_open() => break c,
-            State::Ready(c) => return Err(CallError::Disconnected(c.reason())),
-            State::Failed(e) => return Err(e),
+            State::Ready(c) => return Err(did_not_run(CallError::Disconnected(c.reason()))),
+            State::Failed(e) => return Err(did_not_run(e)),
             State::Connecting => {}
         }
         tokio::select! {

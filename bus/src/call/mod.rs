@@ -272,9 +272,11 @@ pub enum CallError {
     /// The connection broke with the call in flight: it may or may not have run.
     #[error("disconnected: {0} (the call may or may not have run)")]
     Disconnected(String),
-    /// The server refused the connection (authentication failed, wrong handle) or
-    /// the call (busy). The call did not run.
-    #[error("refused: {0}")]
+    /// The call was not sent, so it did not run: the server could not be reached
+    /// (the connect or the handshake failed or timed out, or its connection is down
+    /// and not yet reopened), or it refused the connection (authentication failed,
+    /// wrong handle).
+    #[error("refused: {0} (the call did not run)")]
     Refused(String),
     /// The server is at its concurrency limit; the call did not run.
     #[error("server busy: at its limit of concurrent calls (the call did not run)")]
@@ -381,7 +383,21 @@ pub struct ServerInfo {
 }
 
 /// One call in preparation: set a timeout, a method or a contract, then `.await` it.
-/// Dropping it after it was first polled cancels the call.
+///
+/// # Errors
+/// `.await` gives a [`CallError`]: [`CallError::NoServers`] at once when the handle
+/// has no server, [`CallError::Timeout`] past the timeout, [`CallError::Remote`] for
+/// the server's error, [`CallError::Refused`] when the call could not be sent
+/// (server unreachable, authentication failed), [`CallError::Disconnected`] when the
+/// connection broke with it in flight, [`CallError::ContractMismatch`],
+/// [`CallError::Busy`], [`CallError::Encode`] and [`CallError::Closed`]; each says
+/// whether the call ran.
+///
+/// # Cancel safety
+/// Dropping the future (for instance in a `tokio::select!` branch that loses) cancels
+/// the call: it is forgotten, the server is sent a `Cancel` (its handler is stopped
+/// if still running), and a reply arriving later is dropped. The call is never sent
+/// again.
 #[must_use = "a call does nothing until awaited"]
 pub struct Call {
     target: CallTarget,
@@ -471,6 +487,14 @@ impl IntoFuture for Call {
 
 /// A call to every server at once, gathered within the deadline: `.await` gives one
 /// [`Gathered`] per server that was registered when the call started.
+///
+/// # Errors
+/// [`CallError::NoServers`] at once when the handle has no server, and
+/// [`CallError::Encode`] for a request that does not serialize; every other failure
+/// is one server's, in its [`Gathered::result`].
+///
+/// # Cancel safety
+/// Dropping the future cancels the calls still waiting, as for [`Call`].
 #[must_use = "a call does nothing until awaited"]
 pub struct CallAll {
     client: Client,

@@ -439,6 +439,10 @@ impl Server {
     /// server is closed. A handler that panics answers [`RemoteCode::Panicked`](super::RemoteCode::Panicked) and
     /// the server goes on. A call its caller gives up on (timeout, dropped future)
     /// stops its handler task.
+    ///
+    /// # Cancel safety
+    /// Dropping the future drops the server: it stops taking requests and
+    /// unregisters; handler tasks already running are not waited for.
     pub async fn serve<F, Fut>(mut self, handler: F, concurrency: usize)
     where
         F: Fn(Request) -> Fut + Send + Sync + 'static,
