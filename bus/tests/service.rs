@@ -374,17 +374,22 @@ async fn a_reply_of_another_type_is_a_decode_error() {
 #[test]
 fn contracts_name_version_and_aliases() {
     let calc = CalcClient::<ipcbus::Client>::contract();
-    assert_eq!(calc.name(), "Calc");
+    // The default name is the trait's path: this test crate's root module, then the trait.
+    assert_eq!(calc.name(), "service::Calc");
     assert_eq!(calc.version(), 2);
     assert_eq!(calc.aliases().collect::<Vec<_>>(), ["calc.v1", "arith"]);
-    assert!(calc.accepts("Calc", 2));
-    assert!(!calc.accepts("Calc", 1));
+    assert!(calc.accepts("service::Calc", 2));
+    assert!(!calc.accepts("service::Calc", 1));
+    assert!(
+        !calc.accepts("Calc", 2),
+        "the bare trait name is another contract"
+    );
     assert!(calc.accepts("calc.v1", 1));
     assert!(calc.accepts("arith", 9));
     assert_eq!(CalcServer::new(Adder::default()).contract(), calc);
 
     let plain = PlainClient::<ipcbus::Client>::contract();
-    assert_eq!((plain.name(), plain.version()), ("Plain", 1));
+    assert_eq!((plain.name(), plain.version()), ("service::Plain", 1));
     assert_eq!(plain.aliases().count(), 0);
     let chat = ChatClient::<ipcbus::Client>::contract();
     assert_eq!((chat.name(), chat.version()), ("chat", 1));
@@ -412,7 +417,10 @@ async fn a_contract_the_server_does_not_serve_is_a_mismatch() {
     let c = CalcClient::new(lo);
     match c.neg(1).await {
         Err(CallError::ContractMismatch { ours, theirs, .. }) => {
-            assert_eq!((ours.as_str(), theirs.as_str()), ("Calc v2", "Plain v1"));
+            assert_eq!(
+                (ours.as_str(), theirs.as_str()),
+                ("service::Calc v2", "service::Plain v1")
+            );
         }
         other => panic!("{other:?}"),
     }

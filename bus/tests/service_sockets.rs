@@ -31,7 +31,7 @@ pub trait Progress {
     async fn step(&self, done: u32, of: u32) -> u32;
 }
 
-#[ipcbus::service(version = 2, aliases = ["calc.v1"], callback = Progress)]
+#[ipcbus::service(name = "Calc", version = 2, aliases = ["calc.v1"], callback = Progress)]
 pub trait Calc {
     async fn add(&self, a: i64, b: i64) -> Result<i64, CalcError>;
     /// Panics.

@@ -82,7 +82,7 @@ fn server(dir: &Path, password: Option<&str>) -> Killed {
         .recv_timeout(Duration::from_secs(30))
         .expect("calc_server printed nothing within 30 s");
     assert!(
-        line.starts_with("calc_server: serving \"calc\" (Calc v2)"),
+        line.starts_with("calc_server: serving \"calc\" (ipcbus_examples::calc::Calc v2)"),
         "{line}"
     );
     Killed(child)

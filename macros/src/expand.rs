@@ -17,7 +17,15 @@ pub(crate) fn expand(args: &Args, service: &Service) -> TokenStream {
     let trait_name = trait_ident.unraw().to_string();
     let client = format_ident!("{}Client", trait_ident.unraw());
     let server = format_ident!("{}Server", trait_ident.unraw());
-    let name = args.name.clone().unwrap_or_else(|| lit(&trait_name));
+    // The contract name: `name = ".."`, else the trait's path, `module_path!()::Trait`
+    // at the place of definition (the crate's module path, as the issue asks).
+    let name = match &args.name {
+        Some(n) => quote!(#n),
+        None => {
+            let t = lit(&format!("::{trait_name}"));
+            quote!(::core::concat!(::core::module_path!(), #t))
+        }
+    };
     let version = args.version.unwrap_or(1);
     let aliases = &args.aliases;
 
@@ -100,8 +108,11 @@ pub(crate) fn expand(args: &Args, service: &Service) -> TokenStream {
          `#[ipcbus::service]`."
     );
     let contract_doc = format!(
-        "The contract: name {:?}, version {version}{}.",
-        name.value(),
+        "The contract: name {}, version {version}{}.",
+        match &args.name {
+            Some(n) => format!("{:?}", n.value()),
+            None => format!("`{trait_name}`'s path (`module_path!()::{trait_name}`)"),
+        },
         if aliases.is_empty() {
             String::new()
         } else {

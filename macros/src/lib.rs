@@ -29,7 +29,9 @@
 //! }
 //!
 //! let contract = CalcClient::<ipcbus::Client>::contract();
-//! assert_eq!((contract.name(), contract.version()), ("Calc", 2));
+//! // The default name is the trait's path where it is defined (`crate::module::Calc`).
+//! assert!(contract.name().ends_with("::Calc"), "{}", contract.name());
+//! assert_eq!(contract.version(), 2);
 //! assert!(contract.accepts("calc.v1", 1));
 //! let _server = CalcServer::new(Adder); // give it to ServerBuilder::service
 //! ```
@@ -53,9 +55,12 @@ mod model;
 /// ```
 ///
 /// # Arguments (all optional)
-/// - `name = "calc"`: the contract name (at most 255 bytes). Default: the trait's name
-///   as written (`"Calc"`, not its module path), so a renamed trait changes contract:
-///   keep the old name with `name` or `aliases`.
+/// - `name = "calc"`: the contract name (at most 255 bytes). Default: the trait's path
+///   where it is defined, `module_path!()` then `::Calc` (for a trait `Calc` in module
+///   `calc` of crate `my_app`, `"my_app::calc::Calc"`), so client and server agree when
+///   both use the trait from one crate; a moved or renamed trait changes contract: keep
+///   the old name with `name` or `aliases`. Set `name` for a contract other programs
+///   (another language, `ipcbus call`) name.
 /// - `version = 2`: the contract version (`u16`, default 1). A server answers only
 ///   calls of its name at its version, or of one of its aliases at any version.
 /// - `aliases = ["calc.v1", ..]`: older names the server still answers to.
