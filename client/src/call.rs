@@ -48,7 +48,7 @@ const FIRST_SERVER_WAIT: Duration = Duration::from_millis(100);
 /// {"ok":false,"server":ENDPOINT,"error":{"kind":KIND,"code":CODE,"message":TEXT}}
 /// with KIND one of remote, timeout, no_servers,
 /// contract_mismatch, disconnected, refused, busy, encode, decode, closed, other
-/// (code only for remote; server when known). With --all: a JSON array of those
+/// (code only for remote; server only with --all). With --all: a JSON array of those
 /// objects, one per server; when the call fails as a whole (no servers) the one
 /// error object. Failures are also noted on stderr.
 ///
