@@ -13,6 +13,8 @@ fn every_command_has_help() {
         &["listen", "--help"],
         &["send", "--help"],
         &["list", "--help"],
+        &["call", "--help"],
+        &["serve", "--help"],
         &["demo", "--help"],
         &["bench", "--help"],
         &["epm", "--help"],
