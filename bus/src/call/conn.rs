@@ -327,7 +327,8 @@ impl Conn {
             done: false,
         };
         let deadline_ms = timeout.as_millis().clamp(1, u32::MAX as u128) as u32;
-        let mut b = BytesMut::new();
+        let head = 32 + contract.name().len() + method.len();
+        let mut b = BytesMut::with_capacity(head + body.len());
         wire::encode_request_head(
             &mut b,
             id,
@@ -455,7 +456,11 @@ impl Conn {
                 detail: Bytes::new(),
             });
         }
-        let mut b = BytesMut::new();
+        let cap = match &r.outcome {
+            Ok(b) => b.len(),
+            Err(f) => f.detail.len() + f.message.len(),
+        };
+        let mut b = BytesMut::with_capacity(32 + cap);
         r.encode(&mut b);
         let later = self.replies_follow();
         if !self.is_open() || !self.send(Kind::Reply, &b, later) {
