@@ -845,13 +845,19 @@ impl Client {
         if shared.shutdown.is_cancelled() {
             return Err(CallError::Closed);
         }
-        let _permit =
-            match tokio::time::timeout_at(deadline, shared.in_flight.clone().acquire_owned()).await
-            {
-                Ok(Ok(p)) => p,
-                Ok(Err(_)) => return Err(CallError::Closed),
-                Err(_) => return Err(CallError::Timeout(timeout)),
-            };
+        // A free slot is taken without arming a timer.
+        let _permit = match shared.in_flight.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                match tokio::time::timeout_at(deadline, shared.in_flight.clone().acquire_owned())
+                    .await
+                {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(_)) => return Err(CallError::Closed),
+                    Err(_) => return Err(CallError::Timeout(timeout)),
+                }
+            }
+        };
         let mut tried: Vec<ReceiverId> = Vec::new();
         let mut last: Option<CallError> = None;
         loop {
@@ -897,6 +903,9 @@ impl Client {
         mut last: Option<CallError>,
     ) -> Result<(Arc<Slot>, Arc<Conn>), CallError> {
         let shared = &self.inner.shared;
+        if let Some(ready) = self.pick_ready(tried) {
+            return Ok(ready);
+        }
         let mut set_changed = shared.changed.subscribe();
         loop {
             if shared.shutdown.is_cancelled() {
@@ -974,6 +983,35 @@ impl Client {
             }
             last = None;
         }
+    }
+
+    /// [`Client::pick`] for a first try when a server is ready: the same choice,
+    /// without copying the list of servers or watching their states.
+    fn pick_ready(&self, tried: &[ReceiverId]) -> Option<(Arc<Slot>, Arc<Conn>)> {
+        let shared = &self.inner.shared;
+        if !tried.is_empty() || shared.shutdown.is_cancelled() {
+            return None;
+        }
+        let servers = lock(&shared.servers);
+        let n = servers.len();
+        if n == 0 {
+            return None;
+        }
+        let start = shared.rr.fetch_add(1, Ordering::Relaxed) % n;
+        let mut best: Option<(usize, Arc<Conn>)> = None;
+        for i in 0..n {
+            let k = (start + i) % n;
+            if let State::Ready(c) = &*servers[k].state.borrow() {
+                let fewer = match &best {
+                    Some((_, b)) => c.outstanding() < b.outstanding(),
+                    None => true,
+                };
+                if c.is_open() && fewer {
+                    best = Some((k, c.clone()));
+                }
+            }
+        }
+        best.map(|(k, c)| (servers[k].clone(), c))
     }
 
     /// One call to every server known now.

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -86,6 +86,9 @@ pub(crate) struct Conn {
     max_frame: usize,
     /// Calls of ours waiting for a reply (for least-outstanding choice).
     outstanding: AtomicUsize,
+    /// The handler's per-connection limit and how many permits it has: requests of
+    /// the other end being served here hold the difference.
+    serving: OnceLock<(Arc<Semaphore>, usize)>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -145,6 +148,7 @@ pub(crate) fn start(
         handler: Mutex::new(None),
         max_frame,
         outstanding: AtomicUsize::new(0),
+        serving: OnceLock::new(),
     });
     let (h_tx, h_rx) = oneshot::channel::<Handler>();
     tokio::spawn(writer(conn.clone()));
@@ -156,6 +160,10 @@ pub(crate) fn start(
             _ = c2.closed.cancelled() => None,
         };
         if let Some(h) = handler {
+            // No request has been read yet: every permit is there.
+            let _ = c2
+                .serving
+                .set((h.per_conn.clone(), h.per_conn.available_permits()));
             *lock(&c2.handler) = Some(h);
         }
         let r = reader(rd, est.rx, est.read_buf, &c2).await;
@@ -196,11 +204,13 @@ impl Conn {
         lock(&self.wire).buf.len()
     }
 
-    /// Sends a frame: numbered, sealed and compressed as the connection wants, and
-    /// written at once when nothing waits before it and the socket takes it, else
-    /// left for the writer task. False when the connection is closed. A peer that
-    /// leaves more than [`MAX_UNWRITTEN`] bytes of replies unread is cut off.
-    fn send(&self, kind: Kind, body: Bytes) -> bool {
+    /// Sends a frame: numbered, sealed and compressed as the connection wants. When
+    /// `later` is false it is written at once with whatever is queued before it, if
+    /// the socket takes it; else (or for what the socket does not take) the writer
+    /// task writes it, with the frames queued meanwhile, in one system call. False
+    /// when the connection is closed. A peer that leaves more than
+    /// [`MAX_UNWRITTEN`] bytes of replies unread is cut off.
+    fn send(&self, kind: Kind, body: &[u8], later: bool) -> bool {
         let mut w = lock(&self.wire);
         if w.closed {
             return false;
@@ -212,9 +222,10 @@ impl Conn {
             return false;
         }
         let was_empty = w.buf.is_empty();
-        w.put(kind, &body);
-        if was_empty {
+        w.put(kind, body);
+        if !later {
             let Wire { buf, half, .. } = &mut *w;
+            // Without the socket, the writer task waits for it to take more.
             if let Some(h) = half {
                 match h.try_write(buf) {
                     Ok(n) => buf.advance(n),
@@ -228,12 +239,22 @@ impl Conn {
                 }
             }
         }
-        let more = !w.buf.is_empty();
+        // The writer task is woken when the first frame is left for it (it writes
+        // until nothing is left).
+        let wake = !w.buf.is_empty() && (was_empty || !later);
         drop(w);
-        if more {
+        if wake {
             self.flush.notify_one();
         }
         true
+    }
+
+    /// Whether other requests of the other end than the one answering are being
+    /// served here: their replies come soon, and one write can take them all.
+    fn replies_follow(&self) -> bool {
+        self.serving
+            .get()
+            .is_some_and(|(s, max)| max.saturating_sub(s.available_permits()) > 1)
     }
 
     /// Runs the handler task of request `id` from the other end, so a `Cancel` for
@@ -306,7 +327,8 @@ impl Conn {
             done: false,
         };
         let deadline_ms = timeout.as_millis().clamp(1, u32::MAX as u128) as u32;
-        let mut b = BytesMut::new();
+        let head = 32 + contract.name().len() + method.len();
+        let mut b = BytesMut::with_capacity(head + body.len());
         wire::encode_request_head(
             &mut b,
             id,
@@ -326,7 +348,10 @@ impl Conn {
             ))));
         }
         b.extend_from_slice(&body);
-        if !self.send(Kind::Request, b.freeze()) {
+        // Under load (other calls waiting here), the writer task sends the requests
+        // queued meanwhile in one write; alone, it leaves at once.
+        let later = self.outstanding() > 0;
+        if !self.send(Kind::Request, &b, later) {
             guard.done = true;
             lock(&self.pending).forget(id);
             return Err(CallFail::NotSent(CallError::Disconnected(self.reason())));
@@ -394,7 +419,7 @@ impl Conn {
             return Err(CallError::Busy);
         }
         b.extend_from_slice(body);
-        if self.send(Kind::Request, b.freeze()) {
+        if self.send(Kind::Request, &b, false) {
             Ok(())
         } else {
             Err(CallError::Disconnected(self.reason()))
@@ -431,9 +456,14 @@ impl Conn {
                 detail: Bytes::new(),
             });
         }
-        let mut b = BytesMut::new();
+        let cap = match &r.outcome {
+            Ok(b) => b.len(),
+            Err(f) => f.detail.len() + f.message.len(),
+        };
+        let mut b = BytesMut::with_capacity(32 + cap);
         r.encode(&mut b);
-        if !self.is_open() || !self.send(Kind::Reply, b.freeze()) {
+        let later = self.replies_follow();
+        if !self.is_open() || !self.send(Kind::Reply, &b, later) {
             return Err(CallError::Disconnected(self.reason()));
         }
         match too_large {
@@ -448,7 +478,7 @@ impl Conn {
     fn cancel_sent(&self, id: u64) {
         let mut b = BytesMut::with_capacity(8);
         wire::encode_cancel(&mut b, id);
-        let _ = self.send(Kind::Cancel, b.freeze());
+        let _ = self.send(Kind::Cancel, &b, false);
     }
 
     /// Routes one request from the other end.
