@@ -325,6 +325,7 @@ impl Conn {
             conn: self,
             id,
             done: false,
+            counted: false,
         };
         let deadline_ms = timeout.as_millis().clamp(1, u32::MAX as u128) as u32;
         let head = 32 + contract.name().len() + method.len();
@@ -364,8 +365,9 @@ impl Conn {
             return Err(CallFail::Sent(CallError::Disconnected(self.reason())));
         }
         self.outstanding.fetch_add(1, Ordering::Relaxed);
+        // Taken back when the call ends, also by dropping its future.
+        guard.counted = true;
         let r = tokio::time::timeout(timeout, rx).await;
-        self.outstanding.fetch_sub(1, Ordering::Relaxed);
         match r {
             Ok(Ok(outcome)) => {
                 guard.done = true;
@@ -585,10 +587,15 @@ struct Guard<'a> {
     conn: &'a Arc<Conn>,
     id: u64,
     done: bool,
+    /// It counts in `outstanding`.
+    counted: bool,
 }
 
 impl Drop for Guard<'_> {
     fn drop(&mut self) {
+        if self.counted {
+            self.conn.outstanding.fetch_sub(1, Ordering::Relaxed);
+        }
         if !self.done && lock(&self.conn.pending).forget(self.id) {
             self.conn.cancel_sent(self.id);
         }
