@@ -1001,14 +1001,20 @@ impl Client {
         let mut best: Option<(usize, Arc<Conn>)> = None;
         for i in 0..n {
             let k = (start + i) % n;
-            if let State::Ready(c) = &*servers[k].state.borrow() {
-                let fewer = match &best {
-                    Some((_, b)) => c.outstanding() < b.outstanding(),
-                    None => true,
-                };
-                if c.is_open() && fewer {
-                    best = Some((k, c.clone()));
+            match &*servers[k].state.borrow() {
+                State::Ready(c) => {
+                    let fewer = match &best {
+                        Some((_, b)) => c.outstanding() < b.outstanding(),
+                        None => true,
+                    };
+                    if c.is_open() && fewer {
+                        best = Some((k, c.clone()));
+                    }
                 }
+                // A new server still on its first connection: the general path waits
+                // for it to settle, so that a burst spreads over every server.
+                State::Connecting if Instant::now() < servers[k].born + SETTLE => return None,
+                _ => {}
             }
         }
         best.map(|(k, c)| (servers[k].clone(), c))
