@@ -493,6 +493,25 @@ impl Etcd {
     /// waits for a new leader is soon tried again elsewhere while a slow etcd still
     /// gets the whole timeout. Gives up with the last error once the timeout has
     /// passed.
+    /// Opens a watch of every key under `prefix` from the revision after `rev` (the
+    /// last one seen), with progress notifications, retried as [`Etcd::retry`] does.
+    pub(crate) async fn watch_prefix(
+        &self,
+        client: &Client,
+        prefix: &str,
+        rev: i64,
+    ) -> Result<etcd_client::WatchStream, EtcdError> {
+        let opts = etcd_client::WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(rev + 1)
+            .with_progress_notify();
+        self.retry("watch", client, |mut c| {
+            let (prefix, opts) = (prefix.to_owned(), opts.clone());
+            async move { c.watch(prefix, Some(opts)).await }
+        })
+        .await
+    }
+
     pub(crate) async fn retry<T, F, Fut>(
         &self,
         op: &'static str,

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions, WatchStream};
+use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchStream};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -298,16 +298,8 @@ impl Watcher {
 
     /// Opens a watch of the prefix from the revision after the last one seen.
     async fn open(&mut self) -> Result<WatchStream, EtcdError> {
-        let opts = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(self.rev + 1)
-            .with_progress_notify();
-        let prefix = self.prefix.clone();
         self.etcd
-            .retry("watch", &self.client, |mut c| {
-                let (prefix, opts) = (prefix.clone(), opts.clone());
-                async move { c.watch(prefix, Some(opts)).await }
-            })
+            .watch_prefix(&self.client, &self.prefix, self.rev)
             .await
     }
 

@@ -23,8 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
-    WatchStream,
+    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchStream,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -478,16 +477,8 @@ impl Watcher {
     }
 
     async fn open(&mut self) -> Result<WatchStream, EtcdError> {
-        let opts = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(self.rev + 1)
-            .with_progress_notify();
-        let prefix = self.prefix.clone();
         self.etcd
-            .retry("watch", &self.client, |mut c| {
-                let (prefix, opts) = (prefix.clone(), opts.clone());
-                async move { c.watch(prefix, Some(opts)).await }
-            })
+            .watch_prefix(&self.client, &self.prefix, self.rev)
             .await
     }
 
