@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchStream};
+use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchResponse, WatchStream};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -267,11 +267,47 @@ struct Watcher {
 }
 
 /// Why following a watch stopped.
-enum Stop {
+pub(super) enum Stop {
     /// The next revision was compacted away: read the prefix again.
     Compacted(i64),
     /// The stream failed or etcd cancelled the watch: watch again from `rev + 1`.
     Failed(String),
+}
+
+/// The next response of a prefix watch that carries events, for the receivers' watcher
+/// and the EPM store alike. A response without events (the watch created, or a
+/// progress notice: every change up to the header's revision has been sent) only
+/// advances `rev`; a response resets `backoff`.
+pub(super) async fn next_events(
+    stream: &mut WatchStream,
+    rev: &mut i64,
+    backoff: &mut Backoff,
+) -> Result<WatchResponse, Stop> {
+    loop {
+        let resp = match stream.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(Stop::Failed("the watch stream ended".into())),
+            Err(e) => return Err(Stop::Failed(e.to_string())),
+        };
+        if resp.compact_revision() > 0 {
+            return Err(Stop::Compacted(resp.compact_revision()));
+        }
+        if resp.canceled() {
+            return Err(Stop::Failed(format!(
+                "etcd cancelled the watch: {}",
+                resp.cancel_reason()
+            )));
+        }
+        backoff.reset();
+        if !resp.events().is_empty() {
+            return Ok(resp);
+        }
+        if !resp.created() {
+            if let Some(h) = resp.header() {
+                *rev = (*rev).max(h.revision());
+            }
+        }
+    }
 }
 
 impl Watcher {
@@ -368,31 +404,10 @@ impl Watcher {
         backoff: &mut Backoff,
     ) -> Stop {
         loop {
-            let resp = match stream.message().await {
-                Ok(Some(r)) => r,
-                Ok(None) => return Stop::Failed("the watch stream ended".into()),
-                Err(e) => return Stop::Failed(e.to_string()),
+            let resp = match next_events(stream, &mut self.rev, backoff).await {
+                Ok(r) => r,
+                Err(stop) => return stop,
             };
-            if resp.compact_revision() > 0 {
-                return Stop::Compacted(resp.compact_revision());
-            }
-            if resp.canceled() {
-                return Stop::Failed(format!(
-                    "etcd cancelled the watch: {}",
-                    resp.cancel_reason()
-                ));
-            }
-            backoff.reset();
-            if resp.events().is_empty() {
-                // Created, or a progress notice: every change up to the header's
-                // revision has been sent.
-                if !resp.created() {
-                    if let Some(h) = resp.header() {
-                        self.rev = self.rev.max(h.revision());
-                    }
-                }
-                continue;
-            }
             let mut changed = false;
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };

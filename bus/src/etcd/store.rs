@@ -28,7 +28,7 @@ use etcd_client::{
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::{Etcd, EtcdError};
+use super::{session, Etcd, EtcdError};
 use crate::epm::session::Backoff;
 use crate::registry::Record;
 use ipcbus_proto::handle::Handle;
@@ -544,29 +544,11 @@ impl Watcher {
     ) -> Stop {
         let layout = self.etcd.layout().clone();
         loop {
-            let resp = match stream.message().await {
-                Ok(Some(r)) => r,
-                Ok(None) => return Stop::Failed("the watch stream ended".into()),
-                Err(e) => return Stop::Failed(e.to_string()),
+            let resp = match session::next_events(stream, &mut self.rev, backoff).await {
+                Ok(r) => r,
+                Err(session::Stop::Compacted(r)) => return Stop::Compacted(r),
+                Err(session::Stop::Failed(why)) => return Stop::Failed(why),
             };
-            if resp.compact_revision() > 0 {
-                return Stop::Compacted(resp.compact_revision());
-            }
-            if resp.canceled() {
-                return Stop::Failed(format!(
-                    "etcd cancelled the watch: {}",
-                    resp.cancel_reason()
-                ));
-            }
-            backoff.reset();
-            if resp.events().is_empty() {
-                if !resp.created() {
-                    if let Some(h) = resp.header() {
-                        self.rev = self.rev.max(h.revision());
-                    }
-                }
-                continue;
-            }
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
                 let event = match ev.event_type() {
