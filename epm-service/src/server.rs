@@ -807,6 +807,32 @@ mod tests {
     use ipcbus::Handle;
     use ipcbus_proto::epm::Entry;
 
+    /// Connections 1..=n from `peer`, known to both registries, each with its outbox;
+    /// returns what each is sent.
+    fn connect_clients(
+        shared: &Shared,
+        peer: SocketAddr,
+        n: ConnId,
+    ) -> Vec<mpsc::Receiver<Response>> {
+        let mut hub = shared.hub();
+        (1..=n)
+            .map(|c| {
+                let (tx, rx) = mpsc::channel(64);
+                hub.reg.connect(c);
+                hub.servers.connect(c);
+                hub.outboxes.insert(
+                    c,
+                    Outbox {
+                        tx,
+                        kill: CancellationToken::new(),
+                        peer,
+                    },
+                );
+                rx
+            })
+            .collect()
+    }
+
     fn entry() -> Entry {
         Entry {
             endpoint: "10.0.0.2:5000".parse().unwrap(),
@@ -917,24 +943,7 @@ mod tests {
         let shared = Arc::new(Shared::new(Config::new(vec![]), TaskTracker::new()));
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let h = Handle::new("both").unwrap();
-        let mut outs = Vec::new();
-        {
-            let mut hub = shared.hub();
-            for c in 1..=3 {
-                let (tx, rx) = mpsc::channel(64);
-                hub.reg.connect(c);
-                hub.servers.connect(c);
-                hub.outboxes.insert(
-                    c,
-                    Outbox {
-                        tx,
-                        kill: CancellationToken::new(),
-                        peer,
-                    },
-                );
-                outs.push(rx);
-            }
-        }
+        let mut outs = connect_clients(&shared, peer, 3);
         let (o1, rest) = outs.split_at_mut(1);
         let (o2, o3) = rest.split_at_mut(1);
         let (o1, o2, o3) = (&mut o1[0], &mut o2[0], &mut o3[0]);
@@ -1120,24 +1129,7 @@ mod tests {
         let token = CancellationToken::new();
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let h = Handle::new("leased").unwrap();
-        let mut outs = Vec::new();
-        {
-            let mut hub = shared.hub();
-            for c in 1..=3 {
-                let (tx, rx) = mpsc::channel(64);
-                hub.reg.connect(c);
-                hub.servers.connect(c);
-                hub.outboxes.insert(
-                    c,
-                    Outbox {
-                        tx,
-                        kill: CancellationToken::new(),
-                        peer,
-                    },
-                );
-                outs.push(rx);
-            }
-        }
+        let mut outs = connect_clients(&shared, peer, 3);
         let server = Entry {
             receiver: ReceiverId([8; 16]),
             ..entry()
