@@ -178,3 +178,22 @@ pub fn say(line: &str) {
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
+
+/// Polls `$cond` (an expression that may `.await`) every 20 ms until it is true or
+/// `$within` (a `Duration`) passes, in an async test; evaluates to whether it became
+/// true. Bounded by `$within`.
+#[macro_export]
+macro_rules! eventually {
+    ($within:expr, $cond:expr) => {{
+        let deadline = ::std::time::Instant::now() + $within;
+        let mut ok = false;
+        while ::std::time::Instant::now() < deadline {
+            if $cond {
+                ok = true;
+                break;
+            }
+            ::tokio::time::sleep(::std::time::Duration::from_millis(20)).await;
+        }
+        ok
+    }};
+}

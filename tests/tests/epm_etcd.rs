@@ -15,6 +15,7 @@ use ipcbus::epm::WatchEvent;
 use ipcbus::registry::record_now;
 use ipcbus::{Epm, Etcd, Handle, Receiver, ReceiverId, Role, Sender};
 use ipcbus_tests::etcd::Cluster;
+use ipcbus_tests::eventually;
 
 const T: Duration = Duration::from_secs(15);
 
@@ -49,23 +50,6 @@ fn epm(addrs: &str) -> Epm {
 
 fn h(s: &str) -> Handle {
     Handle::new(s).unwrap()
-}
-
-/// Polls `$cond` (an expression that may `.await`) every 20 ms until it is true or
-/// `$within` passes; evaluates to whether it became true.
-macro_rules! eventually {
-    ($within:expr, $cond:expr) => {{
-        let deadline = Instant::now() + $within;
-        let mut ok = false;
-        while Instant::now() < deadline {
-            if $cond {
-                ok = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        ok
-    }};
 }
 
 async fn ids_at(e: &Epm, handle: &Handle) -> Vec<ReceiverId> {

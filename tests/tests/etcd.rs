@@ -13,6 +13,7 @@ use ipcbus::{
     BindError, BuildError, Etcd, EtcdError, Handle, Receiver, ReceiverId, Sender, SenderEvent,
 };
 use ipcbus_tests::etcd::Cluster;
+use ipcbus_tests::eventually;
 use ipcbus_tests::Proc;
 
 const PEER: &str = env!("CARGO_BIN_EXE_ipcbus-testpeer");
@@ -34,23 +35,6 @@ fn etcd(c: &Cluster) -> Etcd {
 
 fn h(s: &str) -> Handle {
     Handle::new(s).unwrap()
-}
-
-/// Polls `$cond` (an expression that may `.await`) every 20 ms until it is true or
-/// `$within` passes; evaluates to whether it became true.
-macro_rules! eventually {
-    ($within:expr, $cond:expr) => {{
-        let deadline = Instant::now() + $within;
-        let mut ok = false;
-        while Instant::now() < deadline {
-            if $cond {
-                ok = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        ok
-    }};
 }
 
 async fn ids(e: &Etcd, handle: &Handle) -> Vec<ReceiverId> {
